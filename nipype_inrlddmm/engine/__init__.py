@@ -1,0 +1,28 @@
+"""Pure-PyTorch INR-LDDMM: tensors in, tensors out; no files, no Nipype."""
+
+from .flow import dense_displacement, integrate, resample_field
+from .grid import apply_affine, downsample, sample, world_grid
+from .pipeline import (
+    RegistrationConfig,
+    RegistrationResult,
+    StageResult,
+    coarse_stage,
+    config_from_options,
+    distill_stage,
+    fine_stage,
+    new_velocity_field,
+    normalise_intensity,
+    register_volumes,
+    resolve_device,
+    warp,
+)
+from .stages import StageConfig, fit_field, fit_images
+from .velocity import ModelConfig, VelocityField
+
+__all__ = [
+    "ModelConfig", "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult",
+    "VelocityField", "apply_affine", "coarse_stage", "config_from_options", "dense_displacement", "distill_stage",
+    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "new_velocity_field",
+    "normalise_intensity", "register_volumes", "resample_field", "resolve_device", "sample",
+    "warp", "world_grid",
+]

@@ -1,0 +1,96 @@
+"""Voxel grids, world coordinates and sampling.
+
+Conventions used throughout the engine:
+
+* A volume is a tensor of shape ``(X, Y, Z)`` or ``(C, X, Y, Z)`` indexed like
+  the NIfTI data array, so voxel ``(i, j, k)`` lies at world position
+  ``affine @ (i, j, k, 1)``.
+* World points are ``(..., 3)`` tensors in millimetres, RAS (the NIfTI
+  convention).  Nothing in the engine assumes two volumes share a grid: every
+  lookup goes world -> that volume's own voxel indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def apply_affine(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Map ``(..., 3)`` points through a ``(4, 4)`` homogeneous affine."""
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def voxel_indices(shape, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """All voxel indices of a grid as an ``(X, Y, Z, 3)`` tensor."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def world_grid(shape, affine: torch.Tensor) -> torch.Tensor:
+    """World coordinates (mm, RAS) of every voxel centre, ``(X, Y, Z, 3)``."""
+    return apply_affine(affine, voxel_indices(shape, device=affine.device, dtype=affine.dtype))
+
+
+def sample(
+    volume: torch.Tensor,
+    affine: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "border",
+) -> torch.Tensor:
+    """Interpolate a volume at world points.
+
+    Parameters
+    ----------
+    volume : ``(X, Y, Z)`` or ``(C, X, Y, Z)`` tensor on its own grid.
+    affine : ``(4, 4)`` voxel -> world affine of ``volume``.
+    points : ``(..., 3)`` world points (mm, RAS).
+    mode : ``"bilinear"`` (trilinear in 3-D) or ``"nearest"``.
+    padding_mode : what points outside the grid see: ``"border"`` (nearest
+        edge value) or ``"zeros"``.
+
+    Returns
+    -------
+    ``(...)`` for a 3-D volume, ``(C, ...)`` for a 4-D one.
+    """
+    squeeze = volume.dim() == 3
+    vol = volume[None] if squeeze else volume
+    ijk = apply_affine(torch.linalg.inv(affine), points)
+    size = torch.tensor(vol.shape[1:], device=ijk.device, dtype=ijk.dtype)
+    # grid_sample wants (x, y, z) = (last, middle, first) array axis, in
+    # [-1, 1] with align_corners=True putting -1 and 1 on the edge voxel centres.
+    normalised = 2.0 * ijk / (size - 1).clamp(min=1) - 1.0
+    grid = normalised.flip(-1).reshape(1, 1, 1, -1, 3)
+    out = F.grid_sample(
+        vol[None], grid.to(vol.dtype), mode=mode, padding_mode=padding_mode, align_corners=True
+    )
+    out = out.reshape(vol.shape[0], *points.shape[:-1])
+    return out[0] if squeeze else out
+
+
+def downsample(volume: torch.Tensor, affine: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-average a ``(X, Y, Z)`` volume by integer ``factors`` per axis.
+
+    Returns the coarse volume and its affine: coarse voxel ``i'`` covers fine
+    voxels ``f*i' .. f*i'+f-1`` and so sits at their mean index
+    ``f*i' + (f-1)/2``, which keeps both grids in the same world space.
+    Edge voxels are replicated so every axis divides evenly.
+    """
+    factors = tuple(int(f) for f in factors)
+    pad = [(-n) % f for n, f in zip(volume.shape, factors)]
+    vol = volume[None, None]
+    if any(pad):
+        vol = F.pad(vol, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+    coarse = F.avg_pool3d(vol, kernel_size=factors, stride=factors)[0, 0]
+    scale = torch.eye(4, dtype=affine.dtype, device=affine.device)
+    for axis, f in enumerate(factors):
+        scale[axis, axis] = f
+        scale[axis, 3] = (f - 1) / 2.0
+    return coarse, affine @ scale
+
+
+def spacing(affine: torch.Tensor) -> torch.Tensor:
+    """Voxel size in mm along each array axis, ``(3,)``."""
+    return torch.linalg.norm(affine[:3, :3], dim=0)

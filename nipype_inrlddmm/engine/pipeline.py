@@ -1,0 +1,273 @@
+"""Coarse-to-fine INR-LDDMM on tensors (Algorithm 2 of the paper).
+
+Each stage is a function that the Nipype interfaces call on their own:
+:func:`coarse_stage` -> :func:`distill_stage` -> :func:`fine_stage`;
+:func:`register_volumes` chains them.  Volumes are ``(X, Y, Z)`` tensors with
+``(4, 4)`` voxel -> world (mm, RAS) affines; moving and fixed may differ in
+shape, spacing and orientation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .flow import dense_displacement
+from .grid import apply_affine, downsample, sample, world_grid
+from .stages import StageConfig, fit_field, fit_images
+from .velocity import ModelConfig, VelocityField
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """All settings of a coarse-to-fine registration.
+
+    ``coarse_factor`` is the block size (per axis, or one int for all) by
+    which both images are averaged for the coarse stage.  ``field_stride``
+    is the voxel stride at which the final dense field is integrated before
+    trilinear interpolation to every voxel.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    coarse_factor: tuple[int, int, int] | int = 2
+    coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=300))
+    distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=100))
+    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=200, learning_rate=1e-3))
+    field_stride: int = 2
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    """A trained velocity field and the dense displacement it gives on a grid."""
+
+    velocity: VelocityField
+    displacement: torch.Tensor  # (X, Y, Z, 3) mm, RAS
+    affine: torch.Tensor  # the grid of `displacement`
+    log: list[dict]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` is CUDA when present, else CPU; ``"cpu"``/``"cuda"`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def normalise_intensity(volume: torch.Tensor, low: float = 0.005, high: float = 0.995) -> torch.Tensor:
+    """Clip to the ``low``/``high`` quantiles and rescale to [0, 1].
+
+    Keeps similarity values and learning rates comparable across CT (HU),
+    MR and ultrasound intensities.
+    """
+    flat = volume.reshape(-1)
+    lo = flat.kthvalue(max(1, int(low * flat.numel()))).values
+    hi = flat.kthvalue(max(1, int(high * flat.numel()))).values
+    if hi <= lo:
+        raise ValueError("the image is constant (after clipping outliers): nothing to register")
+    return ((volume - lo) / (hi - lo)).clamp(0, 1)
+
+
+def new_velocity_field(shape, affine: torch.Tensor, config: ModelConfig, seed: int) -> VelocityField:
+    """A freshly initialised (identity) field normalised to a grid's bounding box."""
+    corners = torch.tensor(
+        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
+        dtype=affine.dtype,
+        device=affine.device,
+    )
+    world = apply_affine(affine, corners)
+    low, high = world.min(dim=0).values, world.max(dim=0).values
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        velocity = VelocityField((low + high) / 2, ((high - low) / 2).clamp(min=1.0), config)
+    return velocity.to(affine.device)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _factors(factor) -> tuple[int, int, int]:
+    factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
+    if len(factors) != 3 or any(int(f) < 1 for f in factors):
+        raise ValueError(f"coarse_factor must be a positive int or three of them, got {factor!r}")
+    return tuple(int(f) for f in factors)
+
+
+def coarse_stage(
+    moving, moving_affine, fixed, fixed_affine, config: RegistrationConfig, *, fixed_mask=None, progress=False
+) -> StageResult:
+    """Algorithm 1 on block-averaged images; the result is S1 on the coarse fixed grid."""
+    factors = _factors(config.coarse_factor)
+    coarse_moving, coarse_moving_affine = downsample(moving, moving_affine, factors)
+    coarse_fixed, coarse_fixed_affine = downsample(fixed, fixed_affine, factors)
+    coarse_mask = None
+    if fixed_mask is not None:
+        coarse_mask = downsample(fixed_mask.to(fixed.dtype), fixed_affine, factors)[0] > 0.5
+    velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
+    log = fit_images(
+        velocity, coarse_moving, coarse_moving_affine, coarse_fixed, coarse_fixed_affine, config.coarse,
+        n_steps=config.model.n_steps, fixed_mask=coarse_mask, generator=_generator(config.seed + 1),
+        stage="coarse", progress=progress,
+    )
+    displacement = dense_displacement(velocity, coarse_fixed.shape, coarse_fixed_affine, config.model.n_steps)
+    return StageResult(velocity, displacement, coarse_fixed_affine, log)
+
+
+def distill_stage(
+    coarse: StageResult, fixed_shape, fixed_affine, config: RegistrationConfig, *, progress=False
+) -> StageResult:
+    """Fit the network at fine resolution to the trilinearly upsampled S1.
+
+    Starts from the coarse weights (one MLP throughout, as Algorithm 2) and
+    returns a copy; ``coarse.velocity`` is left untouched.
+    """
+    velocity = new_velocity_field(fixed_shape, fixed_affine, config.model, config.seed)
+    velocity.load_state_dict(coarse.velocity.state_dict())
+    log = fit_field(
+        velocity, coarse.displacement, coarse.affine, fixed_shape, fixed_affine, config.distill,
+        n_steps=config.model.n_steps, generator=_generator(config.seed + 2), progress=progress,
+    )
+    displacement = dense_displacement(
+        velocity, fixed_shape, fixed_affine, config.model.n_steps, stride=config.field_stride
+    )
+    return StageResult(velocity, displacement, fixed_affine, log)
+
+
+def fine_stage(
+    initial: VelocityField, moving, moving_affine, fixed, fixed_affine, config: RegistrationConfig,
+    *, fixed_mask=None, progress=False,
+) -> StageResult:
+    """Algorithm 1 at full resolution, from a copy of ``initial``'s weights."""
+    velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
+    velocity.load_state_dict(initial.state_dict())
+    log = fit_images(
+        velocity, moving, moving_affine, fixed, fixed_affine, config.fine,
+        n_steps=config.model.n_steps, fixed_mask=fixed_mask, generator=_generator(config.seed + 3),
+        stage="fine", progress=progress,
+    )
+    displacement = dense_displacement(
+        velocity, fixed.shape, fixed_affine, config.model.n_steps, stride=config.field_stride
+    )
+    return StageResult(velocity, displacement, fixed_affine, log)
+
+
+def warp(
+    volume: torch.Tensor,
+    volume_affine: torch.Tensor,
+    displacement: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    *,
+    interpolation: str = "linear",
+    fill_value: float = 0.0,
+) -> torch.Tensor:
+    """Resample a moving-space volume onto the fixed grid: ``out(x) = volume(x + d(x))``.
+
+    Parameters
+    ----------
+    volume : ``(X', Y', Z')`` on its own grid.
+    displacement : ``(X, Y, Z, 3)`` mm (RAS) on the fixed grid.
+    interpolation : ``"linear"`` for images; ``"nearest"`` or ``"label"``
+        (each label's indicator interpolated linearly, then the arg-max, as
+        ANTs' GenericLabel: no mixed label at boundaries) for label maps.
+    fill_value : value where ``x + d(x)`` falls outside ``volume``.
+    """
+    points = world_grid(displacement.shape[:3], fixed_affine) + displacement
+    ijk = apply_affine(torch.linalg.inv(volume_affine), points)
+    size = torch.tensor(volume.shape, dtype=ijk.dtype, device=ijk.device)
+    inside = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(dim=-1)
+    source = volume.to(points.dtype)
+    if interpolation == "linear":
+        out = sample(source, volume_affine, points)
+    elif interpolation == "nearest":
+        out = sample(source, volume_affine, points, mode="nearest")
+    elif interpolation == "label":
+        best = torch.full(points.shape[:3], -1.0, dtype=points.dtype, device=points.device)
+        out = torch.zeros_like(best)
+        for label in torch.unique(source):
+            weight = sample((source == label).to(points.dtype), volume_affine, points)
+            better = weight > best
+            best = torch.where(better, weight, best)
+            out = torch.where(better, label, out)
+    else:
+        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    if interpolation != "linear":
+        out = out.to(volume.dtype)
+    return out.masked_fill(~inside, fill_value)
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register_volumes` returns."""
+
+    displacement: torch.Tensor  # (X, Y, Z, 3) mm, RAS, on the fixed grid
+    warped: torch.Tensor  # moving image on the fixed grid
+    velocity: VelocityField
+    coarse: StageResult
+    distilled: StageResult
+    fine: StageResult
+
+    @property
+    def log(self) -> list[dict]:
+        return self.coarse.log + self.distilled.log + self.fine.log
+
+
+def register_volumes(
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    config: RegistrationConfig = RegistrationConfig(),
+    *,
+    fixed_mask: torch.Tensor | None = None,
+    progress: bool = False,
+) -> RegistrationResult:
+    """Coarse stage -> distillation -> fine stage, then warp the moving image."""
+    moving_n, fixed_n = normalise_intensity(moving), normalise_intensity(fixed)
+    coarse = coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config,
+                          fixed_mask=fixed_mask, progress=progress)
+    distilled = distill_stage(coarse, fixed.shape, fixed_affine, config, progress=progress)
+    fine = fine_stage(distilled.velocity, moving_n, moving_affine, fixed_n, fixed_affine, config,
+                      fixed_mask=fixed_mask, progress=progress)
+    warped = warp(moving, moving_affine, fine.displacement, fixed_affine)
+    return RegistrationResult(fine.displacement, warped, fine.velocity, coarse, distilled, fine)
+
+
+def config_from_options(**options) -> RegistrationConfig:
+    """Build a :class:`RegistrationConfig` from flat keyword options.
+
+    * a :class:`ModelConfig` field (``width``, ``n_steps``, ...) sets the model;
+    * ``coarse_<x>``, ``distill_<x>``, ``fine_<x>`` set field ``x`` of one
+      stage (``fine_iterations=100``);
+    * a bare :class:`StageConfig` field (``reg_weight``, ``similarity``) sets
+      it for every stage;
+    * ``coarse_factor``, ``field_stride``, ``seed`` as in :class:`RegistrationConfig`.
+    """
+    base = RegistrationConfig()
+    model, stages, top = {}, {"coarse": {}, "distill": {}, "fine": {}}, {}
+    model_fields = ModelConfig.__dataclass_fields__
+    stage_fields = StageConfig.__dataclass_fields__
+    for key, value in options.items():
+        prefix, _, rest = key.partition("_")
+        if key in model_fields:
+            model[key] = value
+        elif prefix in stages and rest in stage_fields:
+            stages[prefix][rest] = value
+        elif key in stage_fields:
+            for stage in stages.values():
+                stage.setdefault(key, value)
+        elif key in RegistrationConfig.__dataclass_fields__ and key not in stages and key != "model":
+            top[key] = value
+        else:
+            raise TypeError(f"unknown registration option {key!r}")
+    return replace(
+        base,
+        model=replace(base.model, **model),
+        coarse=replace(base.coarse, **stages["coarse"]),
+        distill=replace(base.distill, **stages["distill"]),
+        fine=replace(base.fine, **stages["fine"]),
+        **top,
+    )

@@ -1,0 +1,219 @@
+"""CT-like chest phantoms: a planning CT and a CBCT of the same patient.
+
+The anatomy is analytic in world millimetres (RAS, origin at the grid
+centre), so the CBCT and its labels are the same anatomy evaluated at
+``x + u(x)`` with a known smooth deformation ``u``: the true displacement
+is exact, with no interpolation error.  The CBCT then gets what makes the
+real task hard: a global intensity change, a radial cupping artefact, noise
+and a truncated cylindrical field of view.
+
+With the package's convention ``warped(x) = moving(x + d(x))``, registering
+moving = CT to fixed = CBCT should recover ``d = u``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+LABELS = {1: "body", 2: "right_lung", 3: "left_lung", 4: "heart", 5: "spinal_cord", 6: "target"}
+FIELD_OF_VIEW_MM = (360.0, 300.0, 240.0)
+AIR = -1000.0
+
+
+@dataclass
+class PhantomPair:
+    """One patient.  Arrays are ``(X, Y, Z)`` on the shared grid ``affine``."""
+
+    ct: np.ndarray  # planning CT, HU (moving)
+    ct_labels: np.ndarray
+    cbct: np.ndarray  # daily CBCT, HU-like (fixed)
+    cbct_labels: np.ndarray  # zero outside the CBCT field of view
+    cbct_fov: np.ndarray  # bool, inside the CBCT cone
+    displacement: np.ndarray  # (X, Y, Z, 3) true u(x), mm RAS, on the CBCT grid
+    affine: np.ndarray
+
+
+def grid_affine(shape, field_of_view=FIELD_OF_VIEW_MM) -> np.ndarray:
+    """RAS affine of a grid of ``shape`` covering ``field_of_view`` mm, centred at 0."""
+    spacing = np.asarray(field_of_view, float) / np.asarray(shape, float)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * spacing
+    return affine
+
+
+class _Texture:
+    """A smooth random field in world mm, sampled by cubic interpolation."""
+
+    def __init__(self, rng, cell_mm: float, smooth_cells: float, extent_mm: float = 600.0):
+        n = int(extent_mm / cell_mm)
+        noise = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), smooth_cells)
+        self.values = noise / noise.std()
+        self.cell_mm = cell_mm
+        self.origin = -extent_mm / 2.0
+
+    def __call__(self, points):
+        ijk = (points - self.origin) / self.cell_mm
+        return ndimage.map_coordinates(self.values, ijk.T, order=1, mode="nearest")
+
+
+class _Anatomy:
+    """Organ geometry of one patient, randomised around a common template."""
+
+    def __init__(self, rng):
+        jitter = lambda scale: rng.normal(0.0, scale)  # noqa: E731
+        size = 1.0 + jitter(0.04)
+        self.body = np.array([165.0, 115.0]) * size
+        self.lungs = {
+            2: (np.array([70.0, 5.0, 10.0]) + jitter(3), np.array([55.0, 75.0, 95.0]) * (1 + jitter(0.05))),
+            3: (np.array([-75.0, 5.0, 10.0]) + jitter(3), np.array([50.0, 75.0, 95.0]) * (1 + jitter(0.05))),
+        }
+        self.heart = (np.array([-20.0, 40.0, -25.0]) + jitter(3), np.array([50.0, 42.0, 48.0]) * (1 + jitter(0.05)))
+        self.target = (np.array([55.0, 30.0, 35.0]) + rng.normal(0, 5, 3), 18.0 + jitter(2))
+        self.soft = _Texture(rng, cell_mm=4.0, smooth_cells=2.0)
+        self.vessels = _Texture(rng, cell_mm=2.0, smooth_cells=1.2)
+
+    @staticmethod
+    def _inside(points, centre, semi):
+        return (((points - centre) / semi) ** 2).sum(axis=1) <= 1.0
+
+    def __call__(self, points):
+        """``(N, 3)`` mm -> (HU ``(N,)``, label ``(N,)``)."""
+        x, y, z = points.T
+        radius = np.sqrt((x / self.body[0]) ** 2 + ((y + 5.0) / self.body[1]) ** 2)
+        body = radius <= 1.0
+        hu = np.full(len(points), AIR)
+        labels = np.zeros(len(points), np.uint8)
+        hu[body] = 40.0 + 25.0 * self.soft(points[body])
+        labels[body] = 1
+        hu[body & (radius > 0.9)] = -100.0  # subcutaneous fat
+        ribs = (radius > 0.8) & (radius < 0.86) & (np.sin(2 * np.pi * z / 35.0) > 0.3)
+        hu[ribs] = 700.0
+        aorta = (x + 20.0) ** 2 + (y + 40.0) ** 2 <= 12.0**2
+        hu[aorta] = 60.0
+        for label, (centre, semi) in self.lungs.items():
+            lung = body & self._inside(points, centre, semi)
+            hu[lung] = -850.0 + 220.0 * np.clip(self.vessels(points[lung]) - 0.8, 0.0, 1.5)
+            labels[lung] = label
+        heart = self._inside(points, *self.heart)
+        hu[heart] = 45.0 + 15.0 * self.soft(points[heart])
+        chambers = self._inside(points, self.heart[0] + [8.0, 5.0, 0.0], self.heart[1] * 0.55)
+        hu[heart & chambers] = 160.0
+        labels[heart] = 4
+        centre, r = self.target
+        target = ((points - centre) ** 2).sum(axis=1) <= r**2
+        hu[target] = 25.0 + 10.0 * self.soft(points[target])
+        labels[target] = 6
+        vertebra = x**2 + (y + 62.0) ** 2 <= 17.0**2
+        arch = x**2 + (y + 88.0) ** 2 <= 16.0**2
+        cord = x**2 + (y + 88.0) ** 2 <= 8.0**2
+        hu[vertebra | arch] = 500.0
+        hu[cord] = 35.0
+        labels[vertebra | arch] = 1
+        labels[cord] = 5
+        return hu, labels
+
+
+def breathing_and_setup(points, rng) -> np.ndarray:
+    """A smooth, invertible ``(N, 3)`` displacement (mm) at ``(N, 3)`` points.
+
+    Setup error (a rigid shift of a few mm), breathing (the lung bases move
+    inferiorly and the anterior chest wall forwards, fading towards the
+    spine) and a few local Gaussian bumps.  Its spatial gradient stays well
+    below 1, so ``x -> x + u(x)`` is a diffeomorphism.
+    """
+    x, y, z = points.T
+    shift = rng.uniform(-5.0, 5.0, 3)
+    amplitude = rng.uniform(6.0, 12.0)
+    posterior_fade = 1.0 / (1.0 + np.exp(-(y + 55.0) / 15.0))
+    lungs = np.exp(-(x**2 / (2 * 90.0**2) + (y - 5.0) ** 2 / (2 * 70.0**2) + (z + 50.0) ** 2 / (2 * 80.0**2)))
+    chest = np.exp(-(x**2 / (2 * 110.0**2) + (y - 90.0) ** 2 / (2 * 50.0**2) + z**2 / (2 * 100.0**2)))
+    u = np.tile(shift, (len(points), 1))
+    u[:, 2] -= amplitude * lungs * posterior_fade
+    u[:, 1] += 0.4 * amplitude * chest * posterior_fade
+    for _ in range(4):
+        centre = rng.uniform([-100, -60, -80], [100, 80, 80])
+        bump = np.exp(-((points - centre) ** 2).sum(axis=1) / (2 * 35.0**2))
+        u += bump[:, None] * rng.uniform(-3.0, 3.0, 3)
+    return u
+
+
+def make_pair(shape=(128, 112, 48), *, seed: int = 0, field_of_view=FIELD_OF_VIEW_MM) -> PhantomPair:
+    """Generate one patient's planning CT, CBCT, labels and true deformation.
+
+    Parameters
+    ----------
+    shape : grid of both images; the physical field of view stays
+        ``field_of_view`` mm, so a larger shape is a finer spacing.
+    seed : patient identity; the same seed gives the same patient.
+    """
+    rng = np.random.default_rng(seed)
+    anatomy = _Anatomy(rng)
+    affine = grid_affine(shape, field_of_view)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    points = ijk @ affine[:3, :3].T + affine[:3, 3]
+
+    ct, ct_labels = anatomy(points)
+    u = breathing_and_setup(points, rng)
+    cbct, cbct_labels = anatomy(points + u)
+
+    x, y, z = points.T
+    cylinder = np.sqrt(x**2 + y**2) / 155.0
+    fov = (cylinder <= 1.0) & (np.abs(z) <= 0.42 * field_of_view[2])
+    gain, offset = rng.uniform(0.85, 0.95), rng.uniform(20.0, 60.0)
+    cbct = gain * cbct + offset - 80.0 * cylinder**2
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 0.7).reshape(-1)
+    cbct = cbct + 30.0 * noise / noise.std()
+    cbct[~fov] = AIR
+    cbct_labels[~fov] = 0
+
+    def volume(values, dtype):
+        return values.reshape(shape).astype(dtype)
+
+    return PhantomPair(
+        ct=volume(ct, np.float32),
+        ct_labels=volume(ct_labels, np.uint8),
+        cbct=volume(cbct, np.float32),
+        cbct_labels=volume(cbct_labels, np.uint8),
+        cbct_fov=volume(fov, bool),
+        displacement=u.reshape(*shape, 3).astype(np.float32),
+        affine=affine,
+    )
+
+
+def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: int = 0) -> Path:
+    """Write a phantom cohort and its manifest; return the manifest path.
+
+    Per patient ``pNN/``: ``ct.nii.gz`` (moving), ``ct_labels.nii.gz``,
+    ``cbct.nii.gz`` (fixed), ``cbct_labels.nii.gz``, ``cbct_fov.nii.gz`` and
+    ``true_displacement.nii.gz`` (ITK/ANTs convention).  ``manifest.tsv``
+    lists them with paths relative to ``out_dir``; ``labels.tsv`` names the
+    labels.  Existing files are rewritten identically (same seeds).
+    """
+    from . import io
+
+    out_dir = Path(out_dir)
+    rows = []
+    for index in range(n_patients):
+        patient = f"p{index + 1:02d}"
+        pair = make_pair(shape, seed=seed + index)
+        folder = out_dir / patient
+        files = {
+            "moving": ("ct.nii.gz", pair.ct),
+            "moving_labels": ("ct_labels.nii.gz", pair.ct_labels),
+            "fixed": ("cbct.nii.gz", pair.cbct),
+            "fixed_labels": ("cbct_labels.nii.gz", pair.cbct_labels),
+            "fixed_mask": ("cbct_fov.nii.gz", pair.cbct_fov.astype(np.uint8)),
+        }
+        row = {"patient": patient}
+        for column, (name, data) in files.items():
+            io.save_image(folder / name, data, pair.affine)
+            row[column] = f"{patient}/{name}"
+        io.save_displacement(folder / "true_displacement.nii.gz", pair.displacement, pair.affine)
+        rows.append(row)
+    io.write_csv(out_dir / "manifest.tsv", rows, delimiter="\t")
+    io.write_csv(out_dir / "labels.tsv", [{"index": k, "name": v} for k, v in LABELS.items()], delimiter="\t")
+    return out_dir / "manifest.tsv"

@@ -1,0 +1,33 @@
+"""nipype_inrlddmm: INR-LDDMM deformable image registration for Nipype.
+
+Install torch first (``pip install torch==2.13.0``, a CPU wheel): the range
+below accepts it, so pip does not fetch a CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nipype_inrlddmm",
+    version="0.1.0",
+    description="INR-LDDMM deformable image registration (implicit neural velocity fields) for Nipype",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nipype_inrlddmm", "nipype_inrlddmm.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "nipype>=1.8",
+        "nibabel>=5",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "traits>=6.4",
+        "networkx>=3",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "tests": ["pytest>=7", "hypothesis>=6"],
+        "benchmarks": ["antspyx>=0.4"],
+    },
+    entry_points={"console_scripts": ["inrlddmm = nipype_inrlddmm.cli:main"]},
+)
