@@ -1,0 +1,22 @@
+"""Write a phantom CT -> CBCT cohort (NIfTI + manifest.tsv) for studies and demos.
+
+    python data/generate_cohort.py OUT_DIR --patients 10 --shape 128 112 48
+"""
+
+import argparse
+
+from nipype_inrlddmm.phantom import write_cohort
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write (created)")
+    parser.add_argument("--patients", type=int, default=3, help="number of patients (default 3)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(128, 112, 48), help="grid (default 128 112 48)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first patient (default 0)")
+    args = parser.parse_args()
+    print(write_cohort(args.out_dir, args.patients, shape=tuple(args.shape), seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The inrlddmm command line, run as a user would (tiny volumes, few iterations)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nipype_inrlddmm import cli
+from nipype_inrlddmm.phantom import write_cohort
+
+FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("cohort"), 1, shape=(48, 40, 20))
+
+
+def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
+    patient = cohort.parent / "p01"
+    code = cli.main([
+        "register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
+        "--moving-labels", str(patient / "ct_labels.nii.gz"), "--fixed-labels", str(patient / "cbct_labels.nii.gz"),
+        "--fixed-mask", str(patient / "cbct_fov.nii.gz"), "--label-names", str(cohort.parent / "labels.tsv"),
+        "--out-dir", str(tmp_path), *FEW,
+    ])
+    assert code == 0
+    for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "log.csv", "warped_labels.nii.gz",
+                 "dice.csv", "dice.json"):
+        assert (tmp_path / name).is_file(), name
+    assert nib.load(tmp_path / "displacement.nii.gz").shape == (48, 40, 20, 1, 3)
+    rows = list(csv.DictReader(open(tmp_path / "dice.csv")))
+    assert [row["name"] for row in rows] == ["body", "right_lung", "left_lung", "heart", "spinal_cord", "target"]
+    assert all(0.0 <= float(row["dice"]) <= 1.0 for row in rows)
+    summary = json.loads((tmp_path / "dice.json").read_text())
+    assert {"mean_dice", "jacobian_min", "jacobian_nonpositive_percent", "sdlogj"} <= summary.keys()
+    log = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [row["stage"] for row in log].count("fine") == 10
+    assert "spinal_cord" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
+
+
+def test_register_names_a_bad_file_and_writes_nothing(cohort, tmp_path, capsys):
+    bad = tmp_path / "cbct.nii.gz"
+    nib.Nifti1Image(np.full((48, 40, 20), np.nan, np.float32), np.eye(4)).to_filename(str(bad))
+    code = cli.main(["register", "--moving", str(cohort.parent / "p01" / "ct.nii.gz"), "--fixed", str(bad),
+                     "--out-dir", str(tmp_path / "out"), *FEW])
+    assert code == 2
+    assert f"{bad}: the image holds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_and_prints_the_dice_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nipype_inrlddmm.cli", "demo", "--out-dir", str(tmp_path), "--patients", "2",
+         "--shape", "48", "40", "20", *FEW],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean_dice" in result.stdout and "p02" in result.stdout
+    table = list(csv.DictReader(open(tmp_path / "study_dice.csv")))
+    assert [row["patient"] for row in table] == ["p01", "p02"]
+
+
+def test_help_describes_every_command():
+    out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "register", "--help"],
+                         capture_output=True, text=True).stdout
+    assert "--fixed-mask" in out and "--seed" in out and "--device" in out
