@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "tests": ["pytest>=7", "hypothesis>=6"],
+        "tests": ["pytest>=7", "hypothesis>=6", "nitransforms>=23"],
         "benchmarks": ["antspyx>=0.4"],
     },
     entry_points={"console_scripts": ["inrlddmm = nipype_inrlddmm.cli:main"]},

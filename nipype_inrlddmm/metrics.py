@@ -51,7 +51,7 @@ def label_overlap(
     names = names or {}
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if labels is None:
-        labels = sorted(set(np.unique(warped).tolist()) | set(np.unique(fixed).tolist()) - {0})
+        labels = sorted((set(np.unique(warped).tolist()) | set(np.unique(fixed).tolist())) - {0})
     rows = []
     for label in labels:
         n_warped, n_fixed = int((warped == label).sum()), int((fixed == label).sum())
