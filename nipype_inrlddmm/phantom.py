@@ -26,7 +26,7 @@ AIR = -1000.0
 
 @dataclass
 class PhantomPair:
-    """One patient.  Arrays are ``(X, Y, Z)`` on the shared grid ``affine``."""
+    """One patient.  The CBCT arrays lie on ``affine``, the CT arrays on ``ct_affine``."""
 
     ct: np.ndarray  # planning CT, HU (moving)
     ct_labels: np.ndarray
@@ -34,7 +34,8 @@ class PhantomPair:
     cbct_labels: np.ndarray  # zero outside the CBCT field of view
     cbct_fov: np.ndarray  # bool, inside the CBCT cone
     displacement: np.ndarray  # (X, Y, Z, 3) true u(x), mm RAS, on the CBCT grid
-    affine: np.ndarray
+    affine: np.ndarray  # the CBCT grid
+    ct_affine: np.ndarray  # the CT grid (= affine unless make_pair got ct_grid)
 
 
 def grid_affine(shape, field_of_view=FIELD_OF_VIEW_MM) -> np.ndarray:
@@ -141,22 +142,33 @@ def breathing_and_setup(points, rng) -> np.ndarray:
     return u
 
 
-def make_pair(shape=(128, 112, 48), *, seed: int = 0, field_of_view=FIELD_OF_VIEW_MM) -> PhantomPair:
+def _grid_points(shape, affine) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def make_pair(
+    shape=(128, 112, 48), *, seed: int = 0, field_of_view=FIELD_OF_VIEW_MM, ct_grid=None
+) -> PhantomPair:
     """Generate one patient's planning CT, CBCT, labels and true deformation.
 
     Parameters
     ----------
-    shape : grid of both images; the physical field of view stays
-        ``field_of_view`` mm, so a larger shape is a finer spacing.
+    shape : grid of the CBCT (and of the CT unless ``ct_grid``); the
+        physical field of view stays ``field_of_view`` mm, so a larger shape
+        is a finer spacing.
     seed : patient identity; the same seed gives the same patient.
+    ct_grid : optional ``(shape, affine)`` of the CT's own grid (any
+        spacing and orientation); the CT is then evaluated there, exactly,
+        and ``PhantomPair.ct_affine`` is that affine.
     """
     rng = np.random.default_rng(seed)
     anatomy = _Anatomy(rng)
     affine = grid_affine(shape, field_of_view)
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
-    points = ijk @ affine[:3, :3].T + affine[:3, 3]
+    points = _grid_points(shape, affine)
+    ct_shape, ct_affine = ct_grid if ct_grid is not None else (shape, affine)
 
-    ct, ct_labels = anatomy(points)
+    ct, ct_labels = anatomy(_grid_points(ct_shape, ct_affine))
     u = breathing_and_setup(points, rng)
     cbct, cbct_labels = anatomy(points + u)
 
@@ -170,17 +182,18 @@ def make_pair(shape=(128, 112, 48), *, seed: int = 0, field_of_view=FIELD_OF_VIE
     cbct[~fov] = AIR
     cbct_labels[~fov] = 0
 
-    def volume(values, dtype):
-        return values.reshape(shape).astype(dtype)
+    def volume(values, dtype, grid=shape):
+        return values.reshape(grid).astype(dtype)
 
     return PhantomPair(
-        ct=volume(ct, np.float32),
-        ct_labels=volume(ct_labels, np.uint8),
+        ct=volume(ct, np.float32, ct_shape),
+        ct_labels=volume(ct_labels, np.uint8, ct_shape),
         cbct=volume(cbct, np.float32),
         cbct_labels=volume(cbct_labels, np.uint8),
         cbct_fov=volume(fov, bool),
         displacement=u.reshape(*shape, 3).astype(np.float32),
         affine=affine,
+        ct_affine=np.asarray(ct_affine, float),
     )
 
 

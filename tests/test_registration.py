@@ -38,36 +38,31 @@ def test_phantom_registration_recovers_the_known_deformation(phantom):
     assert metrics.jacobian_summary(result.displacement, pair.affine)["jacobian_nonpositive_percent"] < 0.1
 
 
-def test_moving_on_another_grid_gives_the_same_result_as_after_resampling(phantom):
-    """Oblique, finer, differently shaped moving grid == the same image resampled onto the fixed grid."""
-    pair = phantom
-    fixed_affine = torch.tensor(pair.affine, dtype=torch.float32)
+def test_moving_on_another_grid_gives_the_same_result_as_after_resampling():
+    """A CT on its own oblique, finer, differently shaped grid == that CT resampled onto the CBCT grid."""
     angle = np.deg2rad(8.0)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     oblique = np.eye(4)
     oblique[:3, :3] = rotation @ np.diag([2.2, 2.0, 4.0])
     oblique_shape = (170, 160, 62)
     oblique[:3, 3] = -oblique[:3, :3] @ ((np.array(oblique_shape) - 1) / 2)
-
-    def resample(volume, source_affine, shape, target_affine):
-        zero = torch.zeros(*shape, 3)
-        return engine.warp(torch.tensor(volume), torch.as_tensor(source_affine, dtype=torch.float32), zero,
-                           torch.as_tensor(target_affine, dtype=torch.float32), fill_value=-1000.0).numpy()
-
-    moving_oblique = resample(pair.ct, fixed_affine, oblique_shape, oblique)
-    moving_common = resample(moving_oblique, oblique, pair.ct.shape, fixed_affine)
+    # The phantom is analytic: the CT is evaluated exactly on the oblique grid.
+    pair = make_pair((128, 112, 48), seed=0, ct_grid=(oblique_shape, oblique))
+    fixed_affine = torch.tensor(pair.affine, dtype=torch.float32)
+    moving_common = engine.warp(torch.tensor(pair.ct), torch.tensor(oblique, dtype=torch.float32),
+                                torch.zeros(*pair.cbct.shape, 3), fixed_affine, fill_value=-1000.0).numpy()
     fixed = (pair.cbct, pair.affine)
     mask = (pair.cbct_fov, pair.affine)
-    on_own_grid = register((moving_oblique, oblique), fixed, fixed_mask=mask, seed=0, **QUICK)
+    on_own_grid = register((pair.ct, oblique), fixed, fixed_mask=mask, seed=0, **QUICK)
     on_common_grid = register((moving_common, pair.affine), fixed, fixed_mask=mask, seed=0, **QUICK)
 
     body = pair.cbct_labels > 0
     assert voxel_epe(on_own_grid.displacement, on_common_grid.displacement, pair.affine, body) < 0.5
     difference = np.abs(on_own_grid.warped - on_common_grid.warped)[body].mean()
-    assert difference < 0.1 * pair.ct[pair.ct_labels > 0].std()
-    # And both actually registered (closer to the truth than no registration).
-    identity = voxel_epe(np.zeros_like(pair.displacement), pair.displacement, pair.affine, body)
-    assert voxel_epe(on_own_grid.displacement, pair.displacement, pair.affine, body) < 0.5 * identity
+    assert difference < 0.1 * moving_common[body].std()
+    # And both registered (as accurately as the main phantom test demands).
+    for result in (on_own_grid, on_common_grid):
+        assert voxel_epe(result.displacement, pair.displacement, pair.affine, body) < 1.5
 
 
 def test_same_seed_gives_the_same_field_and_another_seed_does_not():

@@ -94,3 +94,18 @@ def downsample(volume: torch.Tensor, affine: torch.Tensor, factors) -> tuple[tor
 def spacing(affine: torch.Tensor) -> torch.Tensor:
     """Voxel size in mm along each array axis, ``(3,)``."""
     return torch.linalg.norm(affine[:3, :3], dim=0)
+
+
+def matching_factors(affine: torch.Tensor, target_affine: torch.Tensor) -> tuple[int, int, int]:
+    """Block sizes that bring a grid's spacing closest to a target grid's.
+
+    Each axis of ``affine`` is paired with the ``target_affine`` axis most
+    parallel to it (grids may be oblique to each other); its factor is the
+    ratio of their spacings, rounded, at least 1.  Used so that the coarse
+    stage sees moving and fixed images at the same physical resolution
+    whatever their native spacings.
+    """
+    size, target_size = spacing(affine), spacing(target_affine)
+    cosines = (affine[:3, :3] / size).T @ (target_affine[:3, :3] / target_size)
+    partner = cosines.abs().argmax(dim=1)
+    return tuple(max(1, int(torch.round(target_size[j] / size[i]))) for i, j in enumerate(partner.tolist()))

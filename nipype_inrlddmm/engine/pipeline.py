@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .flow import dense_displacement
-from .grid import apply_affine, downsample, sample, world_grid
+from .grid import apply_affine, downsample, matching_factors, sample, world_grid
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
@@ -100,10 +100,16 @@ def _factors(factor) -> tuple[int, int, int]:
 def coarse_stage(
     moving, moving_affine, fixed, fixed_affine, config: RegistrationConfig, *, fixed_mask=None, progress=False
 ) -> StageResult:
-    """Algorithm 1 on block-averaged images; the result is S1 on the coarse fixed grid."""
+    """Algorithm 1 on block-averaged images; the result is S1 on the coarse fixed grid.
+
+    The fixed image is averaged by ``coarse_factor``; the moving image by
+    the factors that bring it closest to the same physical resolution, so a
+    fine CT and a coarse CBCT are compared at one scale.
+    """
     factors = _factors(config.coarse_factor)
-    coarse_moving, coarse_moving_affine = downsample(moving, moving_affine, factors)
     coarse_fixed, coarse_fixed_affine = downsample(fixed, fixed_affine, factors)
+    moving_factors = matching_factors(moving_affine, coarse_fixed_affine)
+    coarse_moving, coarse_moving_affine = downsample(moving, moving_affine, moving_factors)
     coarse_mask = None
     if fixed_mask is not None:
         coarse_mask = downsample(fixed_mask.to(fixed.dtype), fixed_affine, factors)[0] > 0.5
