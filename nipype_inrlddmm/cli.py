@@ -1,7 +1,8 @@
 """The ``inrlddmm`` command line.
 
 ``inrlddmm register``  one pair, all stages, Dice when labels are given.
-``inrlddmm demo``      the phantom CT -> CBCT cohort, registered and scored.
+``inrlddmm study``     a manifest of pairs as a cached, resumable Nipype study.
+``inrlddmm demo``      the study on a generated phantom CT -> CBCT cohort.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, io
+from . import __version__, io, steps
 from .api import register
 from .evaluate import evaluate_files
 
@@ -41,7 +41,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto uses CUDA when present (default: auto)")
     group.add_argument("--num-threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's own choice)")
+                       help="torch CPU threads (register: default torch's own choice; study and demo: "
+                       "per node, default 1)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -61,20 +62,12 @@ def register_files(
     validated before any optimisation starts.  Returns the written paths.
     """
     out_dir = Path(out_dir)
-    moving_data, moving_affine = io.load_image(moving)
-    fixed_data, fixed_affine = io.load_image(fixed)
-    if moving_labels:
-        io.load_labels(moving_labels, reference=(moving, moving_data, moving_affine))
-    if fixed_labels:
-        io.load_labels(fixed_labels, reference=(fixed, fixed_data, fixed_affine))
-    mask = None
-    if fixed_mask:
-        mask_data, _ = io.load_volume(fixed_mask, what="mask")
-        if mask_data.shape != fixed_data.shape:
-            raise io.InputError(fixed_mask, f"mask shape {mask_data.shape} differs from the fixed image")
-        mask = (mask_data, fixed_affine)
+    pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
+                           fixed_mask=fixed_mask)
+    moving_affine, fixed_data, fixed_affine = pair.moving_affine, pair.fixed, pair.fixed_affine
+    mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
 
-    result = register((moving_data, moving_affine), (fixed_data, fixed_affine), fixed_mask=mask,
+    result = register((pair.moving, moving_affine), (fixed_data, fixed_affine), fixed_mask=mask,
                       device=device, num_threads=num_threads, progress=progress, **options)
     outputs = {
         "warped": io.save_image(out_dir / "warped.nii.gz", result.warped, fixed_affine),
@@ -114,33 +107,101 @@ def _cmd_register(args) -> int:
     return 0
 
 
+#: Study-table columns left out of the printed summary (they are in study_dice.csv).
+_NOT_PRINTED = ("status", "error", "mean_hd95_mm", "jacobian_min", "sdlogj")
+
+
+def _print_study(rows: list[dict], table_path: Path) -> None:
+    """The study table: Dice per label and patient, then the reason of each failure."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    columns = [c for c in (ok or rows)[0] if c not in _NOT_PRINTED]
+    print(f"\nDice per patient and label (inside the fixed mask, when given); written to {table_path}")
+    print("  ".join(f"{c[:12]:>12}" for c in columns))
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"{row['patient']:>12}  FAILED: {row['error']}")
+            continue
+        print("  ".join(f"{row[c]:>12}" if isinstance(row[c], str) else f"{row[c]:>12.3f}" for c in columns))
+
+
+def _study_manifest(path) -> Path:
+    """A manifest file, or a folder holding ``manifest.tsv`` / ``manifest.csv``."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in ("manifest.tsv", "manifest.csv") if (path / name).is_file()]
+        if not found:
+            raise io.InputError(path, "folder has no manifest.tsv or manifest.csv")
+        return found[0]
+    return path
+
+
+def _default_label_names(manifest: Path):
+    """``labels.tsv`` or ``labels.json`` beside the manifest, if present."""
+    return next((str(p) for p in (manifest.parent / "labels.tsv", manifest.parent / "labels.json") if p.is_file()),
+                None)
+
+
+def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names) -> int:
+    """Build, run and report a study; exit status 1 when any patient failed."""
+    from nipype import config, logging
+
+    from .workflows import init_study_wf, run_study
+
+    if not args.verbose:
+        config.set("logging", "workflow_level", "WARNING")
+        logging.update_logging(config)
+    num_threads = args.num_threads or 1
+    plugin_args = {}
+    if args.plugin == "MultiProc":
+        plugin_args["n_procs"] = args.n_procs or os.cpu_count()
+        if num_threads > plugin_args["n_procs"]:
+            raise io.InputError("--num-threads", f"{num_threads} threads per node exceed --n-procs "
+                                f"{plugin_args['n_procs']}: MultiProc could not run any node")
+    elif args.plugin == "SLURM" and args.sbatch_args:
+        plugin_args["sbatch_args"] = args.sbatch_args
+    workflow = init_study_wf(
+        manifest=manifest, out_dir=out_dir, work_dir=work_dir, label_names=label_names, num_threads=num_threads,
+        affine=args.affine or False, device=args.device, progress=not args.quiet, **_registration_options(args),
+    )
+    rows = run_study(workflow, plugin=args.plugin, plugin_args=plugin_args)
+    _print_study(rows, out_dir / "study_dice.csv")
+    failed = [row["patient"] for row in rows if row["status"] != "ok"]
+    if failed:
+        print(f"\n{len(failed)} of {len(rows)} patients failed: {', '.join(failed)} "
+              f"(crash files in {work_dir / 'crash'}); rerun the same command to retry only them")
+    return 1 if failed else 0
+
+
+def _cmd_study(args) -> int:
+    manifest = _study_manifest(args.manifest)
+    return _run_study(args, manifest, Path(args.out_dir), Path(args.work_dir),
+                      args.label_names or _default_label_names(manifest))
+
+
 def _cmd_demo(args) -> int:
     from .phantom import write_cohort
 
     out_dir = Path(args.out_dir)
-    manifest = write_cohort(out_dir / "data", args.patients, shape=tuple(args.shape))
-    table = []
-    for row in io.read_manifest(manifest):
-        start = time.perf_counter()
-        outputs = register_files(
-            row["moving"], row["fixed"], out_dir / row["patient"], moving_labels=row["moving_labels"],
-            fixed_labels=row["fixed_labels"], fixed_mask=row["fixed_mask"],
-            label_names=manifest.parent / "labels.tsv", device=args.device, num_threads=args.num_threads,
-            progress=not args.quiet, **_registration_options(args),
-        )
-        seconds = time.perf_counter() - start
-        table.append({"patient": row["patient"], **{r["name"]: round(r["dice"], 4) for r in outputs["rows"]},
-                      "mean_dice": round(outputs["summary"]["mean_dice"], 4),
-                      "jacobian_nonpositive_percent": outputs["summary"]["jacobian_nonpositive_percent"],
-                      "seconds": round(seconds, 1)})
-        print(f"{row['patient']}: mean Dice {outputs['summary']['mean_dice']:.3f} in {seconds:.0f} s", flush=True)
-    io.write_csv(out_dir / "study_dice.csv", table)
-    columns = list(table[0])
-    print("\nDice per patient and label (inside the CBCT field of view); " f"written to {out_dir / 'study_dice.csv'}")
-    print("  ".join(f"{c[:12]:>12}" for c in columns))
-    for row in table:
-        print("  ".join(f"{row[c]:>12}" if isinstance(row[c], str) else f"{row[c]:>12.3f}" for c in columns))
-    return 0
+    shape = tuple(args.shape)
+    data = out_dir / "data" / f"phantom-{'x'.join(map(str, shape))}"
+    manifest = data / "manifest.tsv"
+    # Rewriting the cohort would give its files new timestamps, and Nipype would recompute everything.
+    if not manifest.is_file() or len(io.read_manifest(manifest)) != args.patients:
+        manifest = write_cohort(data, args.patients, shape=shape)
+    return _run_study(args, manifest, out_dir, out_dir / "work", data / "labels.tsv")
+
+
+def _add_study_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("execution (Nipype)")
+    group.add_argument("--plugin", default="Linear", choices=("Linear", "MultiProc", "SLURM"),
+                       help="Linear: one node at a time in this process; MultiProc: patients in parallel on "
+                       "this machine (forkserver workers); SLURM: one job per node (default: Linear)")
+    group.add_argument("--n-procs", type=int, help="MultiProc: CPU slots in total (default: all cores); each "
+                       "optimisation node takes --num-threads of them")
+    group.add_argument("--sbatch-args", help='SLURM: extra sbatch arguments, e.g. "--partition=cpu --time=2:00:00"')
+    group.add_argument("--affine", choices=("rigid", "affine"),
+                       help="pre-align each moving image with a rigid or affine transform (e.g. subject -> atlas)")
+    group.add_argument("--verbose", action="store_true", help="log every Nipype node")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,13 +226,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registration_options(reg)
     reg.set_defaults(func=_cmd_register)
 
-    demo = commands.add_parser("demo", help="register the embedded phantom CT -> CBCT cohort and print Dice",
-                               description="Generate a phantom chest CT/CBCT cohort, register every patient "
-                               "and print the Dice table.")
-    demo.add_argument("--out-dir", default="inrlddmm-demo", help="output folder (default: ./inrlddmm-demo)")
+    study = commands.add_parser(
+        "study", help="register every patient of a manifest (a cached, resumable Nipype study)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Register every row of MANIFEST with the Nipype study workflow and write, per patient, "
+        "OUT_DIR/<patient>/ (warped.nii.gz, displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv, "
+        "dice.json, stage logs) and OUT_DIR/study_dice.csv (one row per patient; failed patients marked "
+        "with the reason).",
+        epilog="""manifest (TSV or CSV; paths relative to the manifest's folder):
+  patient  moving            fixed               moving_labels            fixed_labels              fixed_mask
+  p01      p01/ct.nii.gz     p01/cbct.nii.gz     p01/ct_labels.nii.gz     p01/cbct_labels.nii.gz    p01/cbct_fov.nii.gz
+(fixed_mask is optional.)  `python data/generate_cohort.py DIR` writes a phantom cohort with its manifest.
+
+caching: WORK_DIR is Nipype's cache.  Rerunning the same command recomputes nothing; after a crash or a kill
+it recomputes only what had not finished; changing a fine-stage option (e.g. --fine-iterations) reruns the
+fine stage and what follows, never the coarse or distillation stages.  A failed patient leaves a crash file
+in WORK_DIR/crash and does not stop the others; the exit status is then 1.""",
+    )
+    study.add_argument("manifest", help="manifest TSV/CSV, or a folder holding manifest.tsv")
+    study.add_argument("--out-dir", required=True, help="results folder (created)")
+    study.add_argument("--work-dir", required=True, help="Nipype working folder: the cache that makes reruns cheap")
+    study.add_argument("--label-names", help="JSON/TSV of label names (default: labels.tsv or labels.json beside "
+                       "the manifest, if present)")
+    _add_study_options(study)
+    _add_registration_options(study)
+    study.set_defaults(func=_cmd_study)
+
+    demo = commands.add_parser("demo", help="run the study on a generated phantom CT -> CBCT cohort",
+                               description="Generate a phantom chest CT/CBCT cohort (once), run the Nipype study "
+                               "workflow on it and print the Dice table.  Rerunning is instant (cached).")
+    demo.add_argument("--out-dir", default="inrlddmm-demo",
+                      help="output folder; the cohort goes to OUT_DIR/data, Nipype's cache to OUT_DIR/work "
+                      "(default: ./inrlddmm-demo)")
     demo.add_argument("--patients", type=int, default=3, help="patients in the cohort (default: 3)")
     demo.add_argument("--shape", type=int, nargs=3, default=(128, 112, 48), metavar=("X", "Y", "Z"),
                       help="phantom grid (default: 128 112 48)")
+    _add_study_options(demo)
     _add_registration_options(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -1,4 +1,4 @@
-"""Files: validated NIfTI loading, ITK/ANTs displacement fields, checkpoints, CSV logs.
+"""Files: validated NIfTI loading, ITK/ANTs displacement fields and affines, checkpoints, CSV logs.
 
 Every writer is atomic (a temporary sibling, then ``os.replace``), so a
 killed run never leaves a half-written result where a finished one belongs.
@@ -204,6 +204,78 @@ def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
     velocity = VelocityField(state["center"], state["half_extent"], ModelConfig(**payload["model"]))
     velocity.load_state_dict(state)
     return velocity
+
+
+# ITK/ANTs linear transforms: y = M (x - c) + c + t in LPS mm, with
+# Parameters = (M row by row, t) and FixedParameters = c.
+_ITK_AFFINE_TYPES = ("AffineTransform", "MatrixOffsetTransformBase")
+_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS on homogeneous 4x4 matrices
+
+
+def save_itk_affine(path, matrix: np.ndarray) -> Path:
+    """Write a ``(4, 4)`` RAS fixed -> moving point map as an ITK text transform.
+
+    ``antsApplyTransforms -t FILE`` and nitransforms (``fmt="itk"``) read it
+    as the same map: the fixed-space point ``x`` samples the moving image at
+    ``matrix @ x``.
+    """
+    lps = _FLIP @ np.asarray(matrix, np.float64) @ _FLIP
+    parameters = [*lps[:3, :3].reshape(-1), *lps[:3, 3]]
+    text = (
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        f"Parameters: {' '.join(repr(float(v)) for v in parameters)}\nFixedParameters: 0 0 0\n"
+    )
+    with atomic_path(path) as temporary:
+        Path(temporary).write_text(text)
+    return Path(path)
+
+
+def _itk_matrix(path, parameters, centre) -> np.ndarray:
+    parameters, centre = np.asarray(parameters, np.float64).ravel(), np.asarray(centre, np.float64).ravel()
+    if parameters.size != 12 or centre.size != 3:
+        raise InputError(path, "an ITK affine needs 12 parameters and a 3-D centre")
+    lps = np.eye(4)
+    lps[:3, :3] = parameters[:9].reshape(3, 3)
+    lps[:3, 3] = parameters[9:] + centre - lps[:3, :3] @ centre
+    if not np.all(np.isfinite(lps)) or abs(np.linalg.det(lps[:3, :3])) < 1e-8:
+        raise InputError(path, "the affine transform is singular or holds NaN/Inf")
+    return _FLIP @ lps @ _FLIP
+
+
+def load_itk_affine(path) -> np.ndarray:
+    """Read an ITK text (``.txt``/``.tfm``) or ANTs binary (``.mat``) affine.
+
+    Returns the ``(4, 4)`` RAS fixed -> moving point map (the inverse of
+    :func:`save_itk_affine`).  Only 3-D affine transforms
+    (``AffineTransform``, ``MatrixOffsetTransformBase``; what
+    ``antsRegistration`` writes as ``*GenericAffine.mat``) are accepted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "transform file does not exist")
+    if path.suffix == ".mat":
+        from scipy.io import loadmat
+
+        try:
+            content = loadmat(str(path))
+        except Exception as error:  # scipy raises several types for non-MATLAB files
+            raise InputError(path, f"cannot read the ANTs transform ({type(error).__name__}: {error})") from error
+        key = next((k for k in content if k.startswith(_ITK_AFFINE_TYPES) and k.endswith("_3_3")), None)
+        if key is None or "fixed" not in content:
+            raise InputError(path, f"not a 3-D ANTs affine (variables: {sorted(k for k in content if k[0] != '_')})")
+        return _itk_matrix(path, content[key], content["fixed"])
+    fields = {}
+    for line in path.read_text(errors="replace").splitlines():
+        name, _, value = line.partition(":")
+        if value and name.strip() in ("Transform", "Parameters", "FixedParameters"):
+            fields.setdefault(name.strip(), value.strip())
+    kind = fields.get("Transform", "")
+    if not kind.startswith(_ITK_AFFINE_TYPES) or not kind.endswith("_3_3"):
+        raise InputError(path, f"expected a 3-D ITK AffineTransform, found {kind or 'no transform'!r}")
+    try:
+        return _itk_matrix(path, fields["Parameters"].split(), fields.get("FixedParameters", "0 0 0").split())
+    except (KeyError, ValueError) as error:
+        raise InputError(path, f"cannot parse the transform parameters ({error})") from error
 
 
 def write_csv(path, rows: list[dict], *, delimiter: str = ",") -> Path:

@@ -70,3 +70,23 @@ def test_help_describes_every_command():
     out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "register", "--help"],
                          capture_output=True, text=True).stdout
     assert "--fixed-mask" in out and "--seed" in out and "--device" in out
+    out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "study", "--help"],
+                         capture_output=True, text=True).stdout
+    for flag in ("--plugin", "--n-procs", "--work-dir", "--out-dir", "--fine-iterations", "SLURM", "manifest"):
+        assert flag in out, flag
+
+
+def test_study_refuses_a_bad_manifest_naming_it(tmp_path, capsys):
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text("patient\tmoving\np01\tct.nii.gz\n")
+    code = cli.main(["study", str(manifest), "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")])
+    assert code == 2
+    assert f"{manifest}: manifest needs columns" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_refuses_more_threads_per_node_than_slots(cohort, tmp_path, capsys):
+    code = cli.main(["study", str(cohort.parent), "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"),
+                     "--plugin", "MultiProc", "--n-procs", "2", "--num-threads", "3"])
+    assert code == 2
+    assert "exceed --n-procs 2" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""Rigid or affine pre-alignment by global normalised cross-correlation.
+
+The deformable stages model smooth, moderate motion; images that differ by
+a large rotation, translation or scaling (subject -> template, scans of
+different sessions) are first brought together by a global transform, as
+ANTs does before SyN.
+
+Convention (the same as the displacement's): the result ``A`` is a
+``(4, 4)`` RAS-mm matrix mapping a fixed-image world point to the moving
+image's world point that should match it, ``aligned(x) = moving(A x)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import apply_affine, downsample, world_grid
+from .grid import sample as sample_volume
+from .similarity import ncc
+
+TRANSFORMS = ("rigid", "affine")
+#: How the search starts: centres of mass aligned (ANTs' "moments"; robust when both images show
+#: the same object on a dark background), grid centres aligned (images cropped around the same
+#: anatomy, e.g. across modalities), or the identity (headers already roughly right).
+STARTS = ("moments", "geometry", "identity")
+
+
+@dataclass(frozen=True)
+class AffineConfig:
+    """Settings of :func:`affine_register`.
+
+    ``shrink_factors`` are the pyramid levels (block sizes, coarse to fine)
+    and ``iterations`` the Adam steps at each; every step uses at most
+    ``max_points`` fixed-grid voxels drawn at random.  The learning rate
+    (per unit of rotation in radians, of linear distortion, and of
+    translation in image half-extents) decays along a cosine within each
+    level to a twentieth.  ``start`` is one of :data:`STARTS`; with no
+    iterations the result is that starting transform alone.
+    """
+
+    transform: str = "affine"
+    start: str = "moments"
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    iterations: tuple[int, ...] = (150, 100, 50)
+    learning_rate: float = 0.02
+    max_points: int = 32768
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+        if len(self.shrink_factors) != len(self.iterations) or not self.shrink_factors:
+            raise ValueError("give one iteration count per shrink factor")
+        if min(self.shrink_factors) < 1 or min(self.iterations) < 0 or self.learning_rate <= 0:
+            raise ValueError("shrink factors must be >= 1, iterations >= 0 and the learning rate > 0")
+
+
+def centre_of_mass(volume: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre (mm, RAS) of a non-negative volume."""
+    weights = volume.clamp(min=0).to(affine.dtype)
+    total = weights.sum()
+    if total <= 0:
+        raise ValueError("the image has no positive intensity: no centre of mass")
+    return (world_grid(volume.shape, affine) * weights[..., None]).sum(dim=(0, 1, 2)) / total
+
+
+def grid_centre(shape, affine: torch.Tensor) -> torch.Tensor:
+    """World position (mm, RAS) of a grid's central point."""
+    middle = (torch.tensor(shape, dtype=affine.dtype, device=affine.device) - 1) / 2
+    return apply_affine(affine, middle)
+
+
+def _rotation(axis_angle: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix of an axis-angle vector (its norm is the angle in radians)."""
+    x, y, z = axis_angle
+    zero = torch.zeros_like(x)
+    skew = torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]), torch.stack([-y, x, zero])])
+    return torch.linalg.matrix_exp(skew)
+
+
+def affine_register(
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    config: AffineConfig = AffineConfig(),
+    *,
+    fixed_mask: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Estimate the rigid or affine ``A`` with ``moving(A x) ~ fixed(x)``.
+
+    Parameters
+    ----------
+    moving, fixed : ``(X, Y, Z)`` volumes on their own grids, intensities
+        normalised to [0, 1] with background near 0 (the centres of mass
+        that start the search are intensity-weighted).
+    moving_affine, fixed_affine : their voxel -> world (mm, RAS) affines.
+    fixed_mask : optional ``(X, Y, Z)`` bool volume: only its voxels are compared.
+    seed : seed of the random voxel subsets.
+
+    Returns
+    -------
+    ``(4, 4)`` float64 matrix, RAS mm, fixed world -> moving world.
+
+    The transform is ``A x = c_m + s t + R(w) (I + B) (x - c_f)``; it starts
+    (``t = 0``, ``w = 0``, ``B = 0``) by mapping the fixed centre ``c_f`` to
+    the moving centre ``c_m``: centres of mass, grid centres, or one point
+    (the identity), as ``config.start`` says.  ``s`` is the fixed image's
+    mean half-extent, so that one learning rate suits rotation, distortion
+    and translation.  ``B`` (the nine linear parameters beyond rotation)
+    stays zero for ``"rigid"``.
+    """
+    dtype, device = fixed_affine.dtype, fixed_affine.device
+    if config.start == "moments":
+        centre_fixed, centre_moving = centre_of_mass(fixed, fixed_affine), centre_of_mass(moving, moving_affine)
+    elif config.start == "geometry":
+        centre_fixed, centre_moving = grid_centre(fixed.shape, fixed_affine), grid_centre(moving.shape, moving_affine)
+    else:
+        centre_fixed = centre_moving = grid_centre(fixed.shape, fixed_affine)
+    corners = world_grid(fixed.shape, fixed_affine).reshape(-1, 3)
+    scale = ((corners.max(dim=0).values - corners.min(dim=0).values) / 2).mean().clamp(min=1.0)
+
+    rotation = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
+    translation = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
+    linear = torch.zeros(3, 3, dtype=dtype, device=device, requires_grad=config.transform == "affine")
+    parameters = [rotation, translation] + ([linear] if config.transform == "affine" else [])
+    identity = torch.eye(3, dtype=dtype, device=device)
+
+    def matrix() -> torch.Tensor:
+        m = _rotation(rotation) @ (identity + linear)
+        out = torch.eye(4, dtype=dtype, device=device)
+        out[:3, :3] = m
+        out[:3, 3] = centre_moving + scale * translation - m @ centre_fixed
+        return out
+
+    generator = torch.Generator().manual_seed(seed)
+    for factor, iterations in zip(config.shrink_factors, config.iterations):
+        level_fixed, level_affine = downsample(fixed, fixed_affine, (factor,) * 3)
+        level_moving, level_moving_affine = downsample(moving, moving_affine, (factor,) * 3)
+        points = world_grid(level_fixed.shape, level_affine)
+        values = level_fixed
+        if fixed_mask is not None:
+            inside = downsample(fixed_mask.to(fixed.dtype), fixed_affine, (factor,) * 3)[0] > 0.5
+            points, values = points[inside], values[inside]
+        points, values = points.reshape(-1, 3), values.reshape(-1)
+        if len(points) == 0:
+            raise ValueError("the fixed mask is empty: no voxel to compare")
+
+        optimiser = torch.optim.Adam(parameters, lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=max(iterations, 1), eta_min=config.learning_rate / 20
+        )
+        for _ in range(iterations):
+            if len(points) > config.max_points:
+                pick = torch.randperm(len(points), generator=generator)[: config.max_points].to(device)
+                batch_points, batch_values = points[pick], values[pick]
+            else:
+                batch_points, batch_values = points, values
+            optimiser.zero_grad(set_to_none=True)
+            # Zero padding: moving content that leaves the field of view stops
+            # matching instead of being replaced by stretched edge voxels.
+            warped = sample_volume(level_moving, level_moving_affine, apply_affine(matrix(), batch_points),
+                                   padding_mode="zeros")
+            loss = ncc(warped, batch_values.to(warped.dtype))
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    with torch.no_grad():
+        return matrix().to(torch.float64)

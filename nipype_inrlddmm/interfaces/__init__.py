@@ -1,0 +1,29 @@
+"""Nipype interfaces of INR-LDDMM.
+
+=============  ===============================================================
+AffineInit     rigid/affine pre-alignment (or an ITK/ANTs affine), by header
+CoarseINR      coarse stage on block-averaged images
+DistillINR     refit the coarse network at full resolution
+FineINR        fine stage; the final field, model and warped image
+ApplyWarp      carry an image or label map through a displacement field
+DiceEval       per-label Dice/HD95 and Jacobian statistics
+SelectPatient  one patient's files from a study manifest
+GatherDice     the study table (a JoinNode over patients)
+=============  ===============================================================
+
+Each is a :class:`~nipype.interfaces.base.SimpleInterface` over
+:mod:`nipype_inrlddmm.steps`; outputs are written into the node's working
+directory.  Every interface takes a hashed ``version`` input (the package
+version) so that upgrading the package invalidates Nipype's cache; the
+optimisation interfaces take ``num_threads`` (not hashed), which a Node
+reports as its ``n_procs``.
+"""
+
+from .affine import AffineInit
+from .evaluation import DiceEval
+from .registration import CoarseINR, DistillINR, FineINR
+from .study import GatherDice, SelectPatient
+from .warp import ApplyWarp
+
+__all__ = ["AffineInit", "ApplyWarp", "CoarseINR", "DiceEval", "DistillINR", "FineINR", "GatherDice",
+           "SelectPatient"]

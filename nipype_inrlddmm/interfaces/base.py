@@ -1,0 +1,144 @@
+"""Input specs shared by the interfaces, and the trait <-> engine-config mapping.
+
+Every default comes from :class:`nipype_inrlddmm.engine.RegistrationConfig`,
+so the interfaces, :func:`nipype_inrlddmm.register` and the CLI agree.
+"""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, isdefined, traits
+
+from .. import __version__, engine
+from ..engine.similarity import SIMILARITIES
+from ..engine.velocity import ACTIVATIONS, ENCODINGS
+
+DEFAULTS = engine.RegistrationConfig()
+_MODEL = DEFAULTS.model
+
+#: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
+IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "n_patches", "patch_size",
+                      "reg_weight")
+DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight")
+MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
+#: Traits of each optimisation interface that map onto the engine configuration.
+STAGE_TRAITS = {
+    "coarse": IMAGE_STAGE_FIELDS + MODEL_FIELDS + ("coarse_factor", "seed"),
+    "distill": DISTILL_FIELDS + ("field_stride", "seed"),
+    "fine": IMAGE_STAGE_FIELDS + ("field_stride", "seed"),
+}
+_TOP_LEVEL = ("coarse_factor", "field_stride", "seed")
+
+
+def stage_inputs(config: engine.RegistrationConfig, stage: str) -> dict:
+    """The interface inputs of ``stage`` ("coarse", "distill" or "fine") that reproduce ``config``."""
+    stage_config = getattr(config, stage)
+    inputs = {}
+    for name in STAGE_TRAITS[stage]:
+        if name in _TOP_LEVEL:
+            inputs[name] = getattr(config, name)
+        elif name in MODEL_FIELDS:
+            inputs[name] = getattr(config.model, name)
+        else:
+            inputs[name] = getattr(stage_config, name)
+    return inputs
+
+
+def stage_config(inputs, stage: str) -> engine.RegistrationConfig:
+    """The engine configuration that an interface's inputs describe (inverse of :func:`stage_inputs`)."""
+    options = {}
+    for name in STAGE_TRAITS[stage]:
+        value = getattr(inputs, name)
+        if name in _TOP_LEVEL or name in MODEL_FIELDS:
+            options[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        else:
+            options[f"{stage}_{name}"] = value
+    return engine.config_from_options(**options)
+
+
+def optional(value):
+    """A trait value, or None when it is undefined (what the file-level steps expect)."""
+    return value if isdefined(value) else None
+
+
+def enum_values(default, choices) -> tuple:
+    """Enum values with the engine's default first (a traits Enum defaults to its first value)."""
+    return (default, *(c for c in choices if c != default))
+
+
+class VersionedInputSpec(BaseInterfaceInputSpec):
+    """Every interface hashes the package version: Nipype never hashes code."""
+
+    version = traits.Str(
+        __version__, usedefault=True,
+        desc="nipype_inrlddmm version; hashed, so upgrading the package invalidates cached results",
+    )
+
+
+class ComputeInputSpec(VersionedInputSpec):
+    """Settings of every interface that runs torch."""
+
+    seed = traits.Int(DEFAULTS.seed, usedefault=True,
+                      desc="random seed (network initialisation, sampled points); with the same "
+                      "num_threads the CPU result is bit-identical")
+    num_threads = traits.Range(
+        low=1, value=1, usedefault=True, nohash=True,
+        desc="torch CPU threads; a Node reports it as n_procs so MultiProc never runs more "
+        "threads than its n_procs (not hashed: it does not change the result's meaning)",
+    )
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True,
+                         desc="'auto' uses CUDA when present, else the CPU")
+
+
+class OptimisationInputSpec(ComputeInputSpec):
+    """Settings shared by the three INR stages."""
+
+    reg_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.reg_weight, usedefault=True,
+                              desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+    progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a tqdm progress bar on stderr")
+
+
+class DenseFieldInputSpec(BaseInterfaceInputSpec):
+    """Stages that integrate the dense field on the full fixed grid (distillation, fine)."""
+
+    field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
+                                desc="voxel stride at which the dense field is integrated before trilinear "
+                                "interpolation to every voxel")
+
+
+class ImageStageInputSpec(OptimisationInputSpec):
+    """Inputs of a stage that matches images (coarse and fine)."""
+
+    moving_image = traits.File(exists=True, mandatory=True,
+                               desc="moving image (NIfTI), any grid: it is sampled through its own affine")
+    fixed_image = traits.File(exists=True, mandatory=True,
+                              desc="fixed image (NIfTI); the displacement lives on its grid")
+    fixed_mask = traits.File(exists=True, mandatory=False,
+                             desc="mask on the fixed grid: patches are drawn inside it "
+                             "(body, lungs, CBCT field of view)")
+    similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
+                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc or mse")
+    lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
+                               desc="edge of the LNCC window, in voxels")
+    n_patches = traits.Range(low=1, value=DEFAULTS.coarse.n_patches, usedefault=True,
+                             desc="patches of the fixed grid drawn at each iteration")
+    patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
+                              desc="patch edge in voxels")
+
+
+class ModelInputSpec(BaseInterfaceInputSpec):
+    """The velocity-network architecture: chosen by the coarse stage, then read from checkpoints."""
+
+    width = traits.Range(low=1, value=_MODEL.width, usedefault=True, desc="hidden units per layer of the MLP")
+    depth = traits.Range(low=1, value=_MODEL.depth, usedefault=True, desc="hidden layers of the MLP (the paper: 3)")
+    encoding = traits.Enum(*enum_values(_MODEL.encoding, ENCODINGS), usedefault=True,
+                           desc="input encoding: fourier (random Fourier features), siren or none")
+    n_frequencies = traits.Range(low=1, value=_MODEL.n_frequencies, usedefault=True,
+                                 desc="number of Fourier features (fourier encoding)")
+    sigma = traits.Range(low=0.0, exclude_low=True, value=_MODEL.sigma, usedefault=True,
+                         desc="std of the Fourier frequencies, in cycles per image half-extent")
+    omega0 = traits.Range(low=0.0, exclude_low=True, value=_MODEL.omega0, usedefault=True,
+                          desc="frequency scale of the sine layers (siren encoding)")
+    activation = traits.Enum(*enum_values(_MODEL.activation, ACTIVATIONS), usedefault=True,
+                             desc="hidden activation (fourier and none encodings)")
+    n_steps = traits.Range(low=1, value=_MODEL.n_steps, usedefault=True,
+                           desc="Euler steps of the flow over t in [0, 1]")

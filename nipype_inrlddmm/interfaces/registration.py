@@ -1,0 +1,191 @@
+"""The three INR-LDDMM optimisation stages as Nipype interfaces.
+
+``CoarseINR`` -> ``DistillINR`` -> ``FineINR`` is Algorithm 2 of the paper,
+one node per stage so that Nipype caches each: changing a fine-stage
+setting reruns the fine stage only.  Each interface is a thin wrapper over
+:mod:`nipype_inrlddmm.steps`.
+"""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
+
+from .. import steps
+from .base import (
+    DEFAULTS,
+    DenseFieldInputSpec,
+    ImageStageInputSpec,
+    ModelInputSpec,
+    OptimisationInputSpec,
+    optional,
+    stage_config,
+)
+
+
+class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
+    iterations = traits.Range(low=0, value=DEFAULTS.coarse.iterations, usedefault=True,
+                              desc="Adam iterations of the coarse stage")
+    learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.learning_rate, usedefault=True,
+                                 desc="Adam learning rate at the start (cosine decay to a tenth)")
+    coarse_factor = traits.Either(
+        traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
+        default=DEFAULTS.coarse_factor, usedefault=True,
+        desc="block size (one for all axes, or three) by which both images are averaged",
+    )
+
+
+class _CoarseINROutputSpec(TraitedSpec):
+    model = traits.File(exists=True, desc="velocity network checkpoint (.pt), normalised to the full fixed grid")
+    displacement = traits.File(exists=True, desc="displacement on the coarse fixed grid (ITK/ANTs field, LPS mm)")
+    log = traits.File(exists=True, desc="CSV: iteration, loss, similarity, regularisation, seconds")
+
+
+class CoarseINR(SimpleInterface):
+    """Coarse stage: fit a fresh velocity network on block-averaged images.
+
+    Both images are block-averaged by ``coarse_factor``; the network is
+    normalised to the full fixed grid so :class:`DistillINR` can continue it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from nipype_inrlddmm.phantom import write_cohort
+    >>> from nipype_inrlddmm.interfaces import CoarseINR
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
+    >>> coarse = CoarseINR(moving_image=str(data / "ct.nii.gz"), fixed_image=str(data / "cbct.nii.gz"),
+    ...                    fixed_mask=str(data / "cbct_fov.nii.gz"), iterations=5, seed=1)
+    >>> result = coarse.run(cwd=tmp.name)
+    >>> sorted(Path(path).name for path in result.outputs.get().values())
+    ['coarse_displacement.nii.gz', 'coarse_log.csv', 'coarse_model.pt']
+    >>> tmp.cleanup()
+    """
+
+    input_spec = _CoarseINRInputSpec
+    output_spec = _CoarseINROutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        with steps.torch_threads(inputs.num_threads):
+            outputs = steps.run_coarse(
+                inputs.moving_image, inputs.fixed_image, runtime.cwd, stage_config(inputs, "coarse"),
+                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=inputs.progress,
+            )
+        self._results.update({name: str(path) for name, path in outputs.items()})
+        return runtime
+
+
+class _DistillINRInputSpec(OptimisationInputSpec, DenseFieldInputSpec):
+    coarse_model = traits.File(exists=True, mandatory=True, desc="checkpoint written by CoarseINR")
+    coarse_displacement = traits.File(exists=True, mandatory=True,
+                                      desc="displacement written by CoarseINR (coarse grid)")
+    fixed_image = traits.File(exists=True, mandatory=True,
+                              desc="the fixed image of the coarse stage: its full grid is fitted")
+    iterations = traits.Range(low=0, value=DEFAULTS.distill.iterations, usedefault=True,
+                              desc="Adam iterations of the distillation")
+    learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.distill.learning_rate, usedefault=True,
+                                 desc="Adam learning rate at the start (cosine decay to a tenth)")
+    batch_points = traits.Range(low=1, value=DEFAULTS.distill.batch_points, usedefault=True,
+                                desc="random fixed-grid voxels per iteration")
+
+
+class _DistillINROutputSpec(TraitedSpec):
+    model = traits.File(exists=True, desc="checkpoint fitted to the upsampled coarse field")
+    log = traits.File(exists=True, desc="CSV: iteration, loss, field_error (mm^2), regularisation, seconds")
+
+
+class DistillINR(SimpleInterface):
+    """Distillation: refit the coarse network at full resolution to its upsampled field.
+
+    INR weights cannot simply be upsampled; this stage trains the coarse
+    network (its architecture comes from the checkpoint) on random voxels of
+    the full fixed grid to reproduce the trilinearly upsampled coarse field.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from nipype_inrlddmm.phantom import write_cohort
+    >>> from nipype_inrlddmm.interfaces import CoarseINR, DistillINR
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
+    >>> fixed = str(data / "cbct.nii.gz")
+    >>> coarse = CoarseINR(moving_image=str(data / "ct.nii.gz"), fixed_image=fixed, iterations=5).run(
+    ...     cwd=tmp.name).outputs
+    >>> distill = DistillINR(coarse_model=coarse.model, coarse_displacement=coarse.displacement,
+    ...                      fixed_image=fixed, iterations=5)
+    >>> Path(distill.run(cwd=tmp.name).outputs.model).name
+    'distilled_model.pt'
+    >>> tmp.cleanup()
+    """
+
+    input_spec = _DistillINRInputSpec
+    output_spec = _DistillINROutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        with steps.torch_threads(inputs.num_threads):
+            outputs = steps.run_distill(
+                inputs.coarse_model, inputs.coarse_displacement, inputs.fixed_image, runtime.cwd,
+                stage_config(inputs, "distill"), device=inputs.device, progress=inputs.progress,
+            )
+        self._results.update({name: str(path) for name, path in outputs.items()})
+        return runtime
+
+
+class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
+    init_model = traits.File(exists=True, mandatory=True,
+                             desc="checkpoint to start from (DistillINR's), fitted on the fixed image's grid")
+    iterations = traits.Range(low=0, value=DEFAULTS.fine.iterations, usedefault=True,
+                              desc="Adam iterations of the fine stage")
+    learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
+                                 desc="Adam learning rate at the start (cosine decay to a tenth)")
+
+
+class _FineINROutputSpec(TraitedSpec):
+    model = traits.File(exists=True, desc="final velocity network checkpoint")
+    displacement = traits.File(
+        exists=True, desc="displacement on the fixed grid: ITK/ANTs field (LPS mm, (X, Y, Z, 1, 3)), "
+        "warped(x) = moving(x + d(x)), read by antsApplyTransforms and nitransforms")
+    warped_image = traits.File(exists=True, desc="moving image resampled onto the fixed grid (linear)")
+    log = traits.File(exists=True, desc="CSV: iteration, loss, similarity, regularisation, seconds")
+
+
+class FineINR(SimpleInterface):
+    """Fine stage: continue a network on the full-resolution images; write the final field.
+
+    When the moving image went through :class:`AffineInit`, the displacement
+    maps the fixed grid into the *pre-aligned* moving image; to carry an
+    original moving-space image yourself, compose it with the affine:
+    ``antsApplyTransforms -i moving -r fixed -t displacement.nii.gz -t affine.txt``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from nipype_inrlddmm.phantom import write_cohort
+    >>> from nipype_inrlddmm.interfaces import CoarseINR, FineINR
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
+    >>> moving, fixed = str(data / "ct.nii.gz"), str(data / "cbct.nii.gz")
+    >>> coarse = CoarseINR(moving_image=moving, fixed_image=fixed, iterations=5).run(cwd=tmp.name).outputs
+    >>> fine = FineINR(moving_image=moving, fixed_image=fixed, init_model=coarse.model, iterations=5)
+    >>> outputs = fine.run(cwd=tmp.name).outputs
+    >>> Path(outputs.displacement).name, Path(outputs.warped_image).name
+    ('displacement.nii.gz', 'warped.nii.gz')
+    >>> tmp.cleanup()
+    """
+
+    input_spec = _FineINRInputSpec
+    output_spec = _FineINROutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        with steps.torch_threads(inputs.num_threads):
+            outputs = steps.run_fine(
+                inputs.moving_image, inputs.fixed_image, inputs.init_model, runtime.cwd, stage_config(inputs, "fine"),
+                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=inputs.progress,
+            )
+        self._results.update({name: str(path) for name, path in outputs.items()})
+        return runtime

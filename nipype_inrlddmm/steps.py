@@ -1,0 +1,264 @@
+"""File-level registration steps: what each Nipype interface runs.
+
+Every function reads and validates its input files (failing with
+:class:`~nipype_inrlddmm.io.InputError`, which names the file, before any
+optimisation starts), runs one engine stage, and writes its outputs
+atomically into ``out_dir`` under fixed names, returning their paths.  The
+interfaces in :mod:`nipype_inrlddmm.interfaces` only translate traits to
+these calls, so the same science runs with or without Nipype.
+
+Chaining :func:`run_coarse`, :func:`run_distill` and :func:`run_fine` with
+the same configuration gives the same field as :func:`nipype_inrlddmm.register`
+(same seed, same thread count): every intermediate is stored exactly
+(float32 fields, full checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from . import engine, io
+from .api import _tensor
+from .engine.affine import AffineConfig, affine_register
+
+#: File names of each step's outputs (the study's DataSink keeps them in out_dir/<patient>/).
+COARSE_OUTPUTS = {"model": "coarse_model.pt", "displacement": "coarse_displacement.nii.gz", "log": "coarse_log.csv"}
+DISTILL_OUTPUTS = {"model": "distilled_model.pt", "log": "distill_log.csv"}
+FINE_OUTPUTS = {"model": "model.pt", "displacement": "displacement.nii.gz", "warped_image": "warped.nii.gz",
+                "log": "fine_log.csv"}
+AFFINE_OUTPUTS = {"aligned_image": "moving_aligned.nii.gz", "aligned_labels": "moving_labels_aligned.nii.gz",
+                  "transform": "affine.txt"}
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None):
+    """Run a block with ``n_threads`` torch CPU threads, then restore the previous count.
+
+    Nipype's Linear plugin runs every node in the caller's process; restoring
+    keeps one node's setting from leaking into the next or into the caller.
+    """
+    previous = torch.get_num_threads()
+    if n_threads:
+        torch.set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Pair:
+    """A validated moving/fixed pair (float32 data, float64 affines); ``fixed_mask`` is bool or None."""
+
+    moving: np.ndarray
+    moving_affine: np.ndarray
+    fixed: np.ndarray
+    fixed_affine: np.ndarray
+    fixed_mask: np.ndarray | None = None
+
+
+def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None) -> Pair:
+    """Read and validate a pair and, when given, its label maps and fixed mask.
+
+    Label maps must lie on their image's grid and the mask on the fixed grid;
+    any problem raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
+    """
+    moving_data, moving_affine = io.load_image(moving)
+    fixed_data, fixed_affine = io.load_image(fixed)
+    if moving_labels:
+        io.load_labels(moving_labels, reference=(moving, moving_data, moving_affine))
+    if fixed_labels:
+        io.load_labels(fixed_labels, reference=(fixed, fixed_data, fixed_affine))
+    mask = None
+    if fixed_mask:
+        mask_data, _ = io.load_volume(fixed_mask, what="mask")
+        if mask_data.shape != fixed_data.shape:
+            raise io.InputError(fixed_mask, f"mask shape {mask_data.shape} differs from the fixed image")
+        mask = mask_data > 0
+        if not mask.any():
+            raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
+    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask)
+
+
+def _tensors(pair: Pair, device: torch.device):
+    mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
+    arrays = (pair.moving, pair.moving_affine, pair.fixed, pair.fixed_affine)
+    return (*(_tensor(a, device) for a in arrays), mask)
+
+
+def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
+               device="auto", progress=False) -> dict[str, Path]:
+    """Coarse stage: fit a fresh velocity network on block-averaged images.
+
+    Writes the model (normalised to the fixed image's full grid, so the
+    distillation can continue it), the displacement on the coarse fixed grid
+    (ITK/ANTs field) and the log; keys as :data:`COARSE_OUTPUTS`.
+    """
+    pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
+    device = engine.resolve_device(device)
+    moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
+    result = engine.coarse_stage(
+        engine.normalise_intensity(moving_t), moving_affine, engine.normalise_intensity(fixed_t), fixed_affine,
+        config, fixed_mask=mask, progress=progress,
+    )
+    out = Path(out_dir)
+    return {
+        "model": io.save_checkpoint(out / COARSE_OUTPUTS["model"], result.velocity, shape=pair.fixed.shape,
+                                    affine=pair.fixed_affine),
+        "displacement": io.save_displacement(out / COARSE_OUTPUTS["displacement"], result.displacement.cpu().numpy(),
+                                             result.affine.cpu().numpy()),
+        "log": io.write_csv(out / COARSE_OUTPUTS["log"], result.log),
+    }
+
+
+def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engine.RegistrationConfig, *,
+                device="auto", progress=False) -> dict[str, Path]:
+    """Distillation: refit the coarse network at full resolution to its upsampled field.
+
+    The architecture comes from the coarse checkpoint (``config.model`` is
+    ignored); the checkpoint must have been fitted on ``fixed``'s grid.
+    Keys as :data:`DISTILL_OUTPUTS`.
+    """
+    fixed_data, fixed_affine = io.load_volume(fixed, what="fixed image")
+    velocity = io.load_checkpoint(coarse_model, shape=fixed_data.shape, affine=fixed_affine)
+    field, field_affine = io.load_displacement(coarse_displacement)
+    device = engine.resolve_device(device)
+    coarse = engine.StageResult(velocity.to(device), _tensor(field, device), _tensor(field_affine, device), log=[])
+    result = engine.distill_stage(coarse, fixed_data.shape, _tensor(fixed_affine, device),
+                                  replace(config, model=velocity.config), progress=progress)
+    out = Path(out_dir)
+    return {
+        "model": io.save_checkpoint(out / DISTILL_OUTPUTS["model"], result.velocity, shape=fixed_data.shape,
+                                    affine=fixed_affine),
+        "log": io.write_csv(out / DISTILL_OUTPUTS["log"], result.log),
+    }
+
+
+def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
+             device="auto", progress=False) -> dict[str, Path]:
+    """Fine stage at full resolution from ``init_model``, then warp the moving image.
+
+    The architecture comes from ``init_model`` (``config.model`` is ignored).
+    Writes the model, the displacement on the fixed grid (ITK/ANTs field),
+    the warped moving image and the log; keys as :data:`FINE_OUTPUTS`.
+    """
+    pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
+    velocity = io.load_checkpoint(init_model, shape=pair.fixed.shape, affine=pair.fixed_affine)
+    device = engine.resolve_device(device)
+    moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
+    result = engine.fine_stage(
+        velocity.to(device), engine.normalise_intensity(moving_t), moving_affine,
+        engine.normalise_intensity(fixed_t), fixed_affine, replace(config, model=velocity.config),
+        fixed_mask=mask, progress=progress,
+    )
+    warped = engine.warp(moving_t, moving_affine, result.displacement, fixed_affine)
+    out = Path(out_dir)
+    return {
+        "model": io.save_checkpoint(out / FINE_OUTPUTS["model"], result.velocity, shape=pair.fixed.shape,
+                                    affine=pair.fixed_affine),
+        "displacement": io.save_displacement(out / FINE_OUTPUTS["displacement"], result.displacement.cpu().numpy(),
+                                             pair.fixed_affine),
+        "warped_image": io.save_image(out / FINE_OUTPUTS["warped_image"], warped.cpu().numpy(), pair.fixed_affine),
+        "log": io.write_csv(out / FINE_OUTPUTS["log"], result.log),
+    }
+
+
+def apply_warp(in_file, displacement, reference, out_file, *, interpolation="linear") -> Path:
+    """Resample a moving-space image onto the reference grid through a displacement field.
+
+    ``out(x) = in_file(x + d(x))``.  ``interpolation`` is ``"linear"``
+    (images, float32 out) or ``"nearest"``/``"label"`` (label maps, int32
+    out; ``"label"`` blends each label's indicator, as ANTs' GenericLabel).
+    The displacement must lie on the reference grid.
+    """
+    if interpolation not in ("linear", "nearest", "label"):
+        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    data, affine = io.load_volume(in_file, what="image to warp")
+    field, field_affine = io.load_displacement(displacement)
+    try:
+        ref = nib.load(str(reference))
+        ref_shape, ref_affine = ref.shape[:3], ref.affine
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise io.InputError(reference, f"cannot read the reference image ({type(error).__name__}: {error})") from error
+    if tuple(field.shape[:3]) != tuple(ref_shape) or not np.allclose(field_affine, ref_affine, atol=1e-4):
+        raise io.InputError(displacement, f"the displacement is not on the grid of the reference {reference}")
+    if interpolation != "linear" and not np.array_equal(data, np.round(data)):
+        raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
+    out = engine.warp(_tensor(data), _tensor(affine), _tensor(field), _tensor(field_affine),
+                      interpolation=interpolation).numpy()
+    return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
+
+
+def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, transform_file=None,
+                config: AffineConfig = AffineConfig(), seed=0, device="auto") -> dict[str, Path]:
+    """Pre-align the moving image by rewriting its header, never its voxels.
+
+    The affine ``A`` (fixed world -> moving world, RAS mm) is estimated by
+    :func:`~nipype_inrlddmm.engine.affine.affine_register`, or read from
+    ``transform_file`` (ITK ``.txt``/ANTs ``.mat``) instead.  The moving
+    image (and its labels) are written with the voxel -> world matrix
+    ``inv(A) @ moving_affine``: in that header the moving image lies on the
+    fixed image in world space, so the deformable stages start aligned, and
+    no resampling blurs it.  ``A`` is also written as an ITK text transform.
+    Keys as :data:`AFFINE_OUTPUTS` (``aligned_labels`` only when given).
+    """
+    pair = load_pair(moving, fixed, moving_labels=moving_labels, fixed_mask=fixed_mask)
+    if transform_file:
+        matrix = io.load_itk_affine(transform_file)
+    else:
+        device = engine.resolve_device(device)
+        moving_t, fixed_t = (engine.normalise_intensity(_tensor(a, device)) for a in (pair.moving, pair.fixed))
+        # float64 geometry: the transform is what this step returns, keep it exact.
+        moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
+        mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
+        matrix = affine_register(moving_t, moving_affine, fixed_t, fixed_affine, config,
+                                 fixed_mask=mask, seed=seed).cpu().numpy()
+    aligned = np.linalg.inv(matrix) @ pair.moving_affine
+    out = Path(out_dir)
+    outputs = {
+        "aligned_image": io.save_image(out / AFFINE_OUTPUTS["aligned_image"], pair.moving, aligned),
+        "transform": io.save_itk_affine(out / AFFINE_OUTPUTS["transform"], matrix),
+    }
+    if moving_labels:
+        labels, _ = io.load_labels(moving_labels)
+        outputs["aligned_labels"] = io.save_image(out / AFFINE_OUTPUTS["aligned_labels"], labels, aligned)
+    return outputs
+
+
+# --- study tables -------------------------------------------------------------
+
+def study_row(patient: str, dice_csv, dice_json) -> dict:
+    """One study-table row: per-label Dice columns (named), mean Dice and HD95, folding."""
+    summary = json.loads(Path(dice_json).read_text())
+    with open(dice_csv, newline="") as handle:
+        labels = list(csv.DictReader(handle))
+    row = {"patient": patient, "status": "ok"}
+    row.update({label["name"]: round(float(label["dice"]), 4) for label in labels})
+    hd95 = [float(label["hd95_mm"]) for label in labels if not label["missing"]]
+    row["mean_dice"] = round(summary["mean_dice"], 4)
+    row["mean_hd95_mm"] = round(float(np.mean(hd95)), 3) if hd95 else float("nan")
+    for key in ("jacobian_min", "jacobian_nonpositive_percent", "sdlogj"):
+        if key in summary:
+            row[key] = round(summary[key], 4)
+    row["error"] = ""
+    return row
+
+
+def failed_row(patient: str, reason: str) -> dict:
+    """A study-table row for a patient whose registration did not finish."""
+    return {"patient": patient, "status": "failed", "error": reason}
+
+
+def write_study_table(path, rows: list[dict]) -> Path:
+    """Write the study table, in row order, with the columns of a successful row first."""
+    template = next((row for row in rows if row["status"] == "ok"), rows[0])
+    columns = list(dict.fromkeys([*template, *(key for row in rows for key in row)]))
+    return io.write_csv(path, [{key: row.get(key, "") for key in columns} for row in rows])

@@ -1,0 +1,377 @@
+"""Nipype workflows: one registration, and a study of many patients.
+
+* :func:`init_registration_wf`: inputnode -> [AffineInit] -> CoarseINR ->
+  DistillINR -> FineINR -> ApplyWarp (labels) -> DiceEval -> outputnode.
+* :func:`init_study_wf`: that registration once per manifest row (iterables
+  on the patient id), a JoinNode writing ``study_dice.csv``, and DataSinks
+  into ``out_dir/<patient>/``; :func:`run_study` runs it and writes the
+  table even when some patients fail.
+
+Caching rests on Nipype's own hashing, with these choices:
+
+* files are hashed by ``timestamp`` (path, size, mtime; Nipype's default,
+  pinned here): cheap on large fields, and every stage rewrites its outputs
+  atomically, so a rerun stage always invalidates what follows it.
+  Touching an input file (even with identical content) reruns its chain.
+* every interface hashes the package ``version``: Nipype never hashes
+  code, so upgrading the package reruns everything;
+* ``num_threads`` and ``progress`` are not hashed, so a study can be
+  resumed with another plugin or thread count; note that on the CPU the
+  last bits of a result depend on the thread count (bit-identical results
+  need equal ``num_threads``);
+* ``remove_unnecessary_outputs`` is off, so connecting another output
+  later does not change the upstream nodes' hashes (Nipype adds the list of
+  used outputs to the hash when it is on).
+
+A failed node leaves a crash file (text) in ``<work_dir>/crash``; with
+``stop_on_first_crash`` off (the default) the other patients go on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+from nipype import JoinNode, Node, Workflow
+from nipype.interfaces.io import DataSink
+from nipype.interfaces.utility import IdentityInterface
+
+from . import engine, io, steps
+from .interfaces import AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, SelectPatient
+from .interfaces.base import stage_inputs
+from .interfaces.study import PATIENT_FILES
+
+#: Peak resident memory per node as (GB at any size, bytes per voxel of the larger image), measured
+#: on phantom pairs of 64x56x24 and 160x140x60 voxels and rounded up.  The coarse and fine stages
+#: are dominated by the training batch (patches x Euler steps x network activations).
+_MEMORY = {
+    "affine": (0.4, 200), "coarse": (0.9, 100), "distill": (0.6, 60), "fine": (0.9, 100),
+    "warp_labels": (0.3, 200), "dice": (0.3, 300),
+}
+#: Voxels assumed when the image size is not known when the workflow is built.
+_DEFAULT_VOXELS = 128**3
+
+#: Execution settings of both workflows (see the module docstring).
+EXECUTION = {
+    "hash_method": "timestamp",
+    "remove_unnecessary_outputs": False,
+    "stop_on_first_crash": False,
+    "crashfile_format": "txt",
+    # Nipype's default 2 s between scheduler polls dominates small studies.
+    "poll_sleep_duration": 0.05,
+}
+
+#: Plugin arguments added by :func:`run_study` unless given.  MultiProc's default ``fork`` start
+#: method hangs once the parent has run torch; forkserver does not.
+PLUGIN_DEFAULTS = {"MultiProc": {"mp_context": "forkserver"}}
+
+#: Outputs copied into ``out_dir/<patient>/`` (registration outputnode field -> kept file name).
+SINK_FIELDS = ("warped_image", "displacement", "model", "warped_labels", "dice_csv", "dice_json", "coarse_log",
+               "distill_log", "fine_log", "affine_transform")
+
+
+def estimate_mem_gb(stage: str, voxels: int | None) -> float:
+    """Nipype ``mem_gb`` of a stage's node for images of ``voxels`` voxels (the larger of the pair)."""
+    base_gb, per_voxel = _MEMORY[stage]
+    return round(base_gb + (voxels or _DEFAULT_VOXELS) * per_voxel / 1e9, 2)
+
+
+def _affine_kind(affine) -> str | None:
+    if affine in (False, None):
+        return None
+    if affine is True:
+        return "affine"
+    if affine in ("rigid", "affine"):
+        return affine
+    raise ValueError(f"affine must be False, True, 'rigid' or 'affine', got {affine!r}")
+
+
+def init_registration_wf(
+    *,
+    name: str = "inrlddmm_wf",
+    num_threads: int = 1,
+    affine=False,
+    affine_options: dict | None = None,
+    evaluate: bool = True,
+    device: str = "auto",
+    image_voxels: int | None = None,
+    progress: bool = False,
+    **options,
+) -> Workflow:
+    """Coarse-to-fine INR-LDDMM of one pair, with label propagation and Dice.
+
+    Parameters
+    ----------
+    name : workflow name.
+    num_threads : torch threads of every optimisation node, declared to
+        Nipype as its ``n_procs`` (MultiProc never runs more threads than its
+        own ``n_procs``).
+    affine : ``False``; ``True`` or ``"affine"``, or ``"rigid"``: pre-align
+        with :class:`~nipype_inrlddmm.interfaces.AffineInit` (then the
+        inputnode also has ``affine_transform``: an ITK/ANTs affine to use
+        instead of estimating one).
+    affine_options : inputs of ``AffineInit`` (``start``, ``iterations``,
+        ``shrink_factors``, ...).
+    evaluate : warp the moving labels and compute Dice (needs both label maps).
+    device : ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    image_voxels : voxel count of the larger image, for the nodes' ``mem_gb``
+        (default: a 128^3 image).
+    progress : progress bars of the optimisation stages.
+    **options : registration settings, as
+        :func:`nipype_inrlddmm.engine.config_from_options` (``seed``,
+        ``fine_iterations``, ``width``, ``similarity``, ``reg_weight``, ...),
+        validated here.
+
+    Inputs (``inputnode``): ``moving_image``, ``fixed_image``,
+    ``moving_labels``, ``fixed_labels``, ``fixed_mask`` (optional: where
+    patches are drawn and Dice is evaluated), ``label_names`` (optional).
+
+    Outputs (``outputnode``): ``coarse_model``, ``coarse_displacement``,
+    ``distilled_model``, ``model``, ``displacement`` (ITK/ANTs field on the
+    fixed grid), ``warped_image``, the three stage logs, and with
+    ``evaluate`` ``warped_labels``, ``dice_csv``, ``dice_json``,
+    ``mean_dice``; with ``affine`` ``aligned_image`` and ``affine_transform``.
+
+    Examples
+    --------
+    >>> from nipype_inrlddmm.workflows import init_registration_wf
+    >>> wf = init_registration_wf(fine_iterations=100, num_threads=2)
+    >>> sorted(wf.list_node_names())
+    ['coarse', 'dice', 'distill', 'fine', 'inputnode', 'outputnode', 'warp_labels']
+    >>> wf.get_node("fine").inputs.iterations, wf.get_node("fine").n_procs
+    (100, 2)
+    """
+    config = engine.config_from_options(**options)
+    affine_kind = _affine_kind(affine)
+    common = {"device": device, "num_threads": num_threads}
+
+    def node(interface, stage, threads=True):
+        return Node(interface, name=stage, mem_gb=estimate_mem_gb(stage, image_voxels),
+                    n_procs=num_threads if threads else 1)
+
+    workflow = Workflow(name=name)
+    workflow.config["execution"] = dict(EXECUTION)
+    fields = ["moving_image", "fixed_image", "moving_labels", "fixed_labels", "fixed_mask", "label_names"]
+    outputs = ["coarse_model", "coarse_displacement", "coarse_log", "distilled_model", "distill_log", "model",
+               "displacement", "warped_image", "fine_log"]
+    if evaluate:
+        outputs += ["warped_labels", "dice_csv", "dice_json", "mean_dice"]
+    if affine_kind:
+        fields.append("affine_transform")
+        outputs += ["aligned_image", "affine_transform"]
+    inputnode = Node(IdentityInterface(fields=fields), name="inputnode")
+    outputnode = Node(IdentityInterface(fields=outputs), name="outputnode")
+
+    coarse = node(CoarseINR(**stage_inputs(config, "coarse"), progress=progress, **common), "coarse")
+    distill = node(DistillINR(**stage_inputs(config, "distill"), progress=progress, **common), "distill")
+    fine = node(FineINR(**stage_inputs(config, "fine"), progress=progress, **common), "fine")
+
+    moving, moving_labels = (inputnode, "moving_image"), (inputnode, "moving_labels")
+    if affine_kind:
+        align = node(AffineInit(transform=affine_kind, seed=config.seed, **common, **(affine_options or {})),
+                     "affine")
+        workflow.connect([
+            (inputnode, align, [("moving_image", "moving_image"), ("fixed_image", "fixed_image"),
+                                ("fixed_mask", "fixed_mask"), ("affine_transform", "in_transform")]),
+            (align, outputnode, [("aligned_image", "aligned_image"), ("transform", "affine_transform")]),
+        ])
+        if evaluate:
+            workflow.connect(inputnode, "moving_labels", align, "moving_labels")
+        moving, moving_labels = (align, "aligned_image"), (align, "aligned_labels")
+
+    workflow.connect([
+        (moving[0], coarse, [(moving[1], "moving_image")]),
+        (moving[0], fine, [(moving[1], "moving_image")]),
+        (inputnode, coarse, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask")]),
+        (coarse, distill, [("model", "coarse_model"), ("displacement", "coarse_displacement")]),
+        (inputnode, distill, [("fixed_image", "fixed_image")]),
+        (distill, fine, [("model", "init_model")]),
+        (inputnode, fine, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask")]),
+        (coarse, outputnode, [("model", "coarse_model"), ("displacement", "coarse_displacement"),
+                              ("log", "coarse_log")]),
+        (distill, outputnode, [("model", "distilled_model"), ("log", "distill_log")]),
+        (fine, outputnode, [("model", "model"), ("displacement", "displacement"),
+                            ("warped_image", "warped_image"), ("log", "fine_log")]),
+    ])
+    if evaluate:
+        warp_labels = node(ApplyWarp(interpolation="label", out_file="warped_labels.nii.gz"), "warp_labels",
+                           threads=False)
+        dice = node(DiceEval(), "dice", threads=False)
+        workflow.connect([
+            (moving_labels[0], warp_labels, [(moving_labels[1], "in_file")]),
+            (fine, warp_labels, [("displacement", "displacement")]),
+            (inputnode, warp_labels, [("fixed_image", "reference_image")]),
+            (warp_labels, dice, [("out_file", "warped_labels")]),
+            (fine, dice, [("displacement", "displacement")]),
+            (inputnode, dice, [("fixed_labels", "fixed_labels"), ("label_names", "label_names"),
+                               ("fixed_mask", "mask")]),
+            (warp_labels, outputnode, [("out_file", "warped_labels")]),
+            (dice, outputnode, [("out_csv", "dice_csv"), ("out_json", "dice_json"), ("mean_dice", "mean_dice")]),
+        ])
+    return workflow
+
+
+def _largest_image(rows: list[dict]) -> int | None:
+    """Voxel count of the largest readable image of a manifest (headers only)."""
+    sizes = []
+    for row in rows:
+        for column in ("moving", "fixed"):
+            try:
+                sizes.append(math.prod(nib.load(row[column]).shape[:3]))
+            except Exception:  # an unreadable file fails its own patient later, with a clear message
+                continue
+    return max(sizes, default=None)
+
+
+def init_study_wf(
+    *,
+    manifest,
+    out_dir,
+    work_dir=None,
+    name: str = "inrlddmm_study",
+    label_names=None,
+    num_threads: int = 1,
+    affine=False,
+    affine_options: dict | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    **options,
+) -> Workflow:
+    """A registration per manifest row, the Dice of each, and a study table.
+
+    Parameters
+    ----------
+    manifest : TSV/CSV with columns ``patient``, ``moving``, ``fixed``,
+        ``moving_labels``, ``fixed_labels`` and optionally ``fixed_mask``
+        (paths relative to the manifest); see :func:`nipype_inrlddmm.io.read_manifest`.
+    out_dir : results: ``out_dir/<patient>/`` (warped.nii.gz,
+        displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv,
+        dice.json, the stage logs, affine.txt with ``affine``) and
+        ``out_dir/study_dice.csv``.
+    work_dir : Nipype's working directory (the cache; crash files in
+        ``work_dir/crash``); None leaves ``base_dir`` unset.
+    label_names : JSON/TSV of label names for every patient (optional).
+    num_threads, affine, affine_options, device, progress, **options : as
+        :func:`init_registration_wf`.
+
+    Run it with :func:`run_study`, which also writes the table when some
+    patients failed (Nipype then skips the JoinNode).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from nipype_inrlddmm.phantom import write_cohort
+    >>> from nipype_inrlddmm.workflows import init_study_wf
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> manifest = write_cohort(Path(tmp.name) / "data", 2, shape=(24, 20, 12))
+    >>> wf = init_study_wf(manifest=manifest, out_dir=Path(tmp.name) / "out", work_dir=Path(tmp.name) / "work",
+    ...                    coarse_iterations=5, distill_iterations=5, fine_iterations=5)
+    >>> wf.get_node("patients").iterables
+    ('patient', ['p01', 'p02'])
+    >>> tmp.cleanup()
+    """
+    manifest = Path(manifest).resolve()
+    rows = io.read_manifest(manifest)
+    for row in rows:
+        missing = [column for column, required in PATIENT_FILES.items() if required and not row.get(column)]
+        if missing:
+            raise io.InputError(manifest, f"patient {row['patient']!r} lacks {missing}: a study needs both label maps")
+    out_dir = Path(out_dir).resolve()
+
+    workflow = Workflow(name=name, base_dir=str(Path(work_dir).resolve()) if work_dir else None)
+    workflow.config["execution"] = dict(EXECUTION)
+    if work_dir:
+        workflow.config["execution"]["crashdump_dir"] = str(Path(work_dir).resolve() / "crash")
+
+    patients = Node(IdentityInterface(fields=["patient"]), name="patients")
+    patients.iterables = ("patient", [row["patient"] for row in rows])
+    select = Node(SelectPatient(manifest=str(manifest)), name="select", run_without_submitting=True)
+    registration = init_registration_wf(
+        name="registration", num_threads=num_threads, affine=affine, affine_options=affine_options, device=device,
+        image_voxels=_largest_image(rows), progress=progress, **options,
+    )
+    if label_names:
+        registration.inputs.inputnode.label_names = str(Path(label_names).resolve())
+    gather = JoinNode(GatherDice(), joinsource="patients", joinfield=["patient", "dice_csv", "dice_json"],
+                      name="gather_dice", run_without_submitting=True)
+    # DataSinks always run (Nipype's default) but copy a file only when its content changed.
+    patient_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name="patient_sink",
+                        run_without_submitting=True)
+    study_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name="study_sink",
+                      run_without_submitting=True)
+
+    sink_fields = [f for f in SINK_FIELDS if f != "affine_transform" or _affine_kind(affine)]
+    workflow.connect([
+        (patients, select, [("patient", "patient")]),
+        (select, registration, [("moving_image", "inputnode.moving_image"), ("fixed_image", "inputnode.fixed_image"),
+                                ("moving_labels", "inputnode.moving_labels"),
+                                ("fixed_labels", "inputnode.fixed_labels"), ("fixed_mask", "inputnode.fixed_mask")]),
+        (patients, patient_sink, [("patient", "container")]),
+        (registration, patient_sink, [(f"outputnode.{field}", f"@{field}") for field in sink_fields]),
+        (patients, gather, [("patient", "patient")]),
+        (registration, gather, [("outputnode.dice_csv", "dice_csv"), ("outputnode.dice_json", "dice_json")]),
+        (gather, study_sink, [("study_table", "@study_table")]),
+    ])
+    return workflow
+
+
+def _patient_of(node) -> str | None:
+    """The patient id of an expanded node (its ``_patient_<id>`` parameterization)."""
+    for part in getattr(node, "parameterization", None) or []:
+        if part.startswith("_patient_"):
+            return part[len("_patient_"):]
+    return None
+
+
+def _failure_reason(node) -> str:
+    """``"<node>: <exception line>"`` from the failed node's result file."""
+    try:
+        traceback = node.result.runtime.traceback or ""
+        last = [line.strip() for line in traceback.splitlines() if line.strip()][-1]
+    except Exception:  # no result file (killed worker, ...): the crash file has the details
+        return f"{node.name} failed (see the crash file)"
+    return f"{node.name}: {last}"[:500]
+
+
+def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict | None = None) -> list[dict]:
+    """Run a workflow from :func:`init_study_wf` and return the study table's rows.
+
+    Patients whose registration raised are rows with ``status = "failed"``
+    and the exception in ``error``; the others finish (Nipype's
+    ``stop_on_first_crash`` is off).  With every patient done, the
+    JoinNode's ``study_dice.csv`` is already in the output folder; otherwise
+    (Nipype skips a JoinNode after an upstream failure) the table is written
+    here from the patients' own results.
+
+    ``plugin`` is a Nipype plugin (``Linear``, ``MultiProc``, ``SLURM``, ...);
+    :data:`PLUGIN_DEFAULTS` fills unset ``plugin_args``.  The SLURM plugin
+    needs the same venv path and a shared file system on the compute nodes.
+    """
+    patients = list(workflow.get_node("patients").iterables[1])
+    out_dir = Path(workflow.get_node("patient_sink").inputs.base_directory)
+    failed = {}
+
+    def record(node, status):
+        if status == "exception":
+            failed.setdefault(_patient_of(node), node)
+
+    arguments = {**PLUGIN_DEFAULTS.get(plugin, {}), **(plugin_args or {}), "status_callback": record}
+    try:
+        workflow.run(plugin=plugin, plugin_args=arguments)
+    except Exception:
+        if not failed:
+            raise  # not a node failure (a broken graph, a dead worker pool, ...)
+    if None in failed:
+        raise RuntimeError(f"study node {failed[None].fullname} failed: {_failure_reason(failed[None])}")
+
+    rows = []
+    for patient in patients:
+        if patient in failed:
+            rows.append(steps.failed_row(patient, _failure_reason(failed[patient])))
+        else:
+            rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
+    if failed:
+        steps.write_study_table(out_dir / "study_dice.csv", rows)
+    return rows

@@ -1,0 +1,195 @@
+"""Workflows: the registration graph, a 3-patient study, caching, resume after SIGKILL, failures.
+
+Which nodes ran is read from Nipype's own records (each node folder's
+``result_<node>.pklz`` and its mtime), never from timing.
+"""
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from nipype_inrlddmm.phantom import write_cohort
+from nipype_inrlddmm.workflows import estimate_mem_gb, init_registration_wf, init_study_wf, run_study
+
+FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10)
+FEW_FLAGS = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
+PATIENTS = ["p01", "p02", "p03"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("cohort"), 3, shape=(48, 40, 20))
+
+
+def _study(manifest, root, **options):
+    return init_study_wf(manifest=manifest, out_dir=root / "out", work_dir=root / "work",
+                         label_names=Path(manifest).parent / "labels.tsv", **{**FEW, **options})
+
+
+def _finished_nodes(work_dir, name="inrlddmm_study") -> dict[str, int]:
+    """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file.
+
+    A node counts as finished once Nipype has replaced its ``_0x<hash>_unfinished.json``
+    by ``_0x<hash>.json``.
+    """
+    root = Path(work_dir) / name
+    nodes = {}
+    for result in root.glob("**/result_*.pklz"):
+        if any(not h.name.endswith("_unfinished.json") for h in result.parent.glob("_0x*.json")):
+            nodes[str(result.parent.relative_to(root))] = result.stat().st_mtime_ns
+    return nodes
+
+
+def _rerun(before: dict, after: dict) -> set[str]:
+    """Nodes that executed between two snapshots."""
+    return {node for node, mtime in after.items() if before.get(node) != mtime}
+
+
+def _table(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "study_dice.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _is_sink(node: str) -> bool:
+    # DataSinks always run (Nipype's default) and copy only what changed: not a recomputation.
+    return node.endswith("_sink")
+
+
+@pytest.fixture(scope="module")
+def linear_study(cohort, tmp_path_factory):
+    root = tmp_path_factory.mktemp("linear")
+    rows = run_study(_study(cohort, root))
+    return root, rows
+
+
+def test_registration_wf_graph_and_settings():
+    wf = init_registration_wf(affine="rigid", num_threads=2, fine_iterations=33, reg_weight=1e-3,
+                              image_voxels=512 * 512 * 300)
+    assert set(wf.list_node_names()) == {"inputnode", "affine", "coarse", "distill", "fine", "warp_labels", "dice",
+                                         "outputnode"}
+    fine, coarse = wf.get_node("fine"), wf.get_node("coarse")
+    assert (fine.inputs.iterations, fine.inputs.reg_weight, coarse.inputs.reg_weight) == (33, 1e-3, 1e-3)
+    assert (fine.n_procs, fine.inputs.num_threads, wf.get_node("dice").n_procs) == (2, 2, 1)
+    assert fine.mem_gb == estimate_mem_gb("fine", 512 * 512 * 300) > estimate_mem_gb("fine", 48 * 40 * 20)
+    assert "affine_transform" in wf.get_node("inputnode").inputs.copyable_trait_names()
+    bare = init_registration_wf(evaluate=False)
+    assert set(bare.list_node_names()) == {"inputnode", "coarse", "distill", "fine", "outputnode"}
+    with pytest.raises(TypeError, match="unknown registration option 'fine_iteration'"):
+        init_registration_wf(fine_iteration=3)
+
+
+def test_registration_wf_with_affine_runs_end_to_end(cohort, tmp_path):
+    """The affine branch: aligned image and labels feed the stages, the warped labels and Dice."""
+    wf = init_registration_wf(affine="rigid", **FEW)
+    wf.base_dir = str(tmp_path)
+    folder = cohort.parent / "p01"
+    for field, name in (("moving_image", "ct"), ("fixed_image", "cbct"), ("moving_labels", "ct_labels"),
+                        ("fixed_labels", "cbct_labels"), ("fixed_mask", "cbct_fov")):
+        setattr(wf.inputs.inputnode, field, str(folder / f"{name}.nii.gz"))
+    wf.inputs.inputnode.label_names = str(cohort.parent / "labels.tsv")
+    wf.run()
+    dice = next(tmp_path.glob("*/dice/dice.csv"))
+    assert [row["name"] for row in csv.DictReader(open(dice))][0] == "body"
+    assert next(tmp_path.glob("*/affine/affine.txt")).is_file()
+    assert nib.load(next(tmp_path.glob("*/warp_labels/warped_labels.nii.gz"))).shape == (48, 40, 20)
+
+
+def test_study_writes_every_patient_and_the_table(linear_study):
+    root, rows = linear_study
+    assert [row["patient"] for row in rows] == PATIENTS and {row["status"] for row in rows} == {"ok"}
+    table = _table(root / "out")
+    assert [row["patient"] for row in table] == PATIENTS
+    assert {"body", "heart", "target", "mean_dice", "jacobian_nonpositive_percent", "error"} <= table[0].keys()
+    for patient in PATIENTS:
+        for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "warped_labels.nii.gz", "dice.csv",
+                     "dice.json", "coarse_log.csv", "distill_log.csv", "fine_log.csv"):
+            assert (root / "out" / patient / name).is_file(), (patient, name)
+
+
+def test_linear_and_multiproc_give_the_same_table(linear_study, cohort, tmp_path):
+    root, _ = linear_study
+    rows = run_study(_study(cohort, tmp_path), plugin="MultiProc", plugin_args={"n_procs": 2})
+    assert {row["status"] for row in rows} == {"ok"}
+    assert (tmp_path / "out" / "study_dice.csv").read_text() == (root / "out" / "study_dice.csv").read_text()
+
+
+def test_a_rerun_recomputes_nothing(linear_study, cohort):
+    root, _ = linear_study
+    run_study(_study(cohort, root))  # the reference state, whatever ran before
+    nodes = _finished_nodes(root / "work")
+    outputs = {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*") if path.is_file()}
+    run_study(_study(cohort, root))
+    rerun = _rerun(nodes, _finished_nodes(root / "work"))
+    assert len(nodes) == 3 * 7 + 2  # per patient: select, coarse, distill, fine, warp_labels, dice, sink
+    assert all(_is_sink(node) for node in rerun), rerun
+    assert {path: path.stat().st_mtime_ns for path in outputs} == outputs  # no output rewritten
+
+
+def test_a_fine_parameter_change_reruns_only_fine_and_what_follows(linear_study, cohort):
+    root, _ = linear_study
+    run_study(_study(cohort, root))
+    before = _finished_nodes(root / "work")
+    run_study(_study(cohort, root, fine_iterations=12))
+    rerun = {node for node in _rerun(before, _finished_nodes(root / "work")) if not _is_sink(node)}
+    expected = {f"registration/_patient_{p}/{stage}" for p in PATIENTS for stage in ("fine", "warp_labels", "dice")}
+    assert rerun == expected | {"gather_dice"}
+    log = root / "out" / "p01" / "fine_log.csv"
+    assert len(log.read_text().splitlines()) == 1 + 12
+
+
+def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_path):
+    command = [sys.executable, "-m", "nipype_inrlddmm.cli", "study", str(cohort), "--out-dir", str(tmp_path / "out"),
+               "--work-dir", str(tmp_path / "work"), *FEW_FLAGS]
+    first_coarse = "registration/_patient_p01/coarse"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while first_coarse not in _finished_nodes(tmp_path / "work"):
+            assert process.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline, "the first coarse stage never finished"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = _finished_nodes(tmp_path / "work")
+    assert not (tmp_path / "out" / "study_dice.csv").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [row["status"] for row in _table(tmp_path / "out")] == ["ok"] * 3
+    after = _finished_nodes(tmp_path / "work")
+    recomputed = {node for node in _rerun(finished, after) if node in finished and not _is_sink(node)}
+    assert not recomputed, recomputed
+    assert first_coarse in finished and after[first_coarse] == finished[first_coarse]
+
+
+def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cohort.parent, data)
+    (data / "p02" / "cbct.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI")
+    rows = run_study(_study(data / "manifest.tsv", tmp_path))
+
+    assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
+    assert "coarse:" in rows[1]["error"] and "p02/cbct.nii.gz: cannot read the image" in rows[1]["error"]
+    table = _table(tmp_path / "out")
+    assert [(row["patient"], row["status"]) for row in table] == [("p01", "ok"), ("p02", "failed"), ("p03", "ok")]
+    assert table[1]["error"] == rows[1]["error"] and float(table[0]["mean_dice"]) > 0
+    assert list((tmp_path / "work" / "crash").glob("crash-*coarse*.txt"))
+    assert (tmp_path / "out" / "p03" / "dice.csv").is_file() and not (tmp_path / "out" / "p02").exists()
+
+    # Repaired, the rerun registers only the failed patient.
+    shutil.copy(cohort.parent / "p02" / "cbct.nii.gz", data / "p02" / "cbct.nii.gz")
+    before = _finished_nodes(tmp_path / "work")
+    rows = run_study(_study(data / "manifest.tsv", tmp_path))
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    rerun = {node for node in _rerun(before, _finished_nodes(tmp_path / "work")) if not _is_sink(node)}
+    assert {node for node in rerun if "_patient_" in node} == {
+        f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice")
+    }
