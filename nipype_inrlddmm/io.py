@@ -58,39 +58,96 @@ def atomic_path(path):
         temporary.unlink(missing_ok=True)
 
 
+#: Largest magnitude (mm) accepted in an affine: beyond it (10 km) the header is broken, and the
+#: engine's float32 world coordinates would lose all precision.
+_MAX_AFFINE_MM = 1e7
+
+
 def _check_affine(path, affine) -> None:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(path, f"the affine (voxel-to-world matrix) has shape {affine.shape}, not (4, 4)")
     if not np.all(np.isfinite(affine)):
         raise InputError(path, "the affine (voxel-to-world matrix) holds NaN or Inf")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+    if np.abs(affine).max() > _MAX_AFFINE_MM:
+        raise InputError(path, f"the affine (voxel-to-world matrix) holds an implausible value "
+                         f"({np.abs(affine).max():.3g} mm)")
+    singular_values = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular_values[0] == 0 or singular_values[-1] < 1e-6 * singular_values[0]:
         raise InputError(path, "the affine (voxel-to-world matrix) is singular")
+
+
+def grid_mismatch(shape, affine, ref_shape, ref_affine, *, atol: float = 1e-4) -> str | None:
+    """How a grid differs from a reference grid (``"shape A vs B"``, ``"affine differs by X mm"``), or None."""
+    shape, ref_shape = tuple(int(n) for n in shape), tuple(int(n) for n in ref_shape)
+    if shape != ref_shape:
+        return f"shape {shape} vs {ref_shape}"
+    affine, ref_affine = np.asarray(affine, np.float64), np.asarray(ref_affine, np.float64)
+    if affine.shape != ref_affine.shape:
+        return "the affines differ"
+    difference = np.abs(affine - ref_affine).max()
+    return None if difference <= atol else f"the affines differ by up to {difference:.4g} mm"
+
+
+def _open_volume(path, what: str):
+    """Open a NIfTI (or other nibabel) volume and check its header: shape, voxel type, affine.
+
+    Returns ``(image, shape)`` where ``shape`` is 3-D (trailing singleton
+    axes dropped); the voxels are not read yet.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{what} file does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        image = nib.load(str(path))
+        header_shape = tuple(int(n) for n in image.shape)
+        dtype = np.dtype(image.get_data_dtype())
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as error:  # nibabel/gzip/zlib raise many types for corrupt files
+        raise InputError(path, f"cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error
+    if dtype.kind not in "biuf":
+        raise InputError(path, f"the {what} has voxels of type {dtype} (complex or RGB): real numbers are needed")
+    if 0 in header_shape:
+        raise InputError(path, f"the {what} has an empty axis, shape {header_shape}")
+    shape = header_shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(path, f"the {what} must be 3-D, got shape {header_shape}")
+    if 1 in shape:
+        raise InputError(path, f"the {what} is 2-D in effect, shape {header_shape}: a 3-D volume needs at "
+                         "least 2 voxels along every axis")
+    _check_affine(path, affine)
+    return image, shape
+
+
+def _read_voxels(path, image, shape, what: str, dtype=None) -> np.ndarray:
+    try:
+        data = np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
+    except Exception as error:  # truncated or corrupt data: EOFError, zlib.error, ValueError, OSError...
+        raise InputError(path, f"cannot read the {what}'s voxels ({type(error).__name__}: {error})") from error
+    if data.size != np.prod(shape):
+        raise InputError(path, f"cannot read the {what}'s voxels: got {data.size} of {np.prod(shape)}")
+    return data.reshape(shape)
 
 
 def load_volume(path, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Read a 3-D NIfTI volume; return ``(data float32 (X, Y, Z), affine (4, 4))``.
 
-    A trailing singleton 4th axis is dropped.  Raises :class:`InputError` for
-    a missing, unreadable or truncated file, a non-3-D or empty volume, a
-    singular or non-finite affine, or NaN/Inf voxels.
+    Trailing singleton axes (4th, 5th) are dropped.  Raises
+    :class:`InputError` for a missing, unreadable or truncated file, complex
+    or RGB voxels, a non-3-D volume or one with an axis shorter than 2
+    voxels, a singular, non-finite or implausible affine, or NaN/Inf voxels
+    (including values beyond the float32 range).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} file does not exist")
-    try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel/gzip/zlib raise many types for corrupt files
-        raise InputError(path, f"cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"the {what} must be 3-D, got shape {data.shape}")
-    if 0 in data.shape:
-        raise InputError(path, f"the {what} has an empty axis, shape {data.shape}")
-    affine = np.asarray(image.affine, dtype=np.float64)
-    _check_affine(path, affine)
-    if not np.all(np.isfinite(data)):
-        raise InputError(path, f"the {what} holds {int((~np.isfinite(data)).sum())} NaN or Inf voxels")
-    return data, affine
+    image, shape = _open_volume(path, what)
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = _read_voxels(path, image, shape, what, dtype=np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(path, f"the {what} holds {int(bad.sum())} NaN or Inf voxels (or values beyond the "
+                         "float32 range)")
+    return data, np.asarray(image.affine, dtype=np.float64)
 
 
 def load_image(path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,20 +158,37 @@ def load_image(path) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+_LABEL_RANGE = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+
+
 def load_labels(path, *, reference=None) -> tuple[np.ndarray, np.ndarray]:
     """A label map: integer-valued, non-empty, and on ``reference``'s grid when given.
 
-    ``reference`` is ``(path, data, affine)`` of the image the labels belong to.
+    ``reference`` is ``(path, data, affine)`` of the image the labels belong
+    to (``data`` may also be just its shape).  The labels are read in their
+    stored type, so large label ids are never rounded through float32;
+    they must fit in int32.
     """
-    data, affine = load_volume(path, what="label map")
-    if not np.array_equal(data, np.round(data)):
-        raise InputError(path, "the label map holds non-integer values")
+    image, shape = _open_volume(path, "label map")
+    with np.errstate(invalid="ignore"):
+        data = _read_voxels(path, image, shape, "label map")
+        if data.dtype.kind == "f":
+            bad = ~np.isfinite(data)
+            if bad.any():
+                raise InputError(path, f"the label map holds {int(bad.sum())} NaN or Inf voxels")
+            if not np.array_equal(data, np.round(data)):
+                raise InputError(path, "the label map holds non-integer values")
+    low, high = data.min(), data.max()
+    if low < _LABEL_RANGE[0] or high > _LABEL_RANGE[1]:
+        raise InputError(path, f"the label map holds ids from {low} to {high}, beyond the int32 range")
     if not data.any():
         raise InputError(path, "the label map is empty (no non-zero label)")
+    affine = np.asarray(image.affine, dtype=np.float64)
     if reference is not None:
         ref_path, ref_data, ref_affine = reference
-        if data.shape != ref_data.shape or not np.allclose(affine, ref_affine, atol=1e-4):
-            raise InputError(path, f"the label map is not on the grid of its image {ref_path}")
+        mismatch = grid_mismatch(shape, affine, getattr(ref_data, "shape", ref_data), ref_affine)
+        if mismatch:
+            raise InputError(path, f"the label map is not on the grid of its image {ref_path} ({mismatch})")
     return data.astype(np.int32), affine
 
 
@@ -149,7 +223,10 @@ def load_displacement(path) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(path, "displacement file does not exist")
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        if np.dtype(image.get_data_dtype()).kind not in "iuf":
+            raise TypeError(f"voxels of type {image.get_data_dtype()} are not real numbers")
+        with np.errstate(over="ignore"):
+            data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise InputError(path, f"cannot read the displacement ({type(error).__name__}: {error})") from error
     if data.ndim != 5 or data.shape[3:] != (1, 3):
@@ -191,18 +268,24 @@ def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
         raise InputError(path, f"cannot read the checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, "not a nipype_inrlddmm checkpoint of a format this version reads")
-    if payload["version"].split(".")[:2] != __version__.split(".")[:2]:
-        raise InputError(
-            path, f"checkpoint written by nipype_inrlddmm {payload['version']}, incompatible with {__version__}"
-        )
-    if shape is not None and (
-        list(shape) != payload["fixed_shape"]
-        or not np.allclose(np.asarray(affine), np.asarray(payload["fixed_affine"]), atol=1e-4)
-    ):
-        raise InputError(path, "checkpoint was fitted on another fixed-image grid (shape or affine differ)")
-    state = payload["state_dict"]
-    velocity = VelocityField(state["center"], state["half_extent"], ModelConfig(**payload["model"]))
-    velocity.load_state_dict(state)
+    version = payload.get("version")
+    if not isinstance(version, str):
+        raise InputError(path, f"the checkpoint records no package version: incompatible with {__version__}")
+    if version.split(".")[:2] != __version__.split(".")[:2]:
+        raise InputError(path, f"checkpoint written by nipype_inrlddmm {version}, incompatible with {__version__}")
+    try:
+        if shape is not None:
+            mismatch = grid_mismatch(payload["fixed_shape"], payload["fixed_affine"], shape, affine)
+            if mismatch:
+                raise InputError(path, f"checkpoint was fitted on another fixed-image grid ({mismatch}: "
+                                 "checkpoint vs this image)")
+        state = payload["state_dict"]
+        velocity = VelocityField(state["center"], state["half_extent"], ModelConfig(**payload["model"]))
+        velocity.load_state_dict(state)
+    except InputError:
+        raise
+    except Exception as error:  # missing keys, wrong types, mismatched tensor shapes
+        raise InputError(path, f"the checkpoint is incomplete or damaged ({type(error).__name__}: {error})") from error
     return velocity
 
 
@@ -316,30 +399,62 @@ def load_label_names(path) -> dict[int, str]:
 
 
 MANIFEST_COLUMNS = ("patient", "moving", "fixed")
+#: Manifest columns holding paths (relative to the manifest's folder, or absolute).
+MANIFEST_FILE_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "fixed_mask")
 
 
-def read_manifest(path) -> list[dict]:
+def read_manifest(path, *, check_files: bool = True) -> list[dict]:
     """Rows of a study manifest (TSV or CSV) with paths made absolute.
 
     Required columns: ``patient``, ``moving``, ``fixed``; optional
     ``moving_labels``, ``fixed_labels``, ``fixed_mask``.  Relative paths are
-    relative to the manifest's folder.  Patient ids must be unique.
+    relative to the manifest's folder.  Patient ids must be unique, non-empty
+    and usable as a folder name.  With ``check_files`` (the default) every
+    referenced file must exist; the error names the manifest's line, the
+    patient and the column of each missing one.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "manifest does not exist")
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    rows = list(csv.DictReader(path.read_text().splitlines(), delimiter=delimiter))
-    columns = rows[0].keys() if rows else []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot read the manifest as UTF-8 text ({error})") from error
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as error:
+        raise InputError(path, f"cannot parse the manifest ({error})") from error
+    columns = reader.fieldnames or []
     missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-    if not rows or missing:
-        raise InputError(path, f"manifest needs columns {MANIFEST_COLUMNS}; missing {missing or 'all rows'}")
-    seen = set()
-    for row in rows:
-        if row["patient"] in seen:
-            raise InputError(path, f"duplicate patient id {row['patient']!r}")
-        seen.add(row["patient"])
-        for column in ("moving", "fixed", "moving_labels", "fixed_labels", "fixed_mask"):
+    if missing or not rows:
+        separated = "tab" if delimiter == "\t" else "comma"
+        raise InputError(path, f"manifest needs columns {MANIFEST_COLUMNS}; "
+                         + (f"missing {missing} (found {columns}, read as {separated}-separated)" if missing
+                            else "it has no rows"))
+    seen, absent = {}, []
+    for line, row in rows:
+        where = f"line {line}"
+        if None in row:
+            raise InputError(path, f"{where} has more fields than the header")
+        patient = row["patient"] or ""
+        if not patient.strip():
+            raise InputError(path, f"{where}: empty patient id")
+        if patient in (".", "..") or "/" in patient or "\\" in patient:
+            raise InputError(path, f"{where}: patient id {patient!r} cannot be a folder name")
+        if patient in seen:
+            raise InputError(path, f"duplicate patient id {patient!r} (lines {seen[patient]} and {line})")
+        seen[patient] = line
+        for column in MANIFEST_COLUMNS[1:]:
+            if not row[column]:
+                raise InputError(path, f"{where} (patient {patient!r}): empty {column!r}")
+        for column in MANIFEST_FILE_COLUMNS:
             if row.get(column):
                 row[column] = str((path.parent / row[column]).resolve())
-    return rows
+                if check_files and not Path(row[column]).is_file():
+                    absent.append(f"{where} (patient {patient!r}), column {column!r}: {row[column]}")
+    if absent:
+        shown = "; ".join(absent[:10]) + (f"; and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise InputError(path, f"{len(absent)} referenced file(s) do not exist: {shown}")
+    return [row for _, row in rows]

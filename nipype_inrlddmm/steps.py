@@ -79,13 +79,54 @@ def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mas
         io.load_labels(fixed_labels, reference=(fixed, fixed_data, fixed_affine))
     mask = None
     if fixed_mask:
-        mask_data, _ = io.load_volume(fixed_mask, what="mask")
-        if mask_data.shape != fixed_data.shape:
-            raise io.InputError(fixed_mask, f"mask shape {mask_data.shape} differs from the fixed image")
+        mask_data, mask_affine = io.load_volume(fixed_mask, what="mask")
+        mismatch = io.grid_mismatch(mask_data.shape, mask_affine, fixed_data.shape, fixed_affine)
+        if mismatch:
+            raise io.InputError(fixed_mask, f"the mask is not on the grid of the fixed image {fixed} ({mismatch})")
         mask = mask_data > 0
         if not mask.any():
             raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
     return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask)
+
+
+def check_labels(moving, fixed, *, moving_labels=None, fixed_labels=None) -> None:
+    """Validate label maps before any optimisation: readable, integer, non-empty, on their image's grid.
+
+    Only the images' headers are read (their voxels are validated by the
+    stage that loads them); an image whose header is unusable (unreadable,
+    not 3-D, singular affine, ...) is left for that stage to report, and its
+    labels are then checked without the grid.
+    Raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
+    """
+    for labels, image in ((moving_labels, moving), (fixed_labels, fixed)):
+        if not labels:
+            continue
+        try:
+            header, shape = io._open_volume(image, "image")
+            reference = (image, shape, np.asarray(header.affine, np.float64))
+        except io.InputError:  # the image's own stage reports it
+            reference = None
+        io.load_labels(labels, reference=reference)
+
+
+def check_memory(stage: str, fixed_shape, config: engine.RegistrationConfig, *, device, source,
+                 moving_shape=None) -> None:
+    """Refuse, before it starts, a stage that would not fit in the available memory.
+
+    :func:`nipype_inrlddmm.engine.check_memory`, its message starting with
+    ``source`` (the fixed image's path); raises
+    :class:`~nipype_inrlddmm.engine.InsufficientMemoryError` with advice.
+    """
+    engine.check_memory(stage, fixed_shape, config, moving_shape=moving_shape, device=device, source=source)
+
+
+def _normalised(volume: torch.Tensor, path) -> torch.Tensor:
+    """:func:`engine.normalise_intensity`, failing with an :class:`io.InputError` naming ``path``."""
+    try:
+        return engine.normalise_intensity(volume)
+    except ValueError as error:
+        raise io.InputError(path, "the image is constant once its 0.5 % extreme voxels are clipped: "
+                            "similarity is undefined") from error
 
 
 def _tensors(pair: Pair, device: torch.device):
@@ -104,11 +145,11 @@ def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fix
     """
     pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
     device = engine.resolve_device(device)
+    check_memory("coarse", pair.fixed.shape, config, moving_shape=pair.moving.shape, device=device, source=fixed)
     moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
-    result = engine.coarse_stage(
-        engine.normalise_intensity(moving_t), moving_affine, engine.normalise_intensity(fixed_t), fixed_affine,
-        config, fixed_mask=mask, progress=progress,
-    )
+    moving_n, fixed_n = _normalised(moving_t, moving), _normalised(fixed_t, fixed)
+    result = engine.coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config, fixed_mask=mask,
+                                 progress=progress)
     out = Path(out_dir)
     return {
         "model": io.save_checkpoint(out / COARSE_OUTPUTS["model"], result.velocity, shape=pair.fixed.shape,
@@ -131,6 +172,7 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
     velocity = io.load_checkpoint(coarse_model, shape=fixed_data.shape, affine=fixed_affine)
     field, field_affine = io.load_displacement(coarse_displacement)
     device = engine.resolve_device(device)
+    check_memory("distill", fixed_data.shape, replace(config, model=velocity.config), device=device, source=fixed)
     coarse = engine.StageResult(velocity.to(device), _tensor(field, device), _tensor(field_affine, device), log=[])
     result = engine.distill_stage(coarse, fixed_data.shape, _tensor(fixed_affine, device),
                                   replace(config, model=velocity.config), progress=progress)
@@ -153,12 +195,12 @@ def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConf
     pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
     velocity = io.load_checkpoint(init_model, shape=pair.fixed.shape, affine=pair.fixed_affine)
     device = engine.resolve_device(device)
+    config = replace(config, model=velocity.config)
+    check_memory("fine", pair.fixed.shape, config, moving_shape=pair.moving.shape, device=device, source=fixed)
     moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
-    result = engine.fine_stage(
-        velocity.to(device), engine.normalise_intensity(moving_t), moving_affine,
-        engine.normalise_intensity(fixed_t), fixed_affine, replace(config, model=velocity.config),
-        fixed_mask=mask, progress=progress,
-    )
+    moving_n, fixed_n = _normalised(moving_t, moving), _normalised(fixed_t, fixed)
+    result = engine.fine_stage(velocity.to(device), moving_n, moving_affine, fixed_n, fixed_affine, config,
+                               fixed_mask=mask, progress=progress)
     warped = engine.warp(moving_t, moving_affine, result.displacement, fixed_affine)
     out = Path(out_dir)
     return {
@@ -215,7 +257,8 @@ def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, 
         matrix = io.load_itk_affine(transform_file)
     else:
         device = engine.resolve_device(device)
-        moving_t, fixed_t = (engine.normalise_intensity(_tensor(a, device)) for a in (pair.moving, pair.fixed))
+        moving_t, fixed_t = (_normalised(_tensor(a, device), path) for a, path in ((pair.moving, moving),
+                                                                                   (pair.fixed, fixed)))
         # float64 geometry: the transform is what this step returns, keep it exact.
         moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
         mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
@@ -248,6 +291,10 @@ def study_row(patient: str, dice_csv, dice_json) -> dict:
     for key in ("jacobian_min", "jacobian_nonpositive_percent", "sdlogj"):
         if key in summary:
             row[key] = round(summary[key], 4)
+    # A label absent from one map has Dice 0 (or NaN from both) by definition: say so, never silently.
+    row["missing_labels"] = "; ".join(
+        f"{label['name']}: absent from {'both maps' if label['missing'] == 'both' else label['missing']}"
+        for label in labels if label["missing"])
     row["error"] = ""
     return row
 

@@ -2,6 +2,7 @@
 
 from .flow import dense_displacement, integrate, resample_field
 from .grid import apply_affine, downsample, sample, world_grid
+from .memory import InsufficientMemoryError, available_memory, check_memory, estimate_memory
 from .pipeline import (
     RegistrationConfig,
     RegistrationResult,
@@ -20,6 +21,7 @@ from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
+    "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory",
     "ModelConfig", "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult",
     "VelocityField", "apply_affine", "coarse_stage", "config_from_options", "dense_displacement", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "new_velocity_field",

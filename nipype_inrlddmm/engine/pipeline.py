@@ -15,6 +15,7 @@ import torch
 
 from .flow import dense_displacement
 from .grid import apply_affine, downsample, matching_factors, sample, world_grid
+from .memory import check_memory
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
@@ -231,7 +232,13 @@ def register_volumes(
     fixed_mask: torch.Tensor | None = None,
     progress: bool = False,
 ) -> RegistrationResult:
-    """Coarse stage -> distillation -> fine stage, then warp the moving image."""
+    """Coarse stage -> distillation -> fine stage, then warp the moving image.
+
+    Raises :class:`~nipype_inrlddmm.engine.memory.InsufficientMemoryError`
+    before anything is trained when a stage would not fit in memory.
+    """
+    for stage in ("coarse", "distill", "fine"):
+        check_memory(stage, fixed.shape, config, moving_shape=moving.shape, device=fixed.device)
     moving_n, fixed_n = normalise_intensity(moving), normalise_intensity(fixed)
     coarse = coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config,
                           fixed_mask=fixed_mask, progress=progress)

@@ -30,17 +30,25 @@ class _SelectPatientOutputSpec(TraitedSpec):
 
 
 class SelectPatient(SimpleInterface):
-    """One patient's files from a study manifest (absolute paths).
+    """One patient's files from a study manifest (absolute paths), label maps validated.
+
+    Every file must exist, and the label maps must be usable (integer,
+    non-empty, on their image's grid): checked here, before any optimisation
+    starts, so that a bad label map fails its patient at once rather than
+    after the registration.  The images themselves are validated by the
+    stages that read them.
 
     Examples
     --------
     >>> import tempfile
     >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import SelectPatient
     >>> tmp = tempfile.TemporaryDirectory()
     >>> manifest = Path(tmp.name) / "manifest.tsv"
     >>> for name in ("mr.nii.gz", "us.nii.gz", "mr_labels.nii.gz", "us_labels.nii.gz"):
-    ...     _ = (Path(tmp.name) / name).write_bytes(b"")
+    ...     _ = io.save_image(Path(tmp.name) / name, np.ones((4, 4, 4), np.uint8), np.eye(4))
     >>> _ = manifest.write_text("patient\\tmoving\\tfixed\\tmoving_labels\\tfixed_labels\\n"
     ...                         "case1\\tmr.nii.gz\\tus.nii.gz\\tmr_labels.nii.gz\\tus_labels.nii.gz\\n")
     >>> files = SelectPatient(manifest=str(manifest), patient="case1").run(cwd=tmp.name).outputs
@@ -53,7 +61,8 @@ class SelectPatient(SimpleInterface):
     output_spec = _SelectPatientOutputSpec
 
     def _run_interface(self, runtime):
-        rows = {row["patient"]: row for row in io.read_manifest(self.inputs.manifest)}
+        # Other patients' missing files are theirs to report: check only this patient's.
+        rows = {row["patient"]: row for row in io.read_manifest(self.inputs.manifest, check_files=False)}
         if self.inputs.patient not in rows:
             raise io.InputError(self.inputs.manifest, f"no patient {self.inputs.patient!r}")
         row = rows[self.inputs.patient]
@@ -63,9 +72,12 @@ class SelectPatient(SimpleInterface):
                     raise io.InputError(self.inputs.manifest, f"patient {self.inputs.patient!r} has no {column!r}")
                 continue
             if not Path(row[column]).is_file():
-                raise io.InputError(row[column], f"{column} file of patient {self.inputs.patient!r} does not exist")
+                raise io.InputError(row[column], f"{column} file of patient {self.inputs.patient!r} does not exist "
+                                    f"(manifest {self.inputs.manifest}, column {column!r})")
             name = column + "_image" if column in ("moving", "fixed") else column
             self._results[name] = row[column]
+        steps.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
+                           fixed_labels=row.get("fixed_labels"))
         return runtime
 
 
