@@ -22,8 +22,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/inrlddmm demo --out-dir inrlddmm-demo
 
+# The SLURM tests need a running cluster: scripts/with-local-slurm.sh starts a private single-node
+# one (installing slurm-wlm and munge with apt when missing; root only) and stops it afterwards, even
+# when tests fail.  Where it cannot, the SLURM tests skip with the reason.
 test: install
-	$(BIN)/python -m pytest -q
+	scripts/with-local-slurm.sh $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) inrlddmm-demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
     """Build, run and report a study; exit status 1 when any patient failed."""
     from nipype import config, logging
 
-    from .workflows import init_study_wf, run_study
+    from .workflows import SLURM_PLUGINS, init_study_wf, run_study, study_slurm_jobs
 
     if not args.verbose:
         config.set("logging", "workflow_level", "WARNING")
@@ -157,13 +158,30 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
         if num_threads > plugin_args["n_procs"]:
             raise io.InputError("--num-threads", f"{num_threads} threads per node exceed --n-procs "
                                 f"{plugin_args['n_procs']}: MultiProc could not run any node")
-    elif args.plugin == "SLURM" and args.sbatch_args:
-        plugin_args["sbatch_args"] = args.sbatch_args
+    collect = getattr(args, "collect", False)
+    plugin = "SLURM" if collect else args.plugin
+    if plugin in SLURM_PLUGINS:
+        if not shutil.which("sbatch"):
+            raise io.InputError("--plugin", f"{plugin} needs SLURM's sbatch and squeue on PATH (not found)")
+        if args.sbatch_args:
+            plugin_args["sbatch_args"] = args.sbatch_args
     workflow = init_study_wf(
         manifest=manifest, out_dir=out_dir, work_dir=work_dir, label_names=label_names, num_threads=num_threads,
         affine=args.affine or False, device=args.device, progress=not args.quiet, **_registration_options(args),
     )
-    rows = run_study(workflow, plugin=args.plugin, plugin_args=plugin_args)
+    if collect:
+        queued = study_slurm_jobs(workflow, cancel_stuck=True)
+        if queued:
+            print(f"{len(queued)} SLURM jobs of this study are still queued or running "
+                  f"({', '.join(j['job'] for j in queued)}); run --collect again once squeue no longer lists them")
+            return 3
+    rows = run_study(workflow, plugin=plugin, plugin_args=plugin_args)
+    if rows is None:  # SLURMGraph: submitted, not run
+        batch = Path(workflow.base_dir) / workflow.name / "batch"
+        submitted = sum("=$(sbatch " in line for line in (batch / "submit_jobs.sh").read_text().splitlines())
+        print(f"submitted {submitted} SLURM jobs (batch scripts and job logs in {batch}); when squeue no longer "
+              "lists them, run the same command with --collect to gather the results")
+        return 0
     _print_study(rows, out_dir / "study_dice.csv")
     failed = [row["patient"] for row in rows if row["status"] != "ok"]
     if failed:
@@ -193,12 +211,16 @@ def _cmd_demo(args) -> int:
 
 def _add_study_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution (Nipype)")
-    group.add_argument("--plugin", default="Linear", choices=("Linear", "MultiProc", "SLURM"),
+    group.add_argument("--plugin", default="Linear", choices=("Linear", "MultiProc", "SLURM", "SLURMGraph"),
                        help="Linear: one node at a time in this process; MultiProc: patients in parallel on "
-                       "this machine (forkserver workers); SLURM: one job per node (default: Linear)")
+                       "this machine (forkserver workers); SLURM: one job per node, submitted as they become "
+                       "ready, waiting for all; SLURMGraph: submit every node at once with dependencies, then "
+                       "exit (gather later with --collect) (default: Linear)")
     group.add_argument("--n-procs", type=int, help="MultiProc: CPU slots in total (default: all cores); each "
                        "optimisation node takes --num-threads of them")
-    group.add_argument("--sbatch-args", help='SLURM: extra sbatch arguments, e.g. "--partition=cpu --time=2:00:00"')
+    group.add_argument("--sbatch-args", help='SLURM: sbatch arguments added to each job\'s own (-c from '
+                       '--num-threads, --mem from the stage\'s estimate, a --time per stage), e.g. '
+                       '"--partition=cpu --time=2:00:00" or "--partition=gpu --gres=gpu:1" with --device cuda')
     group.add_argument("--affine", choices=("rigid", "affine"),
                        help="pre-align each moving image with a rigid or affine transform (e.g. subject -> atlas)")
     group.add_argument("--verbose", action="store_true", help="log every Nipype node")
@@ -241,13 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
 caching: WORK_DIR is Nipype's cache.  Rerunning the same command recomputes nothing; after a crash or a kill
 it recomputes only what had not finished; changing a fine-stage option (e.g. --fine-iterations) reruns the
 fine stage and what follows, never the coarse or distillation stages.  A failed patient leaves a crash file
-in WORK_DIR/crash and does not stop the others; the exit status is then 1.""",
+in WORK_DIR/crash and does not stop the others; the exit status is then 1.
+
+SLURM: every node is a job (-c, --mem and --time from the node, then --sbatch-args) run by this command's
+Python (the same venv must exist on the compute nodes, and WORK_DIR/OUT_DIR on a shared file system);
+SLURM_CONF and the rest of the environment pass to sbatch.  --plugin SLURMGraph submits and exits;
+`inrlddmm study ... --collect` later gathers the table (exit status 3 while jobs are still queued).""",
     )
     study.add_argument("manifest", help="manifest TSV/CSV, or a folder holding manifest.tsv")
     study.add_argument("--out-dir", required=True, help="results folder (created)")
     study.add_argument("--work-dir", required=True, help="Nipype working folder: the cache that makes reruns cheap")
     study.add_argument("--label-names", help="JSON/TSV of label names (default: labels.tsv or labels.json beside "
                        "the manifest, if present)")
+    study.add_argument("--collect", action="store_true",
+                       help="after --plugin SLURMGraph: once none of the study's jobs is queued, gather the results "
+                       "(a node whose job failed is resubmitted through the SLURM plugin); exit status 3 while "
+                       "jobs are still queued or running")
     _add_study_options(study)
     _add_registration_options(study)
     study.set_defaults(func=_cmd_study)

@@ -25,22 +25,36 @@ Caching rests on Nipype's own hashing, with these choices:
 
 A failed node leaves a crash file (text) in ``<work_dir>/crash``; with
 ``stop_on_first_crash`` off (the default) the other patients go on.
+
+On SLURM (:func:`run_study` with ``plugin="SLURM"`` or ``"SLURMGraph"``)
+every node is a job whose ``sbatch`` arguments come from the node's own
+declared resources (:func:`set_slurm_resources`: ``-c n_procs``, ``--mem``
+from ``mem_gb``, a ``--time`` per stage), followed by the user's
+``sbatch_args``; the job runs the Python that submitted it.
 """
 
 from __future__ import annotations
 
+import getpass
 import math
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
-from nipype import JoinNode, Node, Workflow
+from nipype import JoinNode, Node, Workflow, logging
 from nipype.interfaces.io import DataSink
 from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline.plugins import SLURMPlugin as _NipypeSLURMPlugin
 
 from . import engine, io, steps
 from .interfaces import AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, SelectPatient
 from .interfaces.base import stage_inputs
 from .interfaces.study import PATIENT_FILES
+
+LOGGER = logging.getLogger("nipype.workflow")
 
 #: Peak resident memory per node as (GB at any size, bytes per voxel of the larger image), measured
 #: on phantom pairs of 64x56x24 and 160x140x60 voxels and rounded up.  The coarse and fine stages
@@ -63,8 +77,29 @@ EXECUTION = {
 }
 
 #: Plugin arguments added by :func:`run_study` unless given.  MultiProc's default ``fork`` start
-#: method hangs once the parent has run torch; forkserver does not.
-PLUGIN_DEFAULTS = {"MultiProc": {"mp_context": "forkserver"}}
+#: method hangs once the parent has run torch; forkserver does not.  The SLURM plugin polls ``squeue``
+#: once per queued job and poll, hence Nipype's 2 s there rather than :data:`EXECUTION`'s; at most
+#: ``max_jobs`` jobs of a study are queued at once.  ``poll_sleep_duration`` and
+#: ``job_finished_timeout`` (how long a finished job's result file may take to appear: raise it on
+#: NFS) are moved into the workflow's execution config.  SLURMGraph submits only unfinished nodes.
+PLUGIN_DEFAULTS = {
+    "MultiProc": {"mp_context": "forkserver"},
+    "SLURM": {"max_jobs": 100, "poll_sleep_duration": 2.0, "job_finished_timeout": 5.0},
+    "SLURMGraph": {"dont_resubmit_completed_jobs": True},
+}
+
+#: Nipype plugins that run nodes as SLURM jobs.
+SLURM_PLUGINS = ("SLURM", "SLURMGraph")
+#: ``sbatch --time`` of each node's job by node name (any other node: ``"default"``).  Generous: the
+#: optimisation stages run a fixed number of iterations on fixed-size patch batches, minutes on one
+#: CPU thread for the defaults; the limit only has to stop a runaway job.  Users override it with
+#: ``--time`` in their ``sbatch_args`` (the last ``--time`` wins).
+SLURM_TIME = {"affine": "2:00:00", "coarse": "4:00:00", "distill": "2:00:00", "fine": "4:00:00",
+              "default": "1:00:00"}
+#: Smallest ``--mem`` of a job: its Python with torch and Nipype imported already holds ~0.3 GB.
+SLURM_MIN_MEM_GB = 1.0
+#: Marks ``node.plugin_args`` written by :func:`set_slurm_resources` (others are the user's).
+_DERIVED = "inrlddmm_derived"
 
 #: Outputs copied into ``out_dir/<patient>/`` (registration outputnode field -> kept file name).
 SINK_FIELDS = ("warped_image", "displacement", "model", "warped_labels", "dice_csv", "dice_json", "coarse_log",
@@ -245,6 +280,11 @@ def init_study_wf(
     manifest : TSV/CSV with columns ``patient``, ``moving``, ``fixed``,
         ``moving_labels``, ``fixed_labels`` and optionally ``fixed_mask``
         (paths relative to the manifest); see :func:`nipype_inrlddmm.io.read_manifest`.
+        A malformed manifest (missing column, duplicate patient ids) raises
+        :class:`~nipype_inrlddmm.io.InputError` here; a file that does not
+        exist, or a label map that cannot be used, fails only its own
+        patient (in ``select``, before any optimisation), with a warning
+        listing the missing files now.
     out_dir : results: ``out_dir/<patient>/`` (warped.nii.gz,
         displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv,
         dice.json, the stage logs, affine.txt with ``affine``) and
@@ -273,7 +313,12 @@ def init_study_wf(
     >>> tmp.cleanup()
     """
     manifest = Path(manifest).resolve()
-    rows = io.read_manifest(manifest)
+    # A missing file fails its own patient (in SelectPatient: crash file, study table), not the study.
+    rows = io.read_manifest(manifest, check_files=False)
+    try:
+        io.read_manifest(manifest)
+    except io.InputError as error:
+        LOGGER.warning("%s; those patients will fail, the others run", error)
     for row in rows:
         missing = [column for column, required in PATIENT_FILES.items() if required and not row.get(column)]
         if missing:
@@ -317,6 +362,112 @@ def init_study_wf(
     return workflow
 
 
+def slurm_sbatch_args(node, *, time_limit: str | None = None, extra: str | None = None) -> str:
+    """``sbatch`` arguments of one node's job: its CPUs, memory and time, then ``extra``.
+
+    ``-c`` is the node's ``n_procs`` (its interface's ``num_threads``), ``--mem`` its ``mem_gb``
+    (at least :data:`SLURM_MIN_MEM_GB`), ``--time`` ``time_limit`` or :data:`SLURM_TIME`.
+
+    >>> from nipype import Node
+    >>> from nipype_inrlddmm.interfaces import FineINR
+    >>> slurm_sbatch_args(Node(FineINR(num_threads=4), name="fine", mem_gb=2.5), extra="--partition=gpu")
+    '-c 4 --mem=2560M --time=4:00:00 --partition=gpu'
+    """
+    cpus = max(1, int(node.n_procs or 1))
+    mem_mb = math.ceil(max(float(node.mem_gb or 0), SLURM_MIN_MEM_GB) * 1024)
+    time = time_limit or SLURM_TIME.get(node.name, SLURM_TIME["default"])
+    return " ".join(part for part in (f"-c {cpus} --mem={mem_mb}M --time={time}", extra) if part)
+
+
+def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
+                        time_limit: str | None = None) -> Workflow:
+    """Set ``node.plugin_args`` of every node (sub-workflows included) for Nipype's SLURM plugins.
+
+    Each node gets ``{"sbatch_args": slurm_sbatch_args(node, ...), "overwrite": True}``: its own
+    ``-c``/``--mem``/``--time`` followed by ``sbatch_args`` (e.g. ``"--partition=gpu
+    --gres=gpu:1"``), replacing the plugin-wide ``sbatch_args``.  Nodes whose ``plugin_args``
+    already hold ``sbatch_args`` set by someone else are left alone.  :func:`run_study` calls this.
+
+    >>> wf = set_slurm_resources(init_registration_wf(num_threads=2), sbatch_args="--partition=cpu")
+    >>> wf.get_node("coarse").plugin_args["sbatch_args"]
+    '-c 2 --mem=1137M --time=4:00:00 --partition=cpu'
+    """
+    for node in workflow._get_all_nodes():
+        current = dict(node.plugin_args or {})
+        if "sbatch_args" in current and not current.get(_DERIVED):
+            continue
+        current.update(sbatch_args=slurm_sbatch_args(node, time_limit=time_limit, extra=sbatch_args),
+                       overwrite=True, **{_DERIVED: True})
+        node.plugin_args = current
+    return workflow
+
+
+class SLURMPlugin(_NipypeSLURMPlugin):
+    """Nipype's SLURM plugin; a job that ends without a result fails its node, not the whole run.
+
+    A job killed by ``scancel``, its time limit or the out-of-memory killer leaves no result file.
+    Nipype 1.11 then builds the crash report by adding a list to a string and raises a TypeError
+    that stops the run, other patients included; the traceback is passed as a list here.
+    """
+
+    def _report_crash(self, node, result=None):
+        if result is not None and isinstance(result.get("traceback"), str):
+            result = {**result, "traceback": result["traceback"].splitlines(keepends=True)}
+        return super()._report_crash(node, result=result)
+
+
+def _prepare_slurm(workflow: Workflow, arguments: dict) -> None:
+    """LOGNAME, the job script's interpreter and PATH, per-node ``sbatch`` arguments.
+
+    Nipype's SLURM plugin names jobs after ``$LOGNAME`` (a KeyError when unset, as under some CI
+    and cron).  Jobs run ``sys.executable``; the template also puts its folder (the venv's ``bin``)
+    first on the job's PATH, even where the cluster does not export the submitting environment.
+    """
+    if not os.environ.get("LOGNAME"):
+        try:
+            os.environ["LOGNAME"] = getpass.getuser()
+        except Exception:  # no passwd entry (some containers)
+            os.environ["LOGNAME"] = str(os.getuid())
+    bin_dir = str(Path(sys.executable).parent)
+    arguments.setdefault("template", "#!/bin/bash\n# inrlddmm: run by the Python that submitted it\n"
+                         f"export PATH={shlex.quote(bin_dir)}:\"$PATH\"\n")
+    set_slurm_resources(workflow, sbatch_args=arguments.pop("sbatch_args", None))
+    # SLURMGraph's submit script ignores a refused sbatch, and the SLURM plugin would fail every node
+    # one by one: check each distinct set of arguments once (an unknown partition, a --gres the
+    # cluster lacks, a time over the partition's limit) before anything is submitted.
+    for sbatch_args in sorted({node.plugin_args["sbatch_args"] for node in workflow._get_all_nodes()}):
+        check = subprocess.run(["sbatch", "--test-only", *shlex.split(sbatch_args), "--wrap", "true"],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise io.InputError("--sbatch-args", f"sbatch refuses '{sbatch_args}': "
+                                f"{(check.stderr or check.stdout).strip()}")
+
+
+def study_slurm_jobs(workflow: Workflow, *, cancel_stuck: bool = False) -> list[dict]:
+    """This study's SLURM jobs still in the queue: ``[{"job", "state", "reason"}, ...]``.
+
+    A job belongs to the study when its batch script lies in the study's ``batch/`` folder (where
+    Nipype writes them).  With ``cancel_stuck``, jobs that can never start (``PENDING`` with reason
+    ``DependencyNeverSatisfied``: a SLURMGraph job whose upstream job failed) are cancelled and
+    left out.
+    """
+    batch_dir = str(Path(workflow.base_dir) / workflow.name / "batch") + os.sep
+    user = os.environ.get("LOGNAME") or getpass.getuser()
+    listing = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i|%T|%r|%o"], capture_output=True, text=True,
+                             check=True).stdout
+    jobs = []
+    for line in listing.splitlines():
+        job, state, reason, command = (line.split("|", 3) + ["", "", ""])[:4]
+        if command.startswith(batch_dir):
+            jobs.append({"job": job, "state": state, "reason": reason})
+    if cancel_stuck:
+        stuck = [j["job"] for j in jobs if j["state"] == "PENDING" and j["reason"] == "DependencyNeverSatisfied"]
+        if stuck:
+            subprocess.run(["scancel", *stuck], check=False)
+        jobs = [j for j in jobs if j["job"] not in stuck]
+    return jobs
+
+
 def _patient_of(node) -> str | None:
     """The patient id of an expanded node (its ``_patient_<id>`` parameterization)."""
     for part in getattr(node, "parameterization", None) or []:
@@ -330,12 +481,14 @@ def _failure_reason(node) -> str:
     try:
         traceback = node.result.runtime.traceback or ""
         last = [line.strip() for line in traceback.splitlines() if line.strip()][-1]
-    except Exception:  # no result file (killed worker, ...): the crash file has the details
+    except Exception:  # no result file (killed worker or SLURM job, ...): the crash file has the details
+        if "results file does not exist" in "".join(getattr(node, "_traceback", None) or []):
+            return f"{node.name}: its SLURM job ended without a result (cancelled, or out of time or memory?)"
         return f"{node.name} failed (see the crash file)"
     return f"{node.name}: {last}"[:500]
 
 
-def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict | None = None) -> list[dict]:
+def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict | None = None) -> list[dict] | None:
     """Run a workflow from :func:`init_study_wf` and return the study table's rows.
 
     Patients whose registration raised are rows with ``status = "failed"``
@@ -346,8 +499,15 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     here from the patients' own results.
 
     ``plugin`` is a Nipype plugin (``Linear``, ``MultiProc``, ``SLURM``, ...);
-    :data:`PLUGIN_DEFAULTS` fills unset ``plugin_args``.  The SLURM plugin
-    needs the same venv path and a shared file system on the compute nodes.
+    :data:`PLUGIN_DEFAULTS` fills unset ``plugin_args``.  The SLURM plugins
+    need the same venv path and a shared file system on the compute nodes;
+    every node gets its own ``sbatch`` arguments (:func:`set_slurm_resources`;
+    ``plugin_args["sbatch_args"]`` is appended to each node's), and
+    ``$SLURM_CONF`` and the rest of the environment pass to ``sbatch``.
+    ``SLURMGraph`` submits every unfinished node at once (with
+    ``--dependency=afterok``) and returns None without waiting: once
+    :func:`study_slurm_jobs` is empty, run the study again (e.g. with the
+    ``SLURM`` plugin) to gather the table; finished nodes are not recomputed.
     """
     patients = list(workflow.get_node("patients").iterables[1])
     out_dir = Path(workflow.get_node("patient_sink").inputs.base_directory)
@@ -357,9 +517,19 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
         if status == "exception":
             failed.setdefault(_patient_of(node), node)
 
-    arguments = {**PLUGIN_DEFAULTS.get(plugin, {}), **(plugin_args or {}), "status_callback": record}
-    try:
+    arguments = {**PLUGIN_DEFAULTS.get(plugin, {}), **(plugin_args or {})}
+    for key in ("poll_sleep_duration", "job_finished_timeout"):
+        if key in arguments:
+            workflow.config["execution"][key] = arguments.pop(key)
+    if plugin in SLURM_PLUGINS:
+        _prepare_slurm(workflow, arguments)
+    if plugin == "SLURMGraph":  # submits and returns; status callbacks are not supported there
         workflow.run(plugin=plugin, plugin_args=arguments)
+        return None
+    arguments["status_callback"] = record
+    try:
+        workflow.run(plugin=SLURMPlugin(plugin_args=arguments) if plugin == "SLURM" else plugin,
+                     plugin_args=arguments)
     except Exception:
         if not failed:
             raise  # not a node failure (a broken graph, a dead worker pool, ...)

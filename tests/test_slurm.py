@@ -1,0 +1,211 @@
+"""Studies on a real SLURM cluster: the private single-node cluster of ``scripts/local-slurm.sh``.
+
+``make test`` starts that cluster before pytest and stops it afterwards.  Where it is not running
+(not root, no apt, a daemon that would not start, or plain ``pytest`` without ``make``) every test
+here is skipped with the reason; none passes without a cluster.
+
+That a node ran as a SLURM job is read from Nipype's own records, never assumed: the environment
+each node's interface ran in (``result_<node>.pklz``: ``SLURM_JOB_ID``, ``SLURM_CPUS_PER_TASK``,
+``SLURM_MEM_PER_NODE``) and the job's output file ``slurm-<jobid>.out`` beside the batch script
+Nipype wrote in ``<work_dir>/inrlddmm_study/batch/``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nipype.utils.filemanip import loadpkl
+
+from nipype_inrlddmm import cli
+from nipype_inrlddmm.phantom import write_cohort
+from nipype_inrlddmm.workflows import (PLUGIN_DEFAULTS, init_study_wf, run_study, slurm_sbatch_args,
+                                      study_slurm_jobs)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "local-slurm.sh"
+FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
+FEW_FLAGS = ["--coarse-iterations", "5", "--distill-iterations", "3", "--fine-iterations", "5", "--quiet"]
+PATIENTS = ["p01", "p02"]
+STAGES = ["coarse", "distill", "fine", "warp_labels", "dice"]
+#: Fast polling for a 2-patient study on an idle local cluster (the package's defaults suit real ones).
+FAST = {"poll_sleep_duration": 0.2, "job_finished_timeout": 2.0}
+
+
+def _local_cluster() -> str:
+    """SLURM_CONF of the running local cluster; skips (with the reason) when there is none."""
+    try:
+        status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"local SLURM cluster: `{SCRIPT} status` failed: {error}")
+    if status.returncode != 0:
+        pytest.skip(f"local SLURM cluster not running: {(status.stdout + status.stderr).strip()} "
+                    f"(`make test` starts it; by hand, as root: scripts/local-slurm.sh start)")
+    conf = next(line.split("=", 1)[1] for line in status.stdout.splitlines() if line.startswith("export SLURM_CONF="))
+    return conf
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local cluster's SLURM_CONF in the environment, LOGNAME unset (as under some CI), fast polling."""
+    conf = _local_cluster()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", conf)
+        patch.delenv("LOGNAME", raising=False)  # Nipype's SLURM plugin needs it: the package sets it
+        patch.setitem(PLUGIN_DEFAULTS, "SLURM", {**PLUGIN_DEFAULTS["SLURM"], **FAST})
+        yield conf
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("cohort"), 2, shape=(32, 28, 16))
+
+
+def _study(manifest, root):
+    return init_study_wf(manifest=manifest, out_dir=root / "out", work_dir=root / "work",
+                         label_names=Path(manifest).parent / "labels.tsv", **FEW)
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, cohort, tmp_path_factory):
+    """The same study with MultiProc on this machine: the table SLURM must reproduce."""
+    root = tmp_path_factory.mktemp("multiproc")
+    rows = run_study(_study(cohort, root), plugin="MultiProc", plugin_args={"n_procs": 2})
+    assert {row["status"] for row in rows} == {"ok"}
+    return (root / "out" / "study_dice.csv").read_text()
+
+
+def _finished_nodes(work_dir) -> dict[str, int]:
+    """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file, finished nodes only."""
+    root = Path(work_dir) / "inrlddmm_study"
+    nodes = {}
+    for result in root.glob("**/result_*.pklz"):
+        if any(not h.name.endswith("_unfinished.json") for h in result.parent.glob("_0x*.json")):
+            nodes[str(result.parent.relative_to(root))] = result.stat().st_mtime_ns
+    return nodes
+
+
+def _slurm_jobs_of_nodes(work_dir) -> dict[str, dict]:
+    """Registration node -> the SLURM variables of the environment its interface ran in."""
+    root = Path(work_dir) / "inrlddmm_study"
+    jobs = {}
+    for patient in PATIENTS:
+        for stage in STAGES:
+            node = f"registration/_patient_{patient}/{stage}"
+            environ = loadpkl(root / node / f"result_{stage}.pklz").runtime.environ
+            jobs[node] = {key: value for key, value in environ.items() if key.startswith("SLURM_")}
+    return jobs
+
+
+def _assert_ran_as_slurm_jobs(work_dir, cohort, *, graph=False):
+    """Every registration node ran in its own SLURM job, with the resources derived from the node."""
+    batch = Path(work_dir) / "inrlddmm_study" / "batch"
+    workflow = _study(cohort, Path(work_dir).parent)
+    jobs = _slurm_jobs_of_nodes(work_dir)
+    for node, variables in jobs.items():
+        assert "SLURM_JOB_ID" in variables, f"{node} did not run in a SLURM job"
+        stage = node.rsplit("/", 1)[1]
+        assert stage in variables["SLURM_JOB_NAME"], (node, variables["SLURM_JOB_NAME"])
+        # -c from n_procs (1 thread), --mem from the node's mem_gb
+        derived = slurm_sbatch_args(workflow.get_node(f"registration.{stage}"))
+        assert f"-c {variables['SLURM_CPUS_PER_TASK']} --mem={variables['SLURM_MEM_PER_NODE']}M " in derived, \
+            (node, variables, derived)
+        if not graph:  # the SLURM plugin's job output file, named after the job id
+            assert (batch / f"slurm-{variables['SLURM_JOB_ID']}.out").is_file(), f"no job output file for {node}"
+    assert len({v["SLURM_JOB_ID"] for v in jobs.values()}) == len(jobs), "one job per node"
+    for script in batch.glob("batchscript_*.sh"):  # the job runs the Python that ran the study
+        assert script.read_text().splitlines()[-1].split()[0] == sys.executable
+    return jobs
+
+
+def _queue_empty(work_dir, timeout=180):
+    """Wait until no job of the study is queued any more."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = subprocess.run(["squeue", "-h", "-o", "%o"], capture_output=True, text=True, check=True).stdout
+        if str(work_dir) not in listing:
+            return
+        assert time.monotonic() < deadline, f"jobs of {work_dir} still queued after {timeout} s:\n{listing}"
+        time.sleep(0.5)
+
+
+def test_a_study_through_the_slurm_plugin_runs_each_node_as_a_job(slurm, cohort, reference, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    status = cli.main(["study", str(cohort), "--out-dir", str(out), "--work-dir", str(work), "--plugin", "SLURM",
+                       *FEW_FLAGS])
+    assert status == 0, capsys.readouterr()
+    assert os.environ.get("LOGNAME"), "LOGNAME was not set for Nipype's SLURM plugin"
+    _assert_ran_as_slurm_jobs(work, cohort)
+    assert (out / "study_dice.csv").read_text() == reference
+
+
+def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tmp_path):
+    """scancel a running distill job: its patient fails, the other finishes; the rerun only finishes."""
+    driver = (
+        "import json, sys\n"
+        "from nipype_inrlddmm.workflows import init_study_wf, run_study\n"
+        "manifest, root, few, fast = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])\n"
+        "wf = init_study_wf(manifest=manifest, out_dir=root + '/out', work_dir=root + '/work',\n"
+        "                   label_names=manifest.rsplit('/', 1)[0] + '/labels.tsv', **few)\n"
+        "rows = run_study(wf, plugin='SLURM', plugin_args=fast)\n"
+        "print('ROWS=' + json.dumps({row['patient']: row['status'] for row in rows}), flush=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", driver, str(cohort), str(tmp_path), json.dumps(FEW),
+                                json.dumps(FAST)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cancelled = None
+    deadline = time.monotonic() + 180
+    try:
+        while cancelled is None:
+            assert process.poll() is None, "the study ended before a job could be cancelled"
+            assert time.monotonic() < deadline, "no distill job ever ran"
+            queue = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T|%o"], capture_output=True, text=True,
+                                   check=True).stdout
+            for line in queue.splitlines():
+                job, name, state, command = line.split("|", 3)
+                if str(tmp_path) in command and "distill" in name and state == "RUNNING":
+                    subprocess.run(["scancel", job], check=True)
+                    cancelled = job
+                    break
+            time.sleep(0.1)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "ROWS=" in stdout, f"the study died: {stderr[-3000:]}"
+    first = json.loads(next(line[5:] for line in stdout.splitlines() if line.startswith("ROWS=")))
+    assert sorted(first.values()) == ["failed", "ok"], (first, stderr[-2000:])
+    failed = next(patient for patient, status in first.items() if status == "failed")
+    finished = _finished_nodes(tmp_path / "work")
+    assert f"registration/_patient_{failed}/coarse" in finished
+    assert f"registration/_patient_{failed}/distill" not in finished  # the cancelled job left no result
+
+    rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=FAST)
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    assert (tmp_path / "out" / "study_dice.csv").read_text() == reference
+    after = _finished_nodes(tmp_path / "work")
+    rerun = {node for node, mtime in after.items() if finished.get(node) != mtime and not node.endswith("_sink")}
+    assert rerun == {f"registration/_patient_{failed}/{stage}" for stage in STAGES[1:]} | {"gather_dice"}
+    jobs = _assert_ran_as_slurm_jobs(tmp_path / "work", cohort)
+    assert cancelled not in {v["SLURM_JOB_ID"] for v in jobs.values()}
+
+
+def test_slurmgraph_submits_and_exits_then_collect_gathers(slurm, cohort, reference, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = ["study", str(cohort), "--out-dir", str(out), "--work-dir", str(work), *FEW_FLAGS]
+    assert cli.main([*command, "--plugin", "SLURMGraph"]) == 0
+    assert "submitted 16 SLURM jobs" in capsys.readouterr().out  # 7 per patient, the join and the table sink
+    assert not (out / "study_dice.csv").exists()
+    assert cli.main([*command, "--collect"]) == 3  # jobs still queued: nothing gathered, nothing run here
+    assert "still queued or running" in capsys.readouterr().out
+
+    _queue_empty(work)
+    before = _finished_nodes(work)
+    assert cli.main([*command, "--collect"]) == 0, capsys.readouterr()
+    assert (out / "study_dice.csv").read_text() == reference
+    _assert_ran_as_slurm_jobs(work, cohort, graph=True)
+    after = _finished_nodes(work)
+    assert {node for node in before if after[node] != before[node] and not node.endswith("_sink")} == set()
+    assert study_slurm_jobs(_study(cohort, tmp_path)) == []
