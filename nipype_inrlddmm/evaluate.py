@@ -1,4 +1,4 @@
-"""Evaluate a registration from files: per-label Dice/HD95 CSV and a JSON summary."""
+"""Evaluate a registration from files: per-label Dice/HD95 or per-landmark TRE as CSV, and a JSON summary."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def evaluate_files(
     names = io.load_label_names(label_names) if label_names else None
     region = None
     if mask:
-        region_data, _ = io.load_volume(mask, what="mask")
-        if region_data.shape != fixed.shape:
-            raise io.InputError(mask, f"mask shape {region_data.shape} differs from the labels {fixed.shape}")
+        region_data, region_affine = io.load_volume(mask, what="mask")
+        problem = io.grid_mismatch(region_data.shape, region_affine, fixed.shape, affine)
+        if problem:
+            raise io.InputError(mask, f"the mask is not on the fixed labels' grid ({problem})")
         region = region_data > 0
     rows = metrics.label_overlap(warped, fixed, affine, sorted(names) if names else None, names=names, mask=region)
     found = [r["dice"] for r in rows if not r["missing"]]
@@ -45,6 +46,41 @@ def evaluate_files(
     if displacement:
         field, field_affine = io.load_displacement(displacement)
         summary.update(metrics.jacobian_summary(field, field_affine))
+    io.write_csv(out_csv, rows)
+    with io.atomic_path(out_json) as temporary:
+        Path(temporary).write_text(json.dumps(summary, indent=2))
+    return rows, summary
+
+
+def evaluate_landmarks(
+    fixed_landmarks, moving_landmarks, displacement, out_csv, out_json, *, affine_transform=None
+) -> tuple[list[dict], dict]:
+    """Target registration error of landmark pairs; write the CSV and JSON.
+
+    Parameters
+    ----------
+    fixed_landmarks, moving_landmarks : CSVs of ``x, y, z`` (LPS mm), row
+        ``i`` of one matching row ``i`` of the other.
+    displacement : ITK displacement on the fixed grid (path).
+    affine_transform : optional ITK/ANTs affine (fixed -> moving) that was
+        applied before the deformable stages (AffineInit's ``transform``).
+
+    Each fixed landmark ``p`` is mapped to ``A (p + d(p))`` and compared
+    with its moving partner, as ``antsApplyTransformsToPoints`` does with
+    the forward transforms.  Returns the rows and the summary written.
+    """
+    fixed_points, moving_points = io.load_landmarks(fixed_landmarks), io.load_landmarks(moving_landmarks)
+    if len(fixed_points) != len(moving_points):
+        raise io.InputError(moving_landmarks, f"holds {len(moving_points)} landmarks, but {fixed_landmarks} "
+                            f"holds {len(fixed_points)}: they must pair row by row")
+    field, field_affine = io.load_displacement(displacement)
+    pre_affine = io.load_itk_affine(affine_transform) if affine_transform else None
+    mapped = metrics.map_points(fixed_points, field, field_affine, pre_affine)
+    errors = np.linalg.norm(mapped - moving_points, axis=1)
+    rows = [{"landmark": i, "tre_mm": float(e), "mapped_x_lps": float(-m[0]), "mapped_y_lps": float(-m[1]),
+             "mapped_z_lps": float(m[2])} for i, (e, m) in enumerate(zip(errors, mapped))]
+    summary = {"landmarks": len(rows), "tre_mean_mm": float(errors.mean()), "tre_std_mm": float(errors.std()),
+               "tre_median_mm": float(np.median(errors)), "tre_max_mm": float(errors.max())}
     io.write_csv(out_csv, rows)
     with io.atomic_path(out_json) as temporary:
         Path(temporary).write_text(json.dumps(summary, indent=2))

@@ -361,6 +361,26 @@ def load_itk_affine(path) -> np.ndarray:
         raise InputError(path, f"cannot parse the transform parameters ({error})") from error
 
 
+def load_landmarks(path) -> np.ndarray:
+    """Landmarks from a CSV with columns ``x, y, z`` in ITK/LPS physical mm (as ANTs and elastix write them).
+
+    Returns ``(N, 3)`` float64 points in world mm, RAS (the engine's convention).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "landmark file does not exist")
+    rows = list(csv.DictReader(path.read_text(errors="replace").splitlines()))
+    if not rows or not {"x", "y", "z"} <= set(rows[0]):
+        raise InputError(path, "expected a CSV with columns x, y, z (LPS mm) and at least one landmark")
+    try:
+        points = np.array([[float(row[c]) for c in "xyz"] for row in rows], np.float64)
+    except (TypeError, ValueError) as error:
+        raise InputError(path, f"a coordinate is not a number ({error})") from error
+    if not np.all(np.isfinite(points)):
+        raise InputError(path, "holds NaN or Inf coordinates")
+    return points * _RAS_TO_LPS.astype(np.float64)
+
+
 def write_csv(path, rows: list[dict], *, delimiter: str = ",") -> Path:
     """Write dict rows (keys of the first row, in order, as the header) atomically."""
     fieldnames = list(rows[0]) if rows else []

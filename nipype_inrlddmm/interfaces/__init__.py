@@ -7,6 +7,7 @@ DistillINR     refit the coarse network at full resolution
 FineINR        fine stage; the final field, model and warped image
 ApplyWarp      carry an image or label map through a displacement field
 DiceEval       per-label Dice/HD95 and Jacobian statistics
+LandmarkTRE    target registration error of landmark pairs
 SelectPatient  one patient's files from a study manifest
 GatherDice     the study table (a JoinNode over patients)
 =============  ===============================================================
@@ -20,10 +21,10 @@ reports as its ``n_procs``.
 """
 
 from .affine import AffineInit
-from .evaluation import DiceEval
+from .evaluation import DiceEval, LandmarkTRE
 from .registration import CoarseINR, DistillINR, FineINR
 from .study import GatherDice, SelectPatient
 from .warp import ApplyWarp
 
 __all__ = ["AffineInit", "ApplyWarp", "CoarseINR", "DiceEval", "DistillINR", "FineINR", "GatherDice",
-           "SelectPatient"]
+           "LandmarkTRE", "SelectPatient"]

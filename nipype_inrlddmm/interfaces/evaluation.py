@@ -1,4 +1,4 @@
-"""Dice, HD95 and Jacobian statistics of a registration, as Learn2Reg reports them."""
+"""Dice, HD95, Jacobian statistics and landmark TRE of a registration, as Learn2Reg reports them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from ..evaluate import evaluate_files
+from ..evaluate import evaluate_files, evaluate_landmarks
 from .base import VersionedInputSpec, optional
 
 
@@ -62,4 +62,59 @@ class DiceEval(SimpleInterface):
             displacement=optional(inputs.displacement), mask=optional(inputs.mask),
         )
         self._results.update(out_csv=out_csv, out_json=out_json, mean_dice=summary["mean_dice"])
+        return runtime
+
+
+class _LandmarkTREInputSpec(VersionedInputSpec):
+    fixed_landmarks = traits.File(exists=True, mandatory=True,
+                                  desc="CSV x,y,z (ITK/LPS mm) of landmarks in the fixed image")
+    moving_landmarks = traits.File(exists=True, mandatory=True,
+                                   desc="CSV x,y,z (ITK/LPS mm) of their partners in the moving image, row by row")
+    displacement = traits.File(exists=True, mandatory=True, desc="ITK/ANTs displacement field on the fixed grid")
+    affine_transform = traits.File(exists=True, mandatory=False,
+                                   desc="ITK/ANTs affine (fixed -> moving) applied before the deformable stages, "
+                                   "e.g. AffineInit's transform")
+
+
+class _LandmarkTREOutputSpec(TraitedSpec):
+    out_csv = traits.File(exists=True, desc="tre.csv: landmark, tre_mm and the mapped point (LPS mm)")
+    out_json = traits.File(exists=True, desc="tre.json: landmarks, tre_mean_mm, tre_std_mm, tre_median_mm, "
+                           "tre_max_mm")
+    mean_tre = traits.Float(desc="mean target registration error (mm)")
+
+
+class LandmarkTRE(SimpleInterface):
+    """Target registration error: fixed landmarks mapped to ``A (p + d(p))``, distance to their partners.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from nipype_inrlddmm import io
+    >>> from nipype_inrlddmm.interfaces import LandmarkTRE
+    >>> tmpdir = tempfile.TemporaryDirectory()
+    >>> tmp = Path(tmpdir.name)
+    >>> shift = np.zeros((10, 10, 10, 3), np.float32); shift[..., 0] = 2.0  # 2 mm towards R
+    >>> field = io.save_displacement(tmp / "field.nii.gz", shift, np.eye(4))
+    >>> _ = (tmp / "fixed.csv").write_text("x,y,z\\n-4,-4,4\\n-5,-3,2\\n")   # LPS mm
+    >>> _ = (tmp / "moving.csv").write_text("x,y,z\\n-6,-4,4\\n-7,-3,3\\n")
+    >>> tre = LandmarkTRE(fixed_landmarks=str(tmp / "fixed.csv"), moving_landmarks=str(tmp / "moving.csv"),
+    ...                   displacement=str(field)).run(cwd=str(tmp))
+    >>> round(tre.outputs.mean_tre, 3), Path(tre.outputs.out_csv).name
+    (0.5, 'tre.csv')
+    >>> tmpdir.cleanup()
+    """
+
+    input_spec = _LandmarkTREInputSpec
+    output_spec = _LandmarkTREOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        out_csv, out_json = os.path.join(runtime.cwd, "tre.csv"), os.path.join(runtime.cwd, "tre.json")
+        _, summary = evaluate_landmarks(
+            inputs.fixed_landmarks, inputs.moving_landmarks, inputs.displacement, out_csv, out_json,
+            affine_transform=optional(inputs.affine_transform),
+        )
+        self._results.update(out_csv=out_csv, out_json=out_json, mean_tre=summary["tre_mean_mm"])
         return runtime
