@@ -27,7 +27,8 @@ _OPTIONS = {
     "encoding": (str, "input encoding: fourier, siren or none"),
     "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc or mse"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
-    "coarse_factor": (int, "block size of the coarse stage's downsampling"),
+    "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest to 3 mm voxels, "
+                          "at least 2)"),
     "coarse_iterations": (int, "iterations of the coarse stage"),
     "distill_iterations": (int, "iterations of the distillation stage"),
     "fine_iterations": (int, "iterations of the fine stage"),

@@ -22,7 +22,8 @@ import torch
 from . import __version__
 from .engine import ModelConfig, VelocityField
 
-CHECKPOINT_FORMAT = 1
+# 2: SIREN layers are single SineLinear modules (state-dict keys changed).
+CHECKPOINT_FORMAT = 2
 # RAS <-> LPS: ITK/ANTs store physical vectors in LPS.
 _RAS_TO_LPS = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 

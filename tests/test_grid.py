@@ -71,3 +71,26 @@ def test_label_warp_keeps_only_existing_labels(interpolation):
     out = engine.warp(labels, affine, shift, affine, interpolation=interpolation)
     assert set(out.unique().tolist()) <= {0.0, 3.0, 7.0}
     assert (out == 3).sum() > 0 and (out == 7).sum() > 0
+
+
+@pytest.mark.parametrize("spacing, coarse, fine", [
+    ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
+    ((1.366, 1.366, 2.5), (2, 2, 2), (1, 1, 1)),  # chest CT
+    ((2.8, 2.7, 5.0), (2, 2, 2), (1, 1, 1)),  # CBCT-like: never coarser than half, never finer than full
+])
+def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):
+    affine = torch.tensor(oblique_affine(spacing), dtype=torch.float32)
+    assert engine.stage_factors(None, affine, "coarse") == coarse
+    assert engine.stage_factors(None, affine, "fine") == fine
+    assert engine.stage_factors(4, affine, "coarse") == (4, 4, 4)
+    with pytest.raises(ValueError, match="fine_factor"):
+        engine.stage_factors((2, 0, 2), affine, "fine")
+
+
+def test_block_grid_is_the_downsampled_grid():
+    affine = torch.tensor(oblique_affine(), dtype=torch.float32)
+    volume = torch.rand(13, 10, 7)
+    coarse, coarse_affine = engine.downsample(volume, affine, (3, 2, 2))
+    shape, grid_affine = engine.block_grid(volume.shape, affine, (3, 2, 2))
+    assert shape == tuple(coarse.shape)
+    torch.testing.assert_close(grid_affine, coarse_affine)

@@ -1,7 +1,7 @@
 """Pure-PyTorch INR-LDDMM: tensors in, tensors out; no files, no Nipype."""
 
 from .flow import dense_displacement, integrate, resample_field
-from .grid import apply_affine, downsample, sample, world_grid
+from .grid import apply_affine, block_grid, downsample, sample, world_grid
 from .memory import InsufficientMemoryError, available_memory, check_memory, estimate_memory
 from .pipeline import (
     RegistrationConfig,
@@ -15,6 +15,7 @@ from .pipeline import (
     normalise_intensity,
     register_volumes,
     resolve_device,
+    stage_factors,
     warp,
 )
 from .stages import StageConfig, fit_field, fit_images
@@ -23,8 +24,8 @@ from .velocity import ModelConfig, VelocityField
 __all__ = [
     "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory",
     "ModelConfig", "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult",
-    "VelocityField", "apply_affine", "coarse_stage", "config_from_options", "dense_displacement", "distill_stage",
+    "VelocityField", "apply_affine", "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "new_velocity_field",
-    "normalise_intensity", "register_volumes", "resample_field", "resolve_device", "sample",
+    "normalise_intensity", "register_volumes", "resample_field", "resolve_device", "sample", "stage_factors",
     "warp", "world_grid",
 ]

@@ -79,16 +79,23 @@ def downsample(volume: torch.Tensor, affine: torch.Tensor, factors) -> tuple[tor
     Edge voxels are replicated so every axis divides evenly.
     """
     factors = tuple(int(f) for f in factors)
+    if factors == (1, 1, 1):
+        return volume, affine
     pad = [(-n) % f for n, f in zip(volume.shape, factors)]
     vol = volume[None, None]
     if any(pad):
         vol = F.pad(vol, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
     coarse = F.avg_pool3d(vol, kernel_size=factors, stride=factors)[0, 0]
+    return coarse, block_grid(volume.shape, affine, factors)[1]
+
+
+def block_grid(shape, affine: torch.Tensor, factors) -> tuple[tuple[int, int, int], torch.Tensor]:
+    """Shape and affine of the grid that :func:`downsample` by ``factors`` gives."""
     scale = torch.eye(4, dtype=affine.dtype, device=affine.device)
     for axis, f in enumerate(factors):
         scale[axis, axis] = f
         scale[axis, 3] = (f - 1) / 2.0
-    return coarse, affine @ scale
+    return tuple(-(-int(n) // int(f)) for n, f in zip(shape, factors)), affine @ scale
 
 
 def spacing(affine: torch.Tensor) -> torch.Tensor:

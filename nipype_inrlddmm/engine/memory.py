@@ -136,7 +136,9 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
     model = config.model
     chunk = min(_DENSE_CHUNK, fixed_voxels) * (3 * model.width + 20) * 4
     if stage == "coarse":
-        factors = (config.coarse_factor,) * 3 if isinstance(config.coarse_factor, int) else config.coarse_factor
+        factor = config.coarse_factor
+        # Automatic factors are at least 2: assume 2, the largest coarse grid they can give.
+        factors = (factor or 2,) * 3 if factor is None or isinstance(factor, int) else factor
         grid = [-(-int(n) // int(f)) for n, f in zip(fixed_shape, factors)]
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
         training = _training_bytes(_patch_points(grid, config.coarse), model)

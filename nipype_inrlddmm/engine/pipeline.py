@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .flow import dense_displacement
-from .grid import apply_affine, downsample, matching_factors, sample, world_grid
+from .grid import apply_affine, block_grid, downsample, matching_factors, sample, spacing, world_grid
 from .memory import check_memory
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
@@ -25,13 +25,16 @@ class RegistrationConfig:
     """All settings of a coarse-to-fine registration.
 
     ``coarse_factor`` is the block size (per axis, or one int for all) by
-    which both images are averaged for the coarse stage.  ``field_stride``
+    which both images are averaged for the coarse stage, ``fine_factor`` the
+    same for the distillation and the fine stage; None picks them from the
+    voxel size (:func:`stage_factors`).  ``field_stride``
     is the voxel stride at which the final dense field is integrated before
     trilinear interpolation to every voxel.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    coarse_factor: tuple[int, int, int] | int = 2
+    coarse_factor: tuple[int, int, int] | int | None = None
+    fine_factor: tuple[int, int, int] | int | None = None
     coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=300))
     distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=100))
     fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=200, learning_rate=1e-3))
@@ -91,11 +94,42 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _factors(factor) -> tuple[int, int, int]:
+#: Voxel sizes (mm) the coarse and the fine stage aim at when their factors are None.
+COARSE_SPACING_MM = 3.0
+FINE_SPACING_MM = 2.0
+
+
+def stage_factors(factor, fixed_affine: torch.Tensor, stage: str) -> tuple[int, int, int]:
+    """Block sizes (per fixed-grid axis) by which a stage averages the fixed image.
+
+    ``factor`` is one int, three ints, or None: then, per axis, the block
+    size that brings the voxel closest to :data:`COARSE_SPACING_MM` (at
+    least 2) for the ``"coarse"`` stage, or to :data:`FINE_SPACING_MM` (at
+    least 1) for the ``"fine"`` stage and its distillation, as ANTs' SyN
+    stops at half resolution.  Chosen by measurement on brain-pair (1 mm
+    voxels, mean Dice over 30 labels): the coarse stage alone reaches 0.664
+    at 2 mm, 0.712 at 3 mm, 0.695 at 4 mm; after the 3 mm coarse stage a fine
+    stage at 1 mm lowers it to 0.704, one at 2 mm raises it to 0.719.  CT
+    and CBCT grids of 1.4 mm voxels and coarser keep 2 and 1, as before.
+    """
+    if factor is None:
+        target, minimum = (COARSE_SPACING_MM, 2) if stage == "coarse" else (FINE_SPACING_MM, 1)
+        return tuple(max(minimum, round(target / size)) for size in spacing(fixed_affine).tolist())
     factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
     if len(factors) != 3 or any(int(f) < 1 for f in factors):
-        raise ValueError(f"coarse_factor must be a positive int or three of them, got {factor!r}")
+        raise ValueError(f"{stage}_factor must be None, a positive int or three of them, got {factor!r}")
     return tuple(int(f) for f in factors)
+
+
+def _stage_images(moving, moving_affine, fixed, fixed_affine, fixed_mask, factors):
+    """Fixed image (and mask) block-averaged by ``factors``, the moving image to the same resolution."""
+    stage_fixed, stage_fixed_affine = downsample(fixed, fixed_affine, factors)
+    stage_moving, stage_moving_affine = downsample(moving, moving_affine,
+                                                   matching_factors(moving_affine, stage_fixed_affine))
+    stage_mask = None
+    if fixed_mask is not None:
+        stage_mask = downsample(fixed_mask.to(fixed.dtype), fixed_affine, factors)[0] > 0.5
+    return stage_moving, stage_moving_affine, stage_fixed, stage_fixed_affine, stage_mask
 
 
 def coarse_stage(
@@ -107,13 +141,9 @@ def coarse_stage(
     the factors that bring it closest to the same physical resolution, so a
     fine CT and a coarse CBCT are compared at one scale.
     """
-    factors = _factors(config.coarse_factor)
-    coarse_fixed, coarse_fixed_affine = downsample(fixed, fixed_affine, factors)
-    moving_factors = matching_factors(moving_affine, coarse_fixed_affine)
-    coarse_moving, coarse_moving_affine = downsample(moving, moving_affine, moving_factors)
-    coarse_mask = None
-    if fixed_mask is not None:
-        coarse_mask = downsample(fixed_mask.to(fixed.dtype), fixed_affine, factors)[0] > 0.5
+    factors = stage_factors(config.coarse_factor, fixed_affine, "coarse")
+    coarse_moving, coarse_moving_affine, coarse_fixed, coarse_fixed_affine, coarse_mask = _stage_images(
+        moving, moving_affine, fixed, fixed_affine, fixed_mask, factors)
     velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
     log = fit_images(
         velocity, coarse_moving, coarse_moving_affine, coarse_fixed, coarse_fixed_affine, config.coarse,
@@ -127,15 +157,19 @@ def coarse_stage(
 def distill_stage(
     coarse: StageResult, fixed_shape, fixed_affine, config: RegistrationConfig, *, progress=False
 ) -> StageResult:
-    """Fit the network at fine resolution to the trilinearly upsampled S1.
+    """Fit the network at the fine stage's resolution to the trilinearly upsampled S1.
 
     Starts from the coarse weights (one MLP throughout, as Algorithm 2) and
-    returns a copy; ``coarse.velocity`` is left untouched.
+    returns a copy; ``coarse.velocity`` is left untouched.  Points are drawn
+    on the fixed grid block-averaged by ``fine_factor``; the returned
+    displacement is on the full fixed grid.
     """
     velocity = new_velocity_field(fixed_shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(coarse.velocity.state_dict())
+    fine_shape, fine_affine = block_grid(fixed_shape, fixed_affine, stage_factors(config.fine_factor, fixed_affine,
+                                                                                  "fine"))
     log = fit_field(
-        velocity, coarse.displacement, coarse.affine, fixed_shape, fixed_affine, config.distill,
+        velocity, coarse.displacement, coarse.affine, fine_shape, fine_affine, config.distill,
         n_steps=config.model.n_steps, generator=_generator(config.seed + 2), progress=progress,
     )
     displacement = dense_displacement(
@@ -148,12 +182,20 @@ def fine_stage(
     initial: VelocityField, moving, moving_affine, fixed, fixed_affine, config: RegistrationConfig,
     *, fixed_mask=None, progress=False,
 ) -> StageResult:
-    """Algorithm 1 at full resolution, from a copy of ``initial``'s weights."""
+    """Algorithm 1 at the fine resolution, from a copy of ``initial``'s weights.
+
+    The images are block-averaged by ``fine_factor`` (none for voxels of
+    1.5 mm and more by default); the displacement is integrated on the full
+    fixed grid.
+    """
     velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(initial.state_dict())
+    factors = stage_factors(config.fine_factor, fixed_affine, "fine")
+    fine_moving, fine_moving_affine, fine_fixed, fine_fixed_affine, fine_mask = _stage_images(
+        moving, moving_affine, fixed, fixed_affine, fixed_mask, factors)
     log = fit_images(
-        velocity, moving, moving_affine, fixed, fixed_affine, config.fine,
-        n_steps=config.model.n_steps, fixed_mask=fixed_mask, generator=_generator(config.seed + 3),
+        velocity, fine_moving, fine_moving_affine, fine_fixed, fine_fixed_affine, config.fine,
+        n_steps=config.model.n_steps, fixed_mask=fine_mask, generator=_generator(config.seed + 3),
         stage="fine", progress=progress,
     )
     displacement = dense_displacement(
@@ -257,7 +299,7 @@ def config_from_options(**options) -> RegistrationConfig:
       stage (``fine_iterations=100``);
     * a bare :class:`StageConfig` field (``reg_weight``, ``similarity``) sets
       it for every stage;
-    * ``coarse_factor``, ``field_stride``, ``seed`` as in :class:`RegistrationConfig`.
+    * ``coarse_factor``, ``fine_factor``, ``field_stride``, ``seed`` as in :class:`RegistrationConfig`.
     """
     base = RegistrationConfig()
     model, stages, top = {}, {"coarse": {}, "distill": {}, "fine": {}}, {}

@@ -23,10 +23,10 @@ MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
 #: Traits of each optimisation interface that map onto the engine configuration.
 STAGE_TRAITS = {
     "coarse": IMAGE_STAGE_FIELDS + MODEL_FIELDS + ("coarse_factor", "seed"),
-    "distill": DISTILL_FIELDS + ("field_stride", "seed"),
-    "fine": IMAGE_STAGE_FIELDS + ("field_stride", "seed"),
+    "distill": DISTILL_FIELDS + ("fine_factor", "field_stride", "seed"),
+    "fine": IMAGE_STAGE_FIELDS + ("fine_factor", "field_stride", "seed"),
 }
-_TOP_LEVEL = ("coarse_factor", "field_stride", "seed")
+_TOP_LEVEL = ("coarse_factor", "fine_factor", "field_stride", "seed")
 
 
 def stage_inputs(config: engine.RegistrationConfig, stage: str) -> dict:
@@ -103,6 +103,12 @@ class DenseFieldInputSpec(BaseInterfaceInputSpec):
     field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
                                 desc="voxel stride at which the dense field is integrated before trilinear "
                                 "interpolation to every voxel")
+    fine_factor = traits.Either(
+        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
+        default=DEFAULTS.fine_factor, usedefault=True,
+        desc="block size (one for all axes, or three) by which the fixed image is averaged for the distillation "
+        "and the fine stage; None: per axis, the one closest to 2 mm voxels, at least 1",
+    )
 
 
 class ImageStageInputSpec(OptimisationInputSpec):

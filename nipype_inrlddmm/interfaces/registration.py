@@ -28,9 +28,10 @@ class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     coarse_factor = traits.Either(
-        traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
+        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
         default=DEFAULTS.coarse_factor, usedefault=True,
-        desc="block size (one for all axes, or three) by which both images are averaged",
+        desc="block size (one for all axes, or three) by which both images are averaged; None: per axis, "
+        "the one closest to 3 mm voxels, at least 2",
     )
 
 
