@@ -25,7 +25,10 @@ demo: install
 # The SLURM tests need a running cluster: scripts/with-local-slurm.sh starts a private single-node
 # one (installing slurm-wlm and munge with apt when missing; root only) and stops it afterwards, even
 # when tests fail.  Where it cannot, the SLURM tests skip with the reason.
+# The report test opens report.html in headless Chromium: scripts/ensure-chromium.sh installs Debian's
+# chromium when missing (root with apt), and never fails; without it that test skips with the reason.
 test: install
+	scripts/ensure-chromium.sh
 	scripts/with-local-slurm.sh $(BIN)/python -m pytest -q
 
 clean:

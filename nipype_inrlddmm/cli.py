@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, io, steps
+from . import __version__, engine, io, qc, steps
 from .api import register
 from .evaluate import evaluate_files
 
@@ -45,7 +45,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-threads", type=int, default=None,
                        help="torch CPU threads (register: default torch's own choice; study and demo: "
                        "per node, default 1)")
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--quiet", action="store_true", help="no progress bars (shown by default: one per stage, "
+                       "with the current loss, on stderr)")
 
 
 def _registration_options(args) -> dict:
@@ -54,15 +55,19 @@ def _registration_options(args) -> dict:
 
 def register_files(
     moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
-    device="auto", num_threads=None, progress=True, **options,
+    device="auto", num_threads=None, progress=True, trajectory=0, **options,
 ) -> dict:
     """Register two NIfTI files and write every output into ``out_dir``.
 
     Writes ``warped.nii.gz``, ``displacement.nii.gz`` (ITK/ANTs),
-    ``model.pt``, ``log.csv`` and, with both label maps,
-    ``warped_labels.nii.gz``, ``dice.csv`` and ``dice.json``.  All inputs are
-    validated before any optimisation starts.  Returns the written paths.
+    ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
+    with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
+    ``dice.json``; with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
+    ``trajectory.gif``, the moving image at K times of the flow.  All inputs
+    are validated before any optimisation starts.  Returns the written paths.
     """
+    if trajectory and trajectory < 2:
+        raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
     out_dir = Path(out_dir)
     pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                            fixed_mask=fixed_mask)
@@ -86,6 +91,18 @@ def register_files(
             label_names=label_names, displacement=outputs["displacement"], mask=fixed_mask,
         )
         outputs.update(dice=out_dir / "dice.csv", rows=rows, summary=summary)
+    outputs["qc"] = qc.write_qc_figure(
+        out_dir / "qc.png", fixed_image=fixed, moving_image=moving, warped_image=outputs["warped"],
+        fixed_labels=fixed_labels if "warped_labels" in outputs else None,
+        moving_labels=moving_labels if "warped_labels" in outputs else None,
+        warped_labels=outputs.get("warped_labels"), displacement=outputs["displacement"], fixed_mask=fixed_mask,
+        label_names=label_names, title=Path(moving).name,
+    )
+    if trajectory:
+        frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, fixed_data.shape,
+                                                fixed_affine, trajectory,
+                                                field_stride=engine.config_from_options(**options).field_stride)
+        outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=Path(moving).name))
     return outputs
 
 
@@ -100,7 +117,7 @@ def _cmd_register(args) -> int:
     outputs = register_files(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=args.label_names,
-        device=args.device, num_threads=args.num_threads, progress=not args.quiet,
+        device=args.device, num_threads=args.num_threads, progress=not args.quiet, trajectory=args.trajectory,
         **_registration_options(args),
     )
     if "rows" in outputs:
@@ -168,7 +185,8 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
             plugin_args["sbatch_args"] = args.sbatch_args
     workflow = init_study_wf(
         manifest=manifest, out_dir=out_dir, work_dir=work_dir, label_names=label_names, num_threads=num_threads,
-        affine=args.affine or False, device=args.device, progress=not args.quiet, **_registration_options(args),
+        affine=args.affine or False, device=args.device, progress=not args.quiet, trajectory=args.trajectory,
+        **_registration_options(args),
     )
     if collect:
         queued = study_slurm_jobs(workflow, cancel_stuck=True)
@@ -184,6 +202,7 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
               "lists them, run the same command with --collect to gather the results")
         return 0
     _print_study(rows, out_dir / "study_dice.csv")
+    print(f"report: {out_dir / 'report.html'}")
     failed = [row["patient"] for row in rows if row["status"] != "ok"]
     if failed:
         print(f"\n{len(failed)} of {len(rows)} patients failed: {', '.join(failed)} "
@@ -238,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = commands.add_parser("register", help="register one moving image onto one fixed image",
                               description="Register MOVING onto FIXED and write warped image, field, model, "
-                              "log and (with both label maps) Dice into --out-dir.")
+                              "log, QC figure and (with both label maps) Dice into --out-dir.")
     reg.add_argument("--moving", required=True, help="moving image (NIfTI), e.g. the planning CT")
     reg.add_argument("--fixed", required=True, help="fixed image (NIfTI), e.g. the day's CBCT")
     reg.add_argument("--moving-labels", help="label map on the moving grid, carried to the fixed grid")
@@ -246,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-mask", help="mask on the fixed grid: where to sample and evaluate (e.g. CBCT FOV)")
     reg.add_argument("--label-names", help="JSON {id: name} or TSV with index/name columns")
     reg.add_argument("--out-dir", required=True, help="output folder (created)")
+    reg.add_argument("--trajectory", type=int, default=0, metavar="K",
+                     help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "
+                     "(4-D) and trajectory.gif (the axial centre slice); t = 0 is the moving image, t = 1 the "
+                     "warped one (default: none)")
     _add_registration_options(reg)
     reg.set_defaults(func=_cmd_register)
 
@@ -254,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Register every row of MANIFEST with the Nipype study workflow and write, per patient, "
         "OUT_DIR/<patient>/ (warped.nii.gz, displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv, "
-        "dice.json, stage logs) and OUT_DIR/study_dice.csv (one row per patient; failed patients marked "
-        "with the reason).",
+        "dice.json, stage logs, qc.png), OUT_DIR/study_dice.csv (one row per patient; failed patients marked "
+        "with the reason) and OUT_DIR/report.html (the Dice table, box plots, QC figures, parameters).",
         epilog="""manifest (TSV or CSV; paths relative to the manifest's folder):
   patient  moving            fixed               moving_labels            fixed_labels              fixed_mask
   p01      p01/ct.nii.gz     p01/cbct.nii.gz     p01/ct_labels.nii.gz     p01/cbct_labels.nii.gz    p01/cbct_fov.nii.gz
@@ -276,6 +299,9 @@ SLURM_CONF and the rest of the environment pass to sbatch.  --plugin SLURMGraph 
     study.add_argument("--work-dir", required=True, help="Nipype working folder: the cache that makes reruns cheap")
     study.add_argument("--label-names", help="JSON/TSV of label names (default: labels.tsv or labels.json beside "
                        "the manifest, if present)")
+    study.add_argument("--trajectory", type=int, default=0, metavar="K",
+                       help="per patient, the moving image at K times of the flow (trajectory.nii.gz, "
+                       "trajectory.gif) (default: none)")
     study.add_argument("--collect", action="store_true",
                        help="after --plugin SLURMGraph: once none of the study's jobs is queued, gather the results "
                        "(a node whose job failed is resubmitted through the SLURM plugin); exit status 3 while "
@@ -293,6 +319,8 @@ SLURM_CONF and the rest of the environment pass to sbatch.  --plugin SLURMGraph 
     demo.add_argument("--patients", type=int, default=3, help="patients in the cohort (default: 3)")
     demo.add_argument("--shape", type=int, nargs=3, default=(128, 112, 48), metavar=("X", "Y", "Z"),
                       help="phantom grid (default: 128 112 48)")
+    demo.add_argument("--trajectory", type=int, default=5, metavar="K",
+                      help="per patient, the moving image at K times of the flow (default: 5)")
     _add_study_options(demo)
     _add_registration_options(demo)
     demo.set_defaults(func=_cmd_demo)

@@ -254,13 +254,8 @@ def save_checkpoint(path, velocity: VelocityField, *, shape, affine: np.ndarray)
     return Path(path)
 
 
-def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
-    """Rebuild a velocity network; refuse another version's or another grid's checkpoint.
-
-    ``shape``/``affine`` (optional) are the fixed grid the caller is working
-    on; a checkpoint fitted on a different grid is rejected.
-    """
-    path = Path(path)
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload, after checking its format and package version."""
     if not path.is_file():
         raise InputError(path, "checkpoint file does not exist")
     try:
@@ -274,6 +269,27 @@ def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
         raise InputError(path, f"the checkpoint records no package version: incompatible with {__version__}")
     if version.split(".")[:2] != __version__.split(".")[:2]:
         raise InputError(path, f"checkpoint written by nipype_inrlddmm {version}, incompatible with {__version__}")
+    return payload
+
+
+def checkpoint_grid(path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The fixed grid ``(shape, affine)`` a checkpoint was fitted on."""
+    payload = _read_checkpoint(Path(path))
+    try:
+        return tuple(int(n) for n in payload["fixed_shape"]), np.asarray(payload["fixed_affine"], np.float64)
+    except Exception as error:  # missing keys, wrong types
+        raise InputError(path, f"the checkpoint records no usable fixed grid ({type(error).__name__}: {error})") \
+            from error
+
+
+def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
+    """Rebuild a velocity network; refuse another version's or another grid's checkpoint.
+
+    ``shape``/``affine`` (optional) are the fixed grid the caller is working
+    on; a checkpoint fitted on a different grid is rejected.
+    """
+    path = Path(path)
+    payload = _read_checkpoint(path)
     try:
         if shape is not None:
             mismatch = grid_mismatch(payload["fixed_shape"], payload["fixed_affine"], shape, affine)

@@ -36,6 +36,7 @@ FINE_OUTPUTS = {"model": "model.pt", "displacement": "displacement.nii.gz", "war
                 "log": "fine_log.csv"}
 AFFINE_OUTPUTS = {"aligned_image": "moving_aligned.nii.gz", "aligned_labels": "moving_labels_aligned.nii.gz",
                   "transform": "affine.txt"}
+TRAJECTORY_OUTPUTS = {"trajectory": "trajectory.nii.gz", "animation": "trajectory.gif"}
 
 
 @contextlib.contextmanager
@@ -237,6 +238,98 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
     out = engine.warp(_tensor(data), _tensor(affine), _tensor(field), _tensor(field_affine),
                       interpolation=interpolation).numpy()
     return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
+
+
+def _reference_grid(reference, what: str = "reference image"):
+    """Shape and affine of an image's grid, from its header only."""
+    header, shape = io._open_volume(reference, what)
+    return shape, np.asarray(header.affine, np.float64)
+
+
+def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, interpolation="linear",
+                       field_stride: int = engine.RegistrationConfig().field_stride) -> Path:
+    """Carry a fixed-space image (e.g. contours drawn on the CBCT) back onto the moving grid.
+
+    The inverse map is integrated backwards through the velocity network of
+    ``velocity_checkpoint`` (:func:`~nipype_inrlddmm.engine.flow.integrate_backward`):
+    ``out(y) = in_file(y + d_inv(y))`` for every voxel ``y`` of
+    ``reference`` (the moving image's grid).  A displacement file cannot be
+    inverted this way; the network is needed, which is why the fine stage
+    saves it.  ``in_file`` must lie on the fixed grid the checkpoint was
+    fitted on.  ``interpolation`` as :func:`apply_warp`.
+    """
+    if interpolation not in ("linear", "nearest", "label"):
+        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    data, affine = io.load_volume(in_file, what="image to warp")
+    if interpolation != "linear" and not np.array_equal(data, np.round(data)):
+        raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
+    mismatch = io.grid_mismatch(data.shape, affine, *io.checkpoint_grid(velocity_checkpoint))
+    if mismatch:
+        raise io.InputError(in_file, f"the image to carry back is not on the fixed grid that {velocity_checkpoint} "
+                            f"was fitted on ({mismatch})")
+    velocity = io.load_checkpoint(velocity_checkpoint)
+    ref_shape, ref_affine = _reference_grid(reference)
+    inverse = engine.dense_displacement(velocity, ref_shape, _tensor(ref_affine), velocity.config.n_steps,
+                                        stride=field_stride, backward=True)
+    out = engine.warp(_tensor(data), _tensor(affine), inverse, _tensor(ref_affine), interpolation=interpolation).numpy()
+    return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
+
+
+def trajectory_frames(velocity, moving: np.ndarray, moving_affine: np.ndarray, fixed_shape, fixed_affine: np.ndarray,
+                      n_times: int, *, field_stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The moving image carried along the flow to ``n_times`` evenly spaced times of [0, 1].
+
+    Frame ``k`` is ``moving(x + S_t(x))`` on the fixed grid with ``t = k / (n_times - 1)``
+    and ``S_t`` the Euler path interpolated linearly in time between step
+    boundaries (exact for the Euler scheme, whose path is piecewise linear:
+    :func:`~nipype_inrlddmm.engine.flow.path_at_times`).  Frame 0 is the
+    moving image resampled onto the fixed grid; the last frame is the warped
+    image (the same integration as the fine stage's field when
+    ``field_stride`` is the registration's).  Returns ``(frames (X, Y, Z, K)
+    float32, times (K,))``; memory is ``K`` displacement fields.
+    """
+    if n_times < 2:
+        raise ValueError(f"a trajectory needs at least 2 times (t = 0 and t = 1), got {n_times}")
+    times = np.linspace(0.0, 1.0, n_times)
+    fixed_affine_t = _tensor(fixed_affine)
+    with torch.no_grad():
+        fields = engine.dense_path(velocity, tuple(fixed_shape), fixed_affine_t, velocity.config.n_steps,
+                                   times.tolist(), stride=field_stride)
+        moving_t, moving_affine_t = _tensor(moving), _tensor(moving_affine)
+        frames = [engine.warp(moving_t, moving_affine_t, field, fixed_affine_t) for field in fields]
+    return torch.stack(frames, dim=-1).numpy(), times
+
+
+def write_trajectory(frames: np.ndarray, times: np.ndarray, affine: np.ndarray, out_dir, *, title: str = "") -> dict:
+    """Write trajectory frames as a 4-D NIfTI and an animated GIF of one slice; keys as :data:`TRAJECTORY_OUTPUTS`.
+
+    The NIfTI's 4th axis is time (its spacing ``1 / (K - 1)``, in the unit
+    interval of the flow); the GIF shows the axial slice through the grid's
+    centre.
+    """
+    from . import qc  # matplotlib is imported only by the steps that draw, not by every interface
+
+    out = Path(out_dir)
+    image = nib.Nifti1Image(np.asarray(frames, np.float32), affine)
+    image.header.set_xyzt_units("mm")  # the flow's time has no physical unit: left "unknown"
+    image.header["pixdim"][4] = float(times[1] - times[0])
+    with io.atomic_path(out / TRAJECTORY_OUTPUTS["trajectory"]) as temporary:
+        image.to_filename(str(temporary))
+    return {
+        "trajectory": out / TRAJECTORY_OUTPUTS["trajectory"],
+        "animation": qc.write_animation(out / TRAJECTORY_OUTPUTS["animation"], frames, times, affine, title=title),
+    }
+
+
+def run_trajectory(model, moving, fixed, out_dir, *, n_times: int,
+                   field_stride: int = engine.RegistrationConfig().field_stride, title: str = "") -> dict[str, Path]:
+    """:func:`trajectory_frames` from files (the fine stage's checkpoint, the moving and fixed images), written."""
+    moving_data, moving_affine = io.load_image(moving)
+    fixed_shape, fixed_affine = _reference_grid(fixed, "fixed image")
+    velocity = io.load_checkpoint(model, shape=fixed_shape, affine=fixed_affine)
+    frames, times = trajectory_frames(velocity, moving_data, moving_affine, fixed_shape, fixed_affine, n_times,
+                                      field_stride=field_stride)
+    return write_trajectory(frames, times, fixed_affine, out_dir, title=title)
 
 
 def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, transform_file=None,

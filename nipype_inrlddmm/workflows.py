@@ -1,11 +1,12 @@
 """Nipype workflows: one registration, and a study of many patients.
 
 * :func:`init_registration_wf`: inputnode -> [AffineInit] -> CoarseINR ->
-  DistillINR -> FineINR -> ApplyWarp (labels) -> DiceEval -> outputnode.
+  DistillINR -> FineINR -> ApplyWarp (labels) -> DiceEval -> outputnode,
+  with a QCReport figure and, on request, the Trajectory of the flow.
 * :func:`init_study_wf`: that registration once per manifest row (iterables
   on the patient id), a JoinNode writing ``study_dice.csv``, and DataSinks
   into ``out_dir/<patient>/``; :func:`run_study` runs it and writes the
-  table even when some patients fail.
+  table and ``report.html`` even when some patients fail.
 
 Caching rests on Nipype's own hashing, with these choices:
 
@@ -45,12 +46,15 @@ from pathlib import Path
 
 import nibabel as nib
 from nipype import JoinNode, Node, Workflow, logging
+from nipype.interfaces.base import isdefined, traits
 from nipype.interfaces.io import DataSink
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline.plugins import SLURMPlugin as _NipypeSLURMPlugin
 
 from . import engine, io, steps
-from .interfaces import AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, SelectPatient
+from . import report
+from .interfaces import (AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, QCReport,
+                         SelectPatient, Trajectory)
 from .interfaces.base import stage_inputs
 from .interfaces.study import PATIENT_FILES
 
@@ -61,7 +65,7 @@ LOGGER = logging.getLogger("nipype.workflow")
 #: are dominated by the training batch (patches x Euler steps x network activations).
 _MEMORY = {
     "affine": (0.4, 200), "coarse": (0.9, 100), "distill": (0.6, 60), "fine": (0.9, 100),
-    "warp_labels": (0.3, 200), "dice": (0.3, 300),
+    "warp_labels": (0.3, 200), "dice": (0.3, 300), "qc": (0.5, 300), "trajectory": (0.6, 200),
 }
 #: Voxels assumed when the image size is not known when the workflow is built.
 _DEFAULT_VOXELS = 128**3
@@ -103,7 +107,7 @@ _DERIVED = "inrlddmm_derived"
 
 #: Outputs copied into ``out_dir/<patient>/`` (registration outputnode field -> kept file name).
 SINK_FIELDS = ("warped_image", "displacement", "model", "warped_labels", "dice_csv", "dice_json", "coarse_log",
-               "distill_log", "fine_log", "affine_transform")
+               "distill_log", "fine_log", "affine_transform", "qc_figure", "trajectory", "trajectory_animation")
 
 
 def estimate_mem_gb(stage: str, voxels: int | None) -> float:
@@ -132,6 +136,8 @@ def init_registration_wf(
     device: str = "auto",
     image_voxels: int | None = None,
     progress: bool = False,
+    qc: bool = True,
+    trajectory: int = 0,
     **options,
 ) -> Workflow:
     """Coarse-to-fine INR-LDDMM of one pair, with label propagation and Dice.
@@ -153,6 +159,11 @@ def init_registration_wf(
     image_voxels : voxel count of the larger image, for the nodes' ``mem_gb``
         (default: a 128^3 image).
     progress : progress bars of the optimisation stages.
+    qc : draw the QC figure (:class:`~nipype_inrlddmm.interfaces.QCReport`,
+        node ``qc``; its ``title`` input names the patient).
+    trajectory : with ``K >= 2``, write the moving image at ``K`` times of
+        the flow (:class:`~nipype_inrlddmm.interfaces.Trajectory`, node
+        ``trajectory``): a 4-D NIfTI and an animated GIF.
     **options : registration settings, as
         :func:`nipype_inrlddmm.engine.config_from_options` (``seed``,
         ``fine_iterations``, ``width``, ``similarity``, ``reg_weight``, ...),
@@ -166,19 +177,23 @@ def init_registration_wf(
     ``distilled_model``, ``model``, ``displacement`` (ITK/ANTs field on the
     fixed grid), ``warped_image``, the three stage logs, and with
     ``evaluate`` ``warped_labels``, ``dice_csv``, ``dice_json``,
-    ``mean_dice``; with ``affine`` ``aligned_image`` and ``affine_transform``.
+    ``mean_dice``; with ``affine`` ``aligned_image`` and ``affine_transform``;
+    with ``qc`` ``qc_figure``; with ``trajectory`` ``trajectory`` and
+    ``trajectory_animation``.
 
     Examples
     --------
     >>> from nipype_inrlddmm.workflows import init_registration_wf
     >>> wf = init_registration_wf(fine_iterations=100, num_threads=2)
     >>> sorted(wf.list_node_names())
-    ['coarse', 'dice', 'distill', 'fine', 'inputnode', 'outputnode', 'warp_labels']
+    ['coarse', 'dice', 'distill', 'fine', 'inputnode', 'outputnode', 'qc', 'warp_labels']
     >>> wf.get_node("fine").inputs.iterations, wf.get_node("fine").n_procs
     (100, 2)
     """
     config = engine.config_from_options(**options)
     affine_kind = _affine_kind(affine)
+    if trajectory and trajectory < 2:
+        raise ValueError(f"trajectory needs at least 2 times (t = 0 and t = 1), got {trajectory}")
     common = {"device": device, "num_threads": num_threads}
 
     def node(interface, stage, threads=True):
@@ -195,6 +210,10 @@ def init_registration_wf(
     if affine_kind:
         fields.append("affine_transform")
         outputs += ["aligned_image", "affine_transform"]
+    if qc:
+        outputs.append("qc_figure")
+    if trajectory:
+        outputs += ["trajectory", "trajectory_animation"]
     inputnode = Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = Node(IdentityInterface(fields=outputs), name="outputnode")
 
@@ -244,6 +263,30 @@ def init_registration_wf(
             (warp_labels, outputnode, [("out_file", "warped_labels")]),
             (dice, outputnode, [("out_csv", "dice_csv"), ("out_json", "dice_json"), ("mean_dice", "mean_dice")]),
         ])
+    if qc:
+        figure = node(QCReport(), "qc", threads=False)
+        workflow.connect([
+            (inputnode, figure, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask"),
+                                 ("label_names", "label_names")]),
+            (moving[0], figure, [(moving[1], "moving_image")]),
+            (fine, figure, [("warped_image", "warped_image"), ("displacement", "displacement")]),
+            (figure, outputnode, [("out_file", "qc_figure")]),
+        ])
+        if evaluate:
+            workflow.connect([
+                (inputnode, figure, [("fixed_labels", "fixed_labels")]),
+                (moving_labels[0], figure, [(moving_labels[1], "moving_labels")]),
+                (warp_labels, figure, [("out_file", "warped_labels")]),
+            ])
+    if trajectory:
+        path = node(Trajectory(n_times=trajectory, field_stride=config.field_stride, num_threads=num_threads),
+                    "trajectory")
+        workflow.connect([
+            (moving[0], path, [(moving[1], "moving_image")]),
+            (inputnode, path, [("fixed_image", "fixed_image")]),
+            (fine, path, [("model", "model")]),
+            (path, outputnode, [("trajectory", "trajectory"), ("animation", "trajectory_animation")]),
+        ])
     return workflow
 
 
@@ -271,6 +314,7 @@ def init_study_wf(
     affine_options: dict | None = None,
     device: str = "auto",
     progress: bool = False,
+    trajectory: int = 0,
     **options,
 ) -> Workflow:
     """A registration per manifest row, the Dice of each, and a study table.
@@ -287,12 +331,13 @@ def init_study_wf(
         listing the missing files now.
     out_dir : results: ``out_dir/<patient>/`` (warped.nii.gz,
         displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv,
-        dice.json, the stage logs, affine.txt with ``affine``) and
-        ``out_dir/study_dice.csv``.
+        dice.json, the stage logs, qc.png, affine.txt with ``affine``,
+        trajectory.nii.gz and trajectory.gif with ``trajectory``),
+        ``out_dir/study_dice.csv`` and ``out_dir/report.html``.
     work_dir : Nipype's working directory (the cache; crash files in
         ``work_dir/crash``); None leaves ``base_dir`` unset.
     label_names : JSON/TSV of label names for every patient (optional).
-    num_threads, affine, affine_options, device, progress, **options : as
+    num_threads, affine, affine_options, device, progress, trajectory, **options : as
         :func:`init_registration_wf`.
 
     Run it with :func:`run_study`, which also writes the table when some
@@ -335,7 +380,7 @@ def init_study_wf(
     select = Node(SelectPatient(manifest=str(manifest)), name="select", run_without_submitting=True)
     registration = init_registration_wf(
         name="registration", num_threads=num_threads, affine=affine, affine_options=affine_options, device=device,
-        image_voxels=_largest_image(rows), progress=progress, **options,
+        image_voxels=_largest_image(rows), progress=progress, trajectory=trajectory, **options,
     )
     if label_names:
         registration.inputs.inputnode.label_names = str(Path(label_names).resolve())
@@ -347,8 +392,11 @@ def init_study_wf(
     study_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name="study_sink",
                       run_without_submitting=True)
 
-    sink_fields = [f for f in SINK_FIELDS if f != "affine_transform" or _affine_kind(affine)]
+    produced = registration.get_node("outputnode").inputs.copyable_trait_names()
+    sink_fields = [f for f in SINK_FIELDS if f in produced]
     workflow.connect([
+        (patients, registration, [("patient", "qc.title")]
+         + ([("patient", "trajectory.title")] if trajectory else [])),
         (patients, select, [("patient", "patient")]),
         (select, registration, [("moving_image", "inputnode.moving_image"), ("fixed_image", "inputnode.fixed_image"),
                                 ("moving_labels", "inputnode.moving_labels"),
@@ -360,6 +408,30 @@ def init_study_wf(
         (gather, study_sink, [("study_table", "@study_table")]),
     ])
     return workflow
+
+
+#: Registration nodes whose settings the study report lists.
+_REPORTED_NODES = ("affine", "coarse", "distill", "fine", "trajectory")
+
+
+def study_parameters(workflow: Workflow) -> dict[str, dict]:
+    """The settings each registration stage of a study was given: ``{stage: {input: value}}``.
+
+    Read from the nodes themselves (what ran, not what was meant to): every
+    defined input except files (connected per patient), ``version`` (listed
+    apart) and ``progress``.
+    """
+    registration = workflow.get_node("registration")
+    parameters = {}
+    for name in _REPORTED_NODES:
+        node = registration.get_node(name)
+        if node is None:
+            continue
+        spec = node.inputs
+        parameters[name] = {key: value for key, value in sorted(spec.get().items())
+                            if isdefined(value) and key not in ("version", "progress")
+                            and not spec.trait(key).is_trait_type(traits.File)}
+    return parameters
 
 
 def slurm_sbatch_args(node, *, time_limit: str | None = None, extra: str | None = None) -> str:
@@ -496,7 +568,9 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     ``stop_on_first_crash`` is off).  With every patient done, the
     JoinNode's ``study_dice.csv`` is already in the output folder; otherwise
     (Nipype skips a JoinNode after an upstream failure) the table is written
-    here from the patients' own results.
+    here from the patients' own results.  ``report.html``
+    (:func:`nipype_inrlddmm.report.write_study_report`) is written beside
+    it, with the failed patients marked.
 
     ``plugin`` is a Nipype plugin (``Linear``, ``MultiProc``, ``SLURM``, ...);
     :data:`PLUGIN_DEFAULTS` fills unset ``plugin_args``.  The SLURM plugins
@@ -544,4 +618,5 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
             rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
     if failed:
         steps.write_study_table(out_dir / "study_dice.csv", rows)
+    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow))
     return rows

@@ -35,3 +35,61 @@ def voxel_epe(displacement, truth, affine, mask) -> float:
     """Mean end-point error in voxels (per-axis spacing) inside ``mask``."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return float(np.linalg.norm((displacement - truth) / spacing, axis=-1)[mask].mean())
+
+
+def chromium() -> str:
+    """Path of a Chromium binary; skips (with the reason) where there is none."""
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make test` installs it as "
+                    "root through scripts/ensure-chromium.sh)")
+    return found
+
+
+#: Headless Chromium without a sandbox (root in CI), a GPU or background network traffic.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def render_in_chromium(page: Path, screenshot: Path | None = None) -> str:
+    """The DOM of a local HTML page after it loaded (and its scripts ran), from headless Chromium.
+
+    With ``screenshot``, a PNG of the page (1200x2000) is written there too.
+    """
+    import subprocess
+
+    binary = chromium()
+    url = Path(page).resolve().as_uri()
+    dom = subprocess.run([binary, *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    if screenshot is not None:
+        shot = subprocess.run([binary, *CHROMIUM_FLAGS, "--hide-scrollbars", "--window-size=1200,2000",
+                               f"--screenshot={screenshot}", url], capture_output=True, text=True, timeout=120)
+        assert shot.returncode == 0 and Path(screenshot).is_file(), shot.stderr[-2000:]
+    return dom.stdout
+
+
+def assert_report_renders(report: Path, patients: dict[str, str], *, figures: int) -> None:
+    """Open a study report in headless Chromium: one table row per patient with its status, every image loaded.
+
+    ``patients`` maps patient id -> expected row class ("ok" or "failed"); ``figures`` is the number of
+    linked QC figures and animations expected (the embedded box plot comes on top).  The screenshot must
+    not be blank: some variance, and more than a few non-white pixels.
+    """
+    import re
+
+    from PIL import Image
+
+    screenshot = Path(report).with_name("report-screenshot.png")
+    dom = render_in_chromium(report, screenshot)
+    rows = {patient: status for status, patient in re.findall(r'<tr class="(ok|failed)" data-patient="([^"]+)"', dom)}
+    assert rows == patients, rows
+    images = re.findall(r"<img [^>]*>", dom)
+    widths = [re.search(r'data-loaded-width="(\d+)"', image) for image in images]
+    assert all(widths), f"the load script did not run: {images}"
+    assert [int(w.group(1)) > 0 for w in widths] == [True] * len(images), images  # every image loaded
+    assert len([image for image in images if 'class="qc' in image]) == figures
+    assert 'id="dice-boxplot"' in dom
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    assert pixels.var() > 0 and (pixels < 250).mean() > 0.02, "the screenshot is blank"

@@ -8,6 +8,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import assert_report_renders
+from PIL import Image
 
 from nipype_inrlddmm import cli
 from nipype_inrlddmm.phantom import write_cohort
@@ -26,12 +28,13 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
         "register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
         "--moving-labels", str(patient / "ct_labels.nii.gz"), "--fixed-labels", str(patient / "cbct_labels.nii.gz"),
         "--fixed-mask", str(patient / "cbct_fov.nii.gz"), "--label-names", str(cohort.parent / "labels.tsv"),
-        "--out-dir", str(tmp_path), *FEW,
+        "--out-dir", str(tmp_path), "--trajectory", "3", *FEW,
     ])
     assert code == 0
     for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "log.csv", "warped_labels.nii.gz",
-                 "dice.csv", "dice.json"):
+                 "dice.csv", "dice.json", "qc.png", "trajectory.nii.gz", "trajectory.gif"):
         assert (tmp_path / name).is_file(), name
+    assert nib.load(tmp_path / "trajectory.nii.gz").shape == (48, 40, 20, 3)
     assert nib.load(tmp_path / "displacement.nii.gz").shape == (48, 40, 20, 1, 3)
     rows = list(csv.DictReader(open(tmp_path / "dice.csv")))
     assert [row["name"] for row in rows] == ["body", "right_lung", "left_lung", "heart", "spinal_cord", "target"]
@@ -40,7 +43,9 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
     assert {"mean_dice", "jacobian_min", "jacobian_nonpositive_percent", "sdlogj"} <= summary.keys()
     log = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [row["stage"] for row in log].count("fine") == 10
-    assert "spinal_cord" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "spinal_cord" in captured.out
+    assert "loss=" not in captured.err  # --quiet: no progress bars
     assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
 
 
@@ -64,6 +69,12 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
     assert "mean_dice" in result.stdout and "p02" in result.stdout
     table = list(csv.DictReader(open(tmp_path / "study_dice.csv")))
     assert [row["patient"] for row in table] == ["p01", "p02"]
+    # Every figure: a QC figure and a trajectory animation per patient, the report linking them.
+    for patient in ("p01", "p02"):
+        assert Image.open(tmp_path / patient / "qc.png").size[0] > 500
+        assert Image.open(tmp_path / patient / "trajectory.gif").n_frames == 5  # the demo's default K
+    assert f"report: {tmp_path / 'report.html'}" in result.stdout
+    assert_report_renders(tmp_path / "report.html", {"p01": "ok", "p02": "ok"}, figures=4)
 
 
 def test_help_describes_every_command():

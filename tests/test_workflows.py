@@ -73,14 +73,19 @@ def test_registration_wf_graph_and_settings():
     wf = init_registration_wf(affine="rigid", num_threads=2, fine_iterations=33, reg_weight=1e-3,
                               image_voxels=512 * 512 * 300)
     assert set(wf.list_node_names()) == {"inputnode", "affine", "coarse", "distill", "fine", "warp_labels", "dice",
-                                         "outputnode"}
+                                         "qc", "outputnode"}
     fine, coarse = wf.get_node("fine"), wf.get_node("coarse")
     assert (fine.inputs.iterations, fine.inputs.reg_weight, coarse.inputs.reg_weight) == (33, 1e-3, 1e-3)
     assert (fine.n_procs, fine.inputs.num_threads, wf.get_node("dice").n_procs) == (2, 2, 1)
     assert fine.mem_gb == estimate_mem_gb("fine", 512 * 512 * 300) > estimate_mem_gb("fine", 48 * 40 * 20)
     assert "affine_transform" in wf.get_node("inputnode").inputs.copyable_trait_names()
-    bare = init_registration_wf(evaluate=False)
+    bare = init_registration_wf(evaluate=False, qc=False)
     assert set(bare.list_node_names()) == {"inputnode", "coarse", "distill", "fine", "outputnode"}
+    moving_path = init_registration_wf(trajectory=7, field_stride=3)
+    assert moving_path.get_node("trajectory").inputs.n_times == 7
+    assert moving_path.get_node("trajectory").inputs.field_stride == 3  # the registration's: t = 1 is the warped image
+    with pytest.raises(ValueError, match="at least 2 times"):
+        init_registration_wf(trajectory=1)
     with pytest.raises(TypeError, match="unknown registration option 'fine_iteration'"):
         init_registration_wf(fine_iteration=3)
 
@@ -109,8 +114,10 @@ def test_study_writes_every_patient_and_the_table(linear_study):
     assert {"body", "heart", "target", "mean_dice", "jacobian_nonpositive_percent", "error"} <= table[0].keys()
     for patient in PATIENTS:
         for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "warped_labels.nii.gz", "dice.csv",
-                     "dice.json", "coarse_log.csv", "distill_log.csv", "fine_log.csv"):
+                     "dice.json", "coarse_log.csv", "distill_log.csv", "fine_log.csv", "qc.png"):
             assert (root / "out" / patient / name).is_file(), (patient, name)
+    page = (root / "out" / "report.html").read_text()
+    assert all(f'data-patient="{p}"' in page and f'src="{p}/qc.png"' in page for p in PATIENTS)
 
 
 def test_linear_and_multiproc_give_the_same_table(linear_study, cohort, tmp_path):
@@ -127,7 +134,7 @@ def test_a_rerun_recomputes_nothing(linear_study, cohort):
     outputs = {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*") if path.is_file()}
     run_study(_study(cohort, root))
     rerun = _rerun(nodes, _finished_nodes(root / "work"))
-    assert len(nodes) == 3 * 7 + 2  # per patient: select, coarse, distill, fine, warp_labels, dice, sink
+    assert len(nodes) == 3 * 8 + 2  # per patient: select, coarse, distill, fine, warp_labels, dice, qc, sink
     assert all(_is_sink(node) for node in rerun), rerun
     assert {path: path.stat().st_mtime_ns for path in outputs} == outputs  # no output rewritten
 
@@ -138,7 +145,8 @@ def test_a_fine_parameter_change_reruns_only_fine_and_what_follows(linear_study,
     before = _finished_nodes(root / "work")
     run_study(_study(cohort, root, fine_iterations=12))
     rerun = {node for node in _rerun(before, _finished_nodes(root / "work")) if not _is_sink(node)}
-    expected = {f"registration/_patient_{p}/{stage}" for p in PATIENTS for stage in ("fine", "warp_labels", "dice")}
+    expected = {f"registration/_patient_{p}/{stage}" for p in PATIENTS
+                for stage in ("fine", "warp_labels", "dice", "qc")}
     assert rerun == expected | {"gather_dice"}
     log = root / "out" / "p01" / "fine_log.csv"
     assert len(log.read_text().splitlines()) == 1 + 12
@@ -181,6 +189,7 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
     table = _table(tmp_path / "out")
     assert [(row["patient"], row["status"]) for row in table] == [("p01", "ok"), ("p02", "failed"), ("p03", "ok")]
     assert table[1]["error"] == rows[1]["error"] and float(table[0]["mean_dice"]) > 0
+    assert '<tr class="failed" data-patient="p02">' in (tmp_path / "out" / "report.html").read_text()
     assert list((tmp_path / "work" / "crash").glob("crash-*coarse*.txt"))
     assert (tmp_path / "out" / "p03" / "dice.csv").is_file() and not (tmp_path / "out" / "p02").exists()
 
@@ -191,5 +200,5 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
     assert [row["status"] for row in rows] == ["ok"] * 3
     rerun = {node for node in _rerun(before, _finished_nodes(tmp_path / "work")) if not _is_sink(node)}
     assert {node for node in rerun if "_patient_" in node} == {
-        f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice")
+        f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice", "qc")
     }

@@ -1,6 +1,6 @@
 """Pure-PyTorch INR-LDDMM: tensors in, tensors out; no files, no Nipype."""
 
-from .flow import dense_displacement, integrate, resample_field
+from .flow import dense_displacement, dense_path, integrate, integrate_backward, path_at_times, resample_field
 from .grid import apply_affine, block_grid, downsample, sample, world_grid
 from .memory import InsufficientMemoryError, available_memory, check_memory, estimate_memory
 from .pipeline import (
@@ -22,10 +22,10 @@ from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
-    "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory",
-    "ModelConfig", "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult",
-    "VelocityField", "apply_affine", "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "distill_stage",
-    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "new_velocity_field",
-    "normalise_intensity", "register_volumes", "resample_field", "resolve_device", "sample", "stage_factors",
-    "warp", "world_grid",
+    "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory", "ModelConfig",
+    "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
+    "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
+    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward",
+    "new_velocity_field", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
+    "resolve_device", "sample", "stage_factors", "warp", "world_grid",
 ]

@@ -5,8 +5,10 @@ AffineInit     rigid/affine pre-alignment (or an ITK/ANTs affine), by header
 CoarseINR      coarse stage on block-averaged images
 DistillINR     refit the coarse network at full resolution
 FineINR        fine stage; the final field, model and warped image
-ApplyWarp      carry an image or label map through a displacement field
+ApplyWarp      carry an image or label map through a displacement field, or back (invert)
 DiceEval       per-label Dice/HD95 and Jacobian statistics
+QCReport       the per-patient QC figure (slices, contours, checkerboard, det J)
+Trajectory     the moving image at K times of the flow (4-D NIfTI, GIF)
 LandmarkTRE    target registration error of landmark pairs
 SelectPatient  one patient's files from a study manifest
 GatherDice     the study table (a JoinNode over patients)
@@ -22,9 +24,10 @@ reports as its ``n_procs``.
 
 from .affine import AffineInit
 from .evaluation import DiceEval, LandmarkTRE
+from .qc import QCReport, Trajectory
 from .registration import CoarseINR, DistillINR, FineINR
 from .study import GatherDice, SelectPatient
 from .warp import ApplyWarp
 
 __all__ = ["AffineInit", "ApplyWarp", "CoarseINR", "DiceEval", "DistillINR", "FineINR", "GatherDice",
-           "LandmarkTRE", "SelectPatient"]
+           "LandmarkTRE", "QCReport", "SelectPatient", "Trajectory"]

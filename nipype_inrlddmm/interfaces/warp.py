@@ -1,4 +1,4 @@
-"""Carry an image or a label map to the fixed grid through a displacement field."""
+"""Carry an image or a label map to the fixed grid through a displacement field, or back through the inverse."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ from nipype.interfaces.base import SimpleInterface, TraitedSpec, isdefined, trai
 from nipype.utils.filemanip import fname_presuffix
 
 from .. import steps
-from .base import VersionedInputSpec
+from .base import DEFAULTS, VersionedInputSpec
 
 
 class _ApplyWarpInputSpec(VersionedInputSpec):
-    in_file = traits.File(exists=True, mandatory=True, desc="image or label map in moving space (its own grid)")
-    displacement = traits.File(exists=True, mandatory=True,
-                               desc="ITK/ANTs displacement field on the reference grid (FineINR's)")
+    in_file = traits.File(exists=True, mandatory=True,
+                          desc="image or label map in moving space (its own grid); with invert, in fixed space "
+                          "(on the fixed grid the velocity_checkpoint was fitted on)")
+    displacement = traits.File(exists=True, mandatory=True, xor=["velocity_checkpoint"],
+                               desc="ITK/ANTs displacement field on the reference grid (FineINR's); forward only")
+    velocity_checkpoint = traits.File(
+        exists=True, mandatory=True, xor=["displacement"],
+        desc="velocity network checkpoint (FineINR's model, or model.pt of `inrlddmm register`); needed by "
+        "invert=True, whose inverse map is integrated backwards through it (a displacement file cannot be)")
+    invert = traits.Bool(False, usedefault=True,
+                         desc="carry a fixed-space image back onto the moving grid (reference_image = the moving "
+                         "image) through the inverse map; needs velocity_checkpoint")
+    field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
+                                desc="invert: voxel stride at which the inverse map is integrated before trilinear "
+                                "interpolation to every voxel")
     reference_image = traits.File(exists=True, mandatory=True,
-                                  desc="fixed image: the output grid; must be the displacement's grid")
+                                  desc="the output grid: the fixed image (the displacement's grid), or with invert "
+                                  "the moving image")
     interpolation = traits.Enum(
         "linear", "nearest", "label", usedefault=True,
         desc="linear for images; nearest, or label (each label's indicator blended, no mixed label at "
@@ -30,9 +43,16 @@ class _ApplyWarpOutputSpec(TraitedSpec):
 
 
 class ApplyWarp(SimpleInterface):
-    """Resample a moving-space image onto the fixed grid: ``out(x) = in_file(x + d(x))``.
+    """Resample a moving-space image onto the fixed grid: ``out(x) = in_file(x + d(x))``; or invert.
 
-    The same resampling as ``antsApplyTransforms -t displacement.nii.gz``.
+    Forward (``displacement``): the same resampling as ``antsApplyTransforms
+    -t displacement.nii.gz``.  With ``invert=True`` and
+    ``velocity_checkpoint``, a fixed-space image (contours drawn or edited on
+    the CBCT) is carried back onto the moving image's grid (the
+    ``reference_image``): ``out(y) = in_file(y + d_inv(y))``, with ``d_inv``
+    integrated backwards in time through the velocity network
+    (:func:`~nipype_inrlddmm.engine.flow.integrate_backward`).  After
+    :class:`AffineInit`, the moving grid is the aligned image's.
 
     Examples
     --------
@@ -52,6 +72,14 @@ class ApplyWarp(SimpleInterface):
     >>> out = io.load_labels(warp.run(cwd=str(tmp)).outputs.out_file)[0]
     >>> int(out[1, 3, 3]), int(out[5, 3, 3])
     (1, 0)
+
+    The inverse needs the network, not the displacement:
+
+    >>> ApplyWarp(in_file=str(moving), displacement=str(field), reference_image=str(moving),
+    ...           invert=True).run(cwd=str(tmp))
+    Traceback (most recent call last):
+    ...
+    ValueError: ApplyWarp: invert=True needs velocity_checkpoint (the model.pt of the registration) ...
     >>> tmpdir.cleanup()
     """
 
@@ -64,8 +92,19 @@ class ApplyWarp(SimpleInterface):
             out_file = os.path.join(runtime.cwd, os.path.basename(inputs.out_file))
         else:
             out_file = fname_presuffix(inputs.in_file, suffix="_warped", newpath=runtime.cwd)
-        self._results["out_file"] = str(steps.apply_warp(
-            inputs.in_file, inputs.displacement, inputs.reference_image, out_file,
-            interpolation=inputs.interpolation,
-        ))
+        if inputs.invert:
+            if not isdefined(inputs.velocity_checkpoint):
+                raise ValueError("ApplyWarp: invert=True needs velocity_checkpoint (the model.pt of the "
+                                 "registration) instead of displacement: the inverse map is integrated backwards "
+                                 "through the velocity network")
+            out = steps.apply_inverse_warp(inputs.in_file, inputs.velocity_checkpoint, inputs.reference_image,
+                                           out_file, interpolation=inputs.interpolation,
+                                           field_stride=inputs.field_stride)
+        else:
+            if not isdefined(inputs.displacement):
+                raise ValueError("ApplyWarp: the forward warp needs displacement; velocity_checkpoint is for "
+                                 "invert=True")
+            out = steps.apply_warp(inputs.in_file, inputs.displacement, inputs.reference_image, out_file,
+                                   interpolation=inputs.interpolation)
+        self._results["out_file"] = str(out)
         return runtime

@@ -1,0 +1,341 @@
+"""Quality-control figures: what a user looks at before trusting a propagated contour.
+
+* :func:`qc_figure` (arrays) and :func:`write_qc_figure` (files): fixed,
+  moving and warped mid-slices in the three planes, label contours before
+  and after registration (fixed green, moving/warped red, overlap yellow,
+  as the paper's figure 2), a fixed/warped checkerboard and the Jacobian
+  determinant with folded voxels (det J <= 0) marked; then, for every label,
+  the axial slice through its centroid before and after.
+* :func:`write_animation`: an animated GIF of one slice of the trajectory.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no
+global backend switch, so importing this module changes nothing for the
+caller) and written atomically.  Slices are shown with the first in-plane
+array axis horizontal, origin at the bottom and the voxels' true aspect
+ratio; planes are named after the world axis (RAS) each array axis is
+closest to.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+from . import io, metrics
+
+#: Overlay colours (RGB): the fixed labels, the moving or warped labels, and where their contours agree.
+FIXED_COLOUR, WARPED_COLOUR, OVERLAP_COLOUR = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1), (1.0, 0.95, 0.0)
+#: Plane name of a slice, by the world axis (0 R, 1 A, 2 S) of the array axis it cuts across.
+_PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+_DPI = 80
+
+
+def _world_axes(affine) -> list[int]:
+    """For each array axis, the world axis (0 R, 1 A, 2 S) it runs closest to."""
+    return [int(np.argmax(np.abs(np.asarray(affine)[:3, axis]))) for axis in range(3)]
+
+
+def _slice_axis(affine, plane: str) -> int:
+    """The array axis to cut across for ``plane`` ("axial", "coronal", "sagittal")."""
+    world = {name: axis for axis, name in _PLANES.items()}[plane]
+    axes = _world_axes(affine)
+    return axes.index(world) if world in axes else {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
+
+
+def _cut(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A 2-D slice, transposed so that the first remaining array axis is horizontal."""
+    return np.take(volume, index, axis=axis).T
+
+
+def _aspect(affine, axis: int) -> float:
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    rows, columns = [a for a in range(3) if a != axis][::-1]
+    return float(spacing[rows] / spacing[columns])
+
+
+def _window(volume: np.ndarray) -> tuple[float, float]:
+    """A robust display range (0.5 and 99.5 percentiles) so a few extreme voxels do not wash the image out."""
+    low, high = np.percentile(volume, [0.5, 99.5])
+    return float(low), float(high if high > low else low + 1.0)
+
+
+def _normalised(volume: np.ndarray) -> np.ndarray:
+    low, high = _window(volume)
+    return np.clip((volume - low) / (high - low), 0.0, 1.0)
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """2-D: pixels of a non-zero label with a 4-neighbour of another label (each label's contour)."""
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    differs = np.zeros(labels.shape, bool)
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        differs |= shifted != centre
+    return differs & (labels != 0)
+
+
+def contour_overlay(fixed_labels: np.ndarray, other_labels: np.ndarray | None) -> np.ndarray:
+    """RGBA overlay of 2-D label contours: fixed only green, other only red, both yellow.
+
+    ``other_labels`` are the moving labels on the fixed grid (before) or the
+    warped labels (after); None draws the fixed contours alone.
+    """
+    fixed_edge = _boundaries(fixed_labels)
+    other_edge = np.zeros_like(fixed_edge) if other_labels is None else _boundaries(other_labels)
+    overlay = np.zeros((*fixed_edge.shape, 4))
+    for mask, colour in ((fixed_edge & ~other_edge, FIXED_COLOUR), (other_edge & ~fixed_edge, WARPED_COLOUR),
+                         (fixed_edge & other_edge, OVERLAP_COLOUR)):
+        overlay[mask] = (*colour, 1.0)
+    return overlay
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate ``tiles`` x ``tiles`` blocks of two 2-D images, each scaled to [0, 1] by its own window."""
+    a, b = _normalised(a), _normalised(b)
+    rows = np.arange(a.shape[0]) * tiles // a.shape[0]
+    columns = np.arange(a.shape[1]) * tiles // a.shape[1]
+    return np.where((rows[:, None] + columns[None, :]) % 2 == 0, a, b)
+
+
+def _moving_on_fixed_grid(moving, moving_affine, fixed_shape, fixed_affine, *, labels=False) -> np.ndarray:
+    """The moving image (or labels) resampled onto the fixed grid without any deformation: 'before'."""
+    import torch
+
+    from .api import _tensor
+    from .engine import warp
+
+    zero = torch.zeros((*fixed_shape, 3))
+    out = warp(_tensor(moving), _tensor(moving_affine), zero, _tensor(fixed_affine),
+               interpolation="label" if labels else "linear")
+    return out.numpy().astype(np.int32) if labels else out.numpy()
+
+
+def _centroid_index(labels: np.ndarray, label: int, axis: int) -> int:
+    return int(round(ndimage.center_of_mass(labels == label)[axis]))
+
+
+def _dice(a, b, label, mask) -> float:
+    if mask is not None:
+        a, b = np.where(mask, a, 0), np.where(mask, b, 0)
+    return metrics.dice(a, b, label)
+
+
+def _show(axis, image, aspect, *, title="", cmap="gray", vmin=None, vmax=None, overlay=None):
+    shown = axis.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect=aspect,
+                        interpolation="nearest")
+    if overlay is not None:
+        axis.imshow(overlay, origin="lower", aspect=aspect, interpolation="nearest")
+    axis.set_title(title, fontsize=8)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    return shown
+
+
+def qc_figure(
+    out_png,
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    warped: np.ndarray,
+    *,
+    fixed_labels: np.ndarray | None = None,
+    moving_labels: np.ndarray | None = None,
+    warped_labels: np.ndarray | None = None,
+    displacement: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    label_names: dict[int, str] | None = None,
+    title: str = "",
+) -> Path:
+    """Draw the QC figure of one registration and write it as a PNG.
+
+    Parameters
+    ----------
+    fixed, fixed_affine : the fixed image; every panel is on its grid.
+    moving, moving_affine : the moving image on its own grid (shown
+        resampled onto the fixed grid, undeformed: "before").
+    warped : the moving image on the fixed grid (the registration's output).
+    fixed_labels, moving_labels, warped_labels : optional label maps (on
+        the fixed, moving and fixed grid); contours before need the first
+        two, contours after the first and the last.
+    displacement : optional ``(X, Y, Z, 3)`` mm RAS field on the fixed grid:
+        the Jacobian determinant column (folded voxels, det J <= 0, marked
+        magenta).
+    mask : optional bool region of the fixed grid where the Dice in the
+        titles is counted (as in ``dice.csv``).
+    label_names : ``{id: name}`` for the per-label rows.
+    """
+    shape = fixed.shape
+    moving_before = _moving_on_fixed_grid(moving, moving_affine, shape, fixed_affine)
+    labels_before = None
+    if fixed_labels is not None and moving_labels is not None:
+        labels_before = _moving_on_fixed_grid(moving_labels, moving_affine, shape, fixed_affine, labels=True)
+    det = None if displacement is None else metrics.jacobian_determinant(displacement, fixed_affine)
+    fixed_window, moving_window = _window(fixed), _window(moving_before)
+
+    # Panels of each plane's row: fixed, moving, warped, checkerboard, [contours before, after], [det J].
+    n_panels = 4 + 2 * (fixed_labels is not None) + (det is not None)
+    label_ids = [] if fixed_labels is None else [int(v) for v in np.unique(fixed_labels) if v != 0]
+    if label_names:  # the evaluated labels, as in dice.csv
+        label_ids = [v for v in label_ids if v in label_names]
+    per_label_rows = (len(label_ids) + 1) // 2
+    n_rows, n_columns = 3 + per_label_rows, max(n_panels, 6)
+    figure = Figure(figsize=(2.1 * n_columns, 2.2 * n_rows + 0.6), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(n_rows, n_columns, hspace=0.35, wspace=0.08, left=0.02, right=0.96, bottom=0.02,
+                               top=1.0 - 0.9 / (2.2 * n_rows + 0.6))
+
+    summary = [title] if title else []
+    if fixed_labels is not None and warped_labels is not None:
+        after = [_dice(warped_labels, fixed_labels, v, mask) for v in label_ids]
+        text = f"mean Dice after {np.nanmean(after):.3f}" if after else ""
+        if labels_before is not None and label_ids:
+            before = [_dice(labels_before, fixed_labels, v, mask) for v in label_ids]
+            text = f"mean Dice before {np.nanmean(before):.3f}, after {np.nanmean(after):.3f}"
+        summary.append(text)
+    if det is not None:
+        folded = int((det <= 0).sum())
+        summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / det.size:.3f} %), min {det.min():.3f}")
+    summary.append("contours: fixed green, moving/warped red, overlap yellow")
+    figure.suptitle("   |   ".join(s for s in summary if s), fontsize=10)
+
+    for row, plane in enumerate(("axial", "coronal", "sagittal")):
+        axis_index = _slice_axis(fixed_affine, plane)
+        index = shape[axis_index] // 2
+        aspect = _aspect(fixed_affine, axis_index)
+        cut = partial(_cut, axis=axis_index, index=index)
+        panels = iter(range(n_panels))
+        label = f"{plane} {index}"
+        _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
+              vmax=fixed_window[1], title=f"fixed ({label})")
+        _show(figure.add_subplot(grid[row, next(panels)]), cut(moving_before), aspect, vmin=moving_window[0],
+              vmax=moving_window[1], title="moving (before)")
+        _show(figure.add_subplot(grid[row, next(panels)]), cut(warped), aspect, vmin=moving_window[0],
+              vmax=moving_window[1], title="warped (after)")
+        _show(figure.add_subplot(grid[row, next(panels)]), checkerboard(cut(fixed), cut(warped)), aspect,
+              vmin=0, vmax=1, title="checker fixed/warped")
+        if fixed_labels is not None:
+            fixed_cut = cut(fixed_labels)
+            before = None if labels_before is None else cut(labels_before)
+            after = None if warped_labels is None else cut(warped_labels)
+            _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
+                  vmax=fixed_window[1], overlay=contour_overlay(fixed_cut, before),
+                  title="contours before")
+            _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
+                  vmax=fixed_window[1], overlay=contour_overlay(fixed_cut, after),
+                  title="contours after")
+        if det is not None:
+            det_cut = cut(det)
+            folded = np.zeros((*det_cut.shape, 4))
+            folded[det_cut <= 0] = (1.0, 0.0, 1.0, 1.0)
+            axis = figure.add_subplot(grid[row, next(panels)])
+            shown = _show(axis, det_cut, aspect, cmap="RdBu_r", vmin=0.0, vmax=2.0, overlay=folded,
+                          title=f"det J ({int((det_cut <= 0).sum())} folded)")
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+
+    # Per label, the axial slice through its centroid in the fixed labels: the fixed image with the fixed
+    # contour, the moving image with the contours before, the warped image with the contours after.
+    axial = _slice_axis(fixed_affine, "axial")
+    aspect = _aspect(fixed_affine, axial)
+    for position, label in enumerate(label_ids):
+        row, first = 3 + position // 2, 3 * (position % 2)
+        index = _centroid_index(fixed_labels, label, axial)
+        name = (label_names or {}).get(label, str(label))
+        fixed_cut = (_cut(fixed_labels, axial, index) == label).astype(np.int32)
+        panels = [(fixed, fixed_window, None, f"{name}: fixed, axial {index}")]
+        if labels_before is not None:
+            panels.append((moving_before, moving_window, labels_before,
+                           f"before: Dice {_dice(labels_before, fixed_labels, label, mask):.3f}"))
+        if warped_labels is not None:
+            panels.append((warped, moving_window, warped_labels,
+                           f"after: Dice {_dice(warped_labels, fixed_labels, label, mask):.3f}"))
+        for offset, (volume, window, other, text) in enumerate(panels):
+            other_cut = None if other is None else (_cut(other, axial, index) == label).astype(np.int32)
+            _show(figure.add_subplot(grid[row, first + offset]), _cut(volume, axial, index), aspect, vmin=window[0],
+                  vmax=window[1], overlay=contour_overlay(fixed_cut, other_cut), title=text)
+
+    with io.atomic_path(out_png) as temporary:
+        # No timestamp in the metadata: the same registration gives the same bytes (reports stay unchanged).
+        figure.savefig(temporary, format="png", dpi=_DPI, metadata={"Software": None})
+    return Path(out_png)
+
+
+def write_qc_figure(
+    out_png, *, fixed_image, moving_image, warped_image, fixed_labels=None, moving_labels=None, warped_labels=None,
+    displacement=None, fixed_mask=None, label_names=None, title: str = "",
+) -> Path:
+    """:func:`qc_figure` from files (NIfTI images and label maps, an ITK/ANTs displacement).
+
+    Every file is validated (:mod:`nipype_inrlddmm.io`); a map on the wrong
+    grid raises :class:`~nipype_inrlddmm.io.InputError` naming it.
+    """
+    fixed, fixed_affine = io.load_volume(fixed_image, what="fixed image")
+    moving, moving_affine = io.load_volume(moving_image, what="moving image")
+    warped, warped_affine = io.load_volume(warped_image, what="warped image")
+    mismatch = io.grid_mismatch(warped.shape, warped_affine, fixed.shape, fixed_affine)
+    if mismatch:
+        raise io.InputError(warped_image, f"the warped image is not on the grid of the fixed image {fixed_image} "
+                            f"({mismatch})")
+    reference = (fixed_image, fixed, fixed_affine)
+    maps = {
+        "fixed_labels": io.load_labels(fixed_labels, reference=reference)[0] if fixed_labels else None,
+        "moving_labels": (io.load_labels(moving_labels, reference=(moving_image, moving, moving_affine))[0]
+                          if moving_labels else None),
+        "warped_labels": io.load_labels(warped_labels, reference=reference)[0] if warped_labels else None,
+    }
+    field = None
+    if displacement:
+        field, field_affine = io.load_displacement(displacement)
+        mismatch = io.grid_mismatch(field.shape[:3], field_affine, fixed.shape, fixed_affine)
+        if mismatch:
+            raise io.InputError(displacement, f"the displacement is not on the grid of the fixed image {fixed_image} "
+                                f"({mismatch})")
+    mask = None
+    if fixed_mask:
+        mask_data, mask_affine = io.load_volume(fixed_mask, what="mask")
+        mismatch = io.grid_mismatch(mask_data.shape, mask_affine, fixed.shape, fixed_affine)
+        if mismatch:
+            raise io.InputError(fixed_mask, f"the mask is not on the grid of the fixed image {fixed_image} ({mismatch})")
+        mask = mask_data > 0
+    names = io.load_label_names(label_names) if label_names else None
+    return qc_figure(out_png, fixed, fixed_affine, moving, moving_affine, warped, displacement=field, mask=mask,
+                     label_names=names, title=title, **maps)
+
+
+def write_animation(out_gif, frames: np.ndarray, times, affine: np.ndarray, *, title: str = "",
+                    frame_ms: int = 400) -> Path:
+    """An animated GIF of the axial slice through the grid's centre, one frame per time.
+
+    ``frames`` is ``(X, Y, Z, K)`` on the grid of ``affine``; all frames share
+    one grey window (from the first frame, the moving image) so intensity
+    changes are not hidden by rescaling.  The GIF loops, holding the last
+    frame twice as long.
+    """
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    axial = _slice_axis(affine, "axial")
+    index = frames.shape[axial] // 2
+    aspect = _aspect(affine, axial)
+    low, high = _window(frames[..., 0])
+    pictures = []
+    rows, columns = _cut(frames[..., 0], axial, index).shape
+    height = 4.0 * float(np.clip(rows * aspect / columns, 0.4, 2.5))
+    for k, t in enumerate(times):
+        figure = Figure(figsize=(4.0, height + 0.5), dpi=_DPI)
+        canvas = FigureCanvasAgg(figure)
+        axis = figure.add_axes((0.02, 0.02, 0.96, 0.86))
+        _show(axis, _cut(frames[..., k], axial, index), aspect, vmin=low, vmax=high)
+        figure.suptitle(f"{title + '  ' if title else ''}t = {float(t):.2f}", fontsize=10)
+        canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE))
+    durations = [frame_ms] * (len(pictures) - 1) + [2 * frame_ms]
+    with io.atomic_path(out_gif) as temporary:
+        pictures[0].save(temporary, format="GIF", save_all=True, append_images=pictures[1:], duration=durations,
+                         loop=0)
+    return Path(out_gif)

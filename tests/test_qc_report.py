@@ -1,0 +1,201 @@
+"""What users look at: the flow over time, the inverse map, QC figures and the study report.
+
+One small registration (32x28x16 phantom, few iterations) serves every test that needs a trained
+network; the rest run on analytic fields and synthetic tables.
+"""
+
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import assert_report_renders
+from PIL import Image
+
+from nipype_inrlddmm import cli, engine, io, qc, report, steps
+from nipype_inrlddmm.api import register
+from nipype_inrlddmm.engine import integrate, integrate_backward, path_at_times
+from nipype_inrlddmm.interfaces import ApplyWarp, QCReport
+from nipype_inrlddmm.phantom import LABELS, make_pair, write_cohort
+
+SHAPE = (32, 28, 16)
+#: Few, small iterations: enough for a non-trivial field, seconds on one core.
+FEW = dict(coarse_iterations=15, distill_iterations=5, fine_iterations=5, n_patches=4, seed=0)
+
+
+def _linear_velocity(matrix):
+    """v(p, t) = (1 + t) A p: smooth, time-dependent, with a known Jacobian."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float32)
+    return lambda points, t: (1.0 + t) * points @ matrix.T
+
+
+def test_path_at_times_reads_the_euler_path_exactly():
+    velocity = _linear_velocity([[0.0, -0.3, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.1]])
+    points = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)) * 10
+    displacement, _, path = integrate(velocity, points, 6, return_path=True)
+    fields = path_at_times(path, [0.0, 0.5, 1.0 / 12, 1.0])
+    assert torch.equal(fields[0], torch.zeros_like(points))
+    assert torch.equal(fields[3], displacement)  # t = 1 is the registration's displacement, bit for bit
+    torch.testing.assert_close(fields[1], path[3] - points)  # a step boundary
+    torch.testing.assert_close(fields[2], (path[1] - points) / 2)  # halfway through the first straight step
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        path_at_times(path, [1.5])
+
+
+def test_backward_integration_inverts_the_forward_scheme():
+    velocity = _linear_velocity([[0.05, -0.4, 0.0], [0.4, 0.05, 0.0], [0.0, 0.1, -0.05]])
+    points = torch.randn(200, 3, generator=torch.Generator().manual_seed(1)) * 20
+    forward, _ = integrate(velocity, points, 6)
+    plain = integrate_backward(velocity, points + forward, 6, corrections=0)
+    corrected = integrate_backward(velocity, points + forward, 6)
+    plain_error = (forward + plain).norm(dim=1).max().item()
+    error = (forward + corrected).norm(dim=1).max().item()
+    assert forward.norm(dim=1).max() > 10  # a large deformation (mm)
+    assert error < 0.02 * plain_error and error < 0.1, (error, plain_error)  # mm
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A small phantom registration and its files: moving/fixed images and labels, model, field, warped."""
+    root = tmp_path_factory.mktemp("registered")
+    pair = make_pair(SHAPE, seed=2)
+    result = register((pair.ct, pair.affine), (pair.cbct, pair.affine), num_threads=2, **FEW)
+    files = {
+        "moving": io.save_image(root / "ct.nii.gz", pair.ct, pair.affine),
+        "fixed": io.save_image(root / "cbct.nii.gz", pair.cbct, pair.affine),
+        "moving_labels": io.save_image(root / "ct_labels.nii.gz", pair.ct_labels, pair.affine),
+        "fixed_labels": io.save_image(root / "cbct_labels.nii.gz", pair.cbct_labels, pair.affine),
+        "mask": io.save_image(root / "cbct_fov.nii.gz", pair.cbct_fov.astype(np.uint8), pair.affine),
+        "model": io.save_checkpoint(root / "model.pt", result.model, shape=SHAPE, affine=pair.affine),
+        "displacement": io.save_displacement(root / "displacement.nii.gz", result.displacement, pair.affine),
+        "warped": io.save_image(root / "warped.nii.gz", result.warped, pair.affine),
+    }
+    warped_labels = result.apply((pair.ct_labels, pair.affine), interpolation="label").astype(np.int32)
+    files["warped_labels"] = io.save_image(root / "warped_labels.nii.gz", warped_labels, pair.affine)
+    return root, pair, result, files
+
+
+def test_forward_then_inverse_returns_within_half_a_voxel(registered):
+    _, pair, result, files = registered
+    velocity = io.load_checkpoint(files["model"])
+    affine = torch.tensor(pair.affine, dtype=torch.float32)
+    points = engine.world_grid(SHAPE, affine)[torch.from_numpy(pair.cbct_fov)]
+    spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
+    with torch.no_grad():
+        forward, _ = integrate(velocity, points, velocity.config.n_steps)
+        back = integrate_backward(velocity, points + forward, velocity.config.n_steps)
+    moved = np.linalg.norm(forward.numpy() / spacing, axis=1)
+    error = np.linalg.norm((forward + back).numpy() / spacing, axis=1)
+    print(f"round trip over {len(error)} voxels: displacement up to {moved.max():.2f} voxel; "
+          f"error mean {error.mean():.4f}, max {error.max():.4f} voxel")
+    assert moved.max() > 0.3  # the flow moved the points: the round trip tests something
+    assert error.max() < 0.5
+
+
+def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path):
+    root, pair, _, files = registered
+    back = ApplyWarp(in_file=str(files["warped_labels"]), velocity_checkpoint=str(files["model"]),
+                     reference_image=str(files["moving"]), invert=True, interpolation="label",
+                     out_file="labels_back.nii.gz").run(cwd=str(tmp_path)).outputs.out_file
+    labels, affine = io.load_labels(back)
+    np.testing.assert_allclose(affine, pair.affine)
+    inside = pair.cbct_fov  # the warped labels are cut at the CBCT field of view only where the flow left it
+    dice = [2 * ((labels == v) & (pair.ct_labels == v) & inside).sum()
+            / (((labels == v) & inside).sum() + ((pair.ct_labels == v) & inside).sum()) for v in LABELS]
+    print("Dice of the moving labels carried forward then back:", np.round(dice, 3))
+    assert min(dice) > 0.85
+
+    with pytest.raises(ValueError, match="invert=True needs velocity_checkpoint"):
+        ApplyWarp(in_file=str(files["warped_labels"]), displacement=str(files["displacement"]),
+                  reference_image=str(files["moving"]), invert=True).run(cwd=str(tmp_path))
+    elsewhere = io.save_image(tmp_path / "other_grid.nii.gz", np.zeros((8, 8, 8), np.int32), np.eye(4))
+    with pytest.raises(io.InputError, match=re.escape(f"{elsewhere}: the image to carry back is not on the fixed grid")):
+        steps.apply_inverse_warp(elsewhere, files["model"], files["moving"], tmp_path / "x.nii.gz")
+
+
+def test_trajectory_starts_at_the_moving_image_and_ends_at_the_warped_one(registered, tmp_path):
+    _, pair, result, files = registered
+    outputs = steps.run_trajectory(files["model"], files["moving"], files["fixed"], tmp_path, n_times=4,
+                                   field_stride=engine.config_from_options(**FEW).field_stride, title="p")
+    frames = np.asarray(nib.load(outputs["trajectory"]).dataobj)
+    assert frames.shape == (*SHAPE, 4)
+    assert nib.load(outputs["trajectory"]).header.get_zooms()[3] == pytest.approx(1 / 3)
+    warped = np.asarray(nib.load(files["warped"]).dataobj)
+    scale = np.ptp(pair.ct)
+    start, end = np.abs(frames[..., 0] - pair.ct).max() / scale, np.abs(frames[..., -1] - warped).max() / scale
+    print(f"trajectory: |t=0 - moving| {start:.2e}, |t=1 - warped| {end:.2e} (of the intensity range)")
+    assert start < 1e-5 and end < 1e-5
+    assert np.abs(frames[..., 1] - frames[..., 0]).max() > 0  # the middle frames move
+    with Image.open(outputs["animation"]) as animation:
+        assert animation.n_frames == 4
+
+
+def test_qc_figure_of_a_registration(registered, tmp_path):
+    root, _, _, files = registered
+    labels_tsv = root / "labels.tsv"
+    io.write_csv(labels_tsv, [{"index": k, "name": v} for k, v in LABELS.items()], delimiter="\t")
+    figure = QCReport(fixed_image=str(files["fixed"]), moving_image=str(files["moving"]),
+                      warped_image=str(files["warped"]), displacement=str(files["displacement"]),
+                      fixed_labels=str(files["fixed_labels"]), moving_labels=str(files["moving_labels"]),
+                      warped_labels=str(files["warped_labels"]), fixed_mask=str(files["mask"]),
+                      label_names=str(labels_tsv), title="p02").run(cwd=str(tmp_path)).outputs.out_file
+    pixels = np.asarray(Image.open(figure).convert("RGB")).astype(int)
+    height, width, _ = pixels.shape
+    assert height > 3 * width / 4  # three planes and three rows of two labels
+    yellow = (pixels[..., 0] > 200) & (pixels[..., 1] > 200) & (pixels[..., 2] < 60)
+    green = (pixels[..., 0] < 60) & (pixels[..., 1] > 200) & (pixels[..., 2] < 60)
+    assert yellow.sum() > 100 and green.sum() > 100  # contours drawn, most of them agreeing
+
+    bad = io.save_image(tmp_path / "small.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(io.InputError, match=re.escape(f"{bad}: the warped image is not on the grid")):
+        qc.write_qc_figure(tmp_path / "x.png", fixed_image=files["fixed"], moving_image=files["moving"],
+                           warped_image=bad)
+
+
+def test_contour_overlay_colours():
+    square = np.zeros((10, 10), np.int32)
+    square[2:7, 2:7] = 1
+    same = qc.contour_overlay(square, square)
+    edge = same[..., 3] > 0
+    assert edge.sum() == 16 and np.all(same[edge, :3] == qc.OVERLAP_COLOUR)
+    moved = qc.contour_overlay(square, np.roll(square, 3, axis=0))
+    colours = {tuple(c) for c in moved[moved[..., 3] > 0, :3]}
+    assert colours == {qc.FIXED_COLOUR, qc.WARPED_COLOUR, qc.OVERLAP_COLOUR}
+
+
+def _rows():
+    ok = {"status": "ok", "body": 0.95, "heart": 0.81, "target": 0.7, "mean_dice": 0.82, "mean_hd95_mm": 3.2,
+          "jacobian_min": 0.4, "jacobian_nonpositive_percent": 0.0, "sdlogj": 0.05, "missing_labels": "", "error": ""}
+    return [{"patient": "p01", **ok}, {"patient": "p02", "status": "failed", "error": "coarse: p02/cbct.nii.gz: "
+                                       "cannot read the image <bad>"},
+            {"patient": "p03", **ok, "heart": 0.9}]
+
+
+def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
+    for patient in ("p01", "p03"):
+        image = Image.new("RGB", (120, 80), (30, 120, 200))
+        (tmp_path / patient).mkdir()
+        image.save(tmp_path / patient / "qc.png")
+    image.save(tmp_path / "p03" / "trajectory.gif")
+    path = report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5, "similarity": "lncc"}})
+    text = path.read_text()
+    assert path.name == "report.html" and "&lt;bad&gt;" in text and "<bad>" not in text  # the reason, escaped
+    assert 'href="p01/qc.png"' in text and 'src="p03/trajectory.gif"' in text and "http" not in text  # offline
+    assert "nipype_inrlddmm" in text and ">lncc<" in text  # versions and parameters
+    # Rewritten only when the content changes: a cached rerun leaves the study folder untouched.
+    before = path.stat().st_mtime_ns
+    report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5, "similarity": "lncc"}})
+    assert path.stat().st_mtime_ns == before
+    assert_report_renders(path, {"p01": "ok", "p02": "failed", "p03": "ok"}, figures=3)
+
+
+def test_register_command_shows_a_progress_bar_per_stage(tmp_path, capsys):
+    data = write_cohort(tmp_path / "data", 1, shape=SHAPE).parent / "p01"
+    base = ["register", "--moving", str(data / "ct.nii.gz"), "--fixed", str(data / "cbct.nii.gz"),
+            "--coarse-iterations", "2", "--distill-iterations", "1", "--fine-iterations", "2"]
+    assert cli.main([*base, "--out-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("coarse", "distill", "fine"):
+        assert re.search(rf"{stage}: .*loss=", err), (stage, err[-500:])
+    # --quiet: tests/test_cli.py::test_register_writes_every_documented_output checks that no bar is shown.
