@@ -1,12 +1,14 @@
 """Speed and memory of one full registration, and the MLP's achieved GFLOP/s.
 
-    python benchmarks/speed.py [--shape 256 256 96] [--threads 2]
+    python benchmarks/speed.py [--shape 256 256 96] [--threads 2] [--profile]
 
 Registers a phantom CT -> CBCT pair with the package defaults and reports:
 wall time and peak resident memory of the whole registration, iterations
 per second of each stage, and the GFLOP/s of the velocity-network work
 against a plain float32 matmul timed in the same run (the machine's
-practical peak).  Prints a Markdown table.
+practical peak).  Prints a Markdown table.  ``--profile`` adds where the
+time of one training iteration of the network goes (torch.profiler, self
+CPU time per operator), which says why the MLP runs below the matmul.
 """
 
 import argparse
@@ -37,10 +39,32 @@ def matmul_gflops(size=2048, repeats=10) -> float:
     return 2.0 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
+    """Share of self CPU time per operator in forward + backward of the flow through the network."""
+    from torch.profiler import ProfilerActivity, profile
+
+    velocity = engine.VelocityField(torch.zeros(3), torch.full((3,), 100.0), config.model)
+    start = torch.randn(points, 3) * 50
+
+    def step():
+        displacement, kinetic = engine.integrate(velocity, start, config.model.n_steps)
+        (displacement.square().mean() + kinetic).backward()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = sorted(((e.key, e.self_cpu_time_total / total) for e in events), key=lambda kv: -kv[1])
+    return shares[:8]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 96))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also profile one training iteration's operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,6 +102,12 @@ def main():
     spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
     epe = np.linalg.norm((result.displacement.numpy() - pair.displacement) / spacing, axis=-1)[body].mean()
     print(f"\nmean end-point error inside the body: {epe:.2f} voxels")
+    if args.profile:
+        points = config.fine.n_patches * config.fine.patch_size**3
+        print(f"\nself CPU time of one training iteration ({points} points, {n_steps} steps), by operator:\n")
+        print("| operator | share |\n|---|---|")
+        for name, share in profile_iteration(config, points):
+            print(f"| {name} | {100 * share:.0f} % |")
 
 
 if __name__ == "__main__":
