@@ -30,7 +30,7 @@ SCRIPT = REPO / "scripts" / "local-slurm.sh"
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 FEW_FLAGS = ["--coarse-iterations", "5", "--distill-iterations", "3", "--fine-iterations", "5", "--quiet"]
 PATIENTS = ["p01", "p02"]
-STAGES = ["coarse", "distill", "fine", "warp_labels", "dice"]
+STAGES = ["coarse", "distill", "fine", "warp_labels", "dice", "qc"]
 #: Fast polling for a 2-patient study on an idle local cluster (the package's defaults suit real ones).
 FAST = {"poll_sleep_duration": 0.2, "job_finished_timeout": 2.0}
 
@@ -196,7 +196,7 @@ def test_slurmgraph_submits_and_exits_then_collect_gathers(slurm, cohort, refere
     out, work = tmp_path / "out", tmp_path / "work"
     command = ["study", str(cohort), "--out-dir", str(out), "--work-dir", str(work), *FEW_FLAGS]
     assert cli.main([*command, "--plugin", "SLURMGraph"]) == 0
-    assert "submitted 16 SLURM jobs" in capsys.readouterr().out  # 7 per patient, the join and the table sink
+    assert "submitted 18 SLURM jobs" in capsys.readouterr().out  # 8 per patient, the join and the table sink
     assert not (out / "study_dice.csv").exists()
     assert cli.main([*command, "--collect"]) == 3  # jobs still queued: nothing gathered, nothing run here
     assert "still queued or running" in capsys.readouterr().out
