@@ -219,10 +219,7 @@ def evaluate_syn(case: Case, out: dict) -> dict:
     warped = ants.apply_transforms(fixed, moving_labels, transforms, interpolator="genericLabel")
     fixed_labels, fixed_affine = io.load_labels(case.fixed_labels)
     result = _overlap(case, np.rint(warped.numpy()).astype(np.int32), fixed_labels, fixed_affine)
-    det = ants.create_jacobian_determinant_image(fixed, transforms[0]).numpy()
-    inner = det[2:-2, 2:-2, 2:-2]
-    result.update(jacobian_min=float(det.min()), jacobian_nonpositive_percent=float(100.0 * (det <= 0).mean()),
-                  sdlogj=float(np.log(np.clip(inner, 1e-9, None)).std()))
+    result.update(metrics.determinant_summary(ants.create_jacobian_determinant_image(fixed, transforms[0]).numpy()))
     if case.landmarks:
         import pandas as pd
 

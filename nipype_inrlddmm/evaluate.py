@@ -29,13 +29,7 @@ def evaluate_files(
     fixed, affine = io.load_labels(fixed_labels)
     warped, _ = io.load_labels(warped_labels, reference=(fixed_labels, fixed, affine))
     names = io.load_label_names(label_names) if label_names else None
-    region = None
-    if mask:
-        region_data, region_affine = io.load_volume(mask, what="mask")
-        problem = io.grid_mismatch(region_data.shape, region_affine, fixed.shape, affine)
-        if problem:
-            raise io.InputError(mask, f"the mask is not on the fixed labels' grid ({problem})")
-        region = region_data > 0
+    region = io.load_mask(mask, fixed.shape, affine, reference=f"the fixed labels {fixed_labels}") if mask else None
     rows = metrics.label_overlap(warped, fixed, affine, sorted(names) if names else None, names=names, mask=region)
     found = [r["dice"] for r in rows if not r["missing"]]
     summary = {

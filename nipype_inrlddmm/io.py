@@ -90,6 +90,23 @@ def grid_mismatch(shape, affine, ref_shape, ref_affine, *, atol: float = 1e-4) -
     return None if difference <= atol else f"the affines differ by up to {difference:.4g} mm"
 
 
+def require_grid(path, shape, affine, ref_shape, ref_affine, *, what: str, reference: str) -> None:
+    """Raise :class:`InputError` naming ``path`` when its grid is not the reference grid.
+
+    The message reads "the <what> is not on the grid of <reference> (<how they differ>)".
+    """
+    mismatch = grid_mismatch(shape, affine, ref_shape, ref_affine)
+    if mismatch:
+        raise InputError(path, f"the {what} is not on the grid of {reference} ({mismatch})")
+
+
+def load_mask(path, ref_shape, ref_affine, *, reference: str) -> np.ndarray:
+    """A mask (non-zero voxels) as a bool ``(X, Y, Z)`` array, refused unless it lies on the reference grid."""
+    data, affine = load_volume(path, what="mask")
+    require_grid(path, data.shape, affine, ref_shape, ref_affine, what="mask", reference=reference)
+    return data > 0
+
+
 def _open_volume(path, what: str):
     """Open a NIfTI (or other nibabel) volume and check its header: shape, voxel type, affine.
 
@@ -187,9 +204,8 @@ def load_labels(path, *, reference=None) -> tuple[np.ndarray, np.ndarray]:
     affine = np.asarray(image.affine, dtype=np.float64)
     if reference is not None:
         ref_path, ref_data, ref_affine = reference
-        mismatch = grid_mismatch(shape, affine, getattr(ref_data, "shape", ref_data), ref_affine)
-        if mismatch:
-            raise InputError(path, f"the label map is not on the grid of its image {ref_path} ({mismatch})")
+        require_grid(path, shape, affine, getattr(ref_data, "shape", ref_data), ref_affine, what="label map",
+                     reference=f"its image {ref_path}")
     return data.astype(np.int32), affine
 
 

@@ -13,7 +13,10 @@ from scipy import ndimage
 
 def dice(warped: np.ndarray, fixed: np.ndarray, label: int) -> float:
     """Dice overlap of one label; NaN when the label is absent from both."""
-    a, b = warped == label, fixed == label
+    return _dice_masks(warped == label, fixed == label)
+
+
+def _dice_masks(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float("nan") if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
@@ -66,12 +69,10 @@ def label_overlap(
         in_warped, in_fixed = warped == label, fixed == label
         n_warped, n_fixed = int(in_warped.sum()), int(in_fixed.sum())
         missing = "both" if not (n_warped or n_fixed) else "warped" if not n_warped else "fixed" if not n_fixed else ""
-        overlap = float(2.0 * np.logical_and(in_warped, in_fixed).sum() / (n_warped + n_fixed)) if missing != "both" \
-            else float("nan")
         rows.append({
             "label": int(label),
             "name": names.get(int(label), str(label)),
-            "dice": overlap,
+            "dice": _dice_masks(in_warped, in_fixed),
             "hd95_mm": _hd95_masks(in_warped, in_fixed, spacing),
             "voxels_fixed": n_fixed,
             "voxels_warped": n_warped,
@@ -95,7 +96,11 @@ def jacobian_summary(displacement: np.ndarray, affine: np.ndarray, border: int =
     SDlogJ (std of log det J, with det J clipped to >= 1e-9) is computed on
     the grid cropped by ``border`` voxels, as Learn2Reg does.
     """
-    det = jacobian_determinant(displacement, affine)
+    return determinant_summary(jacobian_determinant(displacement, affine), border)
+
+
+def determinant_summary(det: np.ndarray, border: int = 2) -> dict:
+    """:func:`jacobian_summary`'s statistics of a given ``(X, Y, Z)`` det J map (e.g. ANTs')."""
     inner = det[border:-border, border:-border, border:-border] if border else det
     if inner.size == 0:
         inner = det

@@ -277,10 +277,9 @@ def write_qc_figure(
     fixed, fixed_affine = io.load_volume(fixed_image, what="fixed image")
     moving, moving_affine = io.load_volume(moving_image, what="moving image")
     warped, warped_affine = io.load_volume(warped_image, what="warped image")
-    mismatch = io.grid_mismatch(warped.shape, warped_affine, fixed.shape, fixed_affine)
-    if mismatch:
-        raise io.InputError(warped_image, f"the warped image is not on the grid of the fixed image {fixed_image} "
-                            f"({mismatch})")
+    on_fixed_grid = f"the fixed image {fixed_image}"
+    io.require_grid(warped_image, warped.shape, warped_affine, fixed.shape, fixed_affine, what="warped image",
+                    reference=on_fixed_grid)
     reference = (fixed_image, fixed, fixed_affine)
     maps = {
         "fixed_labels": io.load_labels(fixed_labels, reference=reference)[0] if fixed_labels else None,
@@ -291,17 +290,9 @@ def write_qc_figure(
     field = None
     if displacement:
         field, field_affine = io.load_displacement(displacement)
-        mismatch = io.grid_mismatch(field.shape[:3], field_affine, fixed.shape, fixed_affine)
-        if mismatch:
-            raise io.InputError(displacement, f"the displacement is not on the grid of the fixed image {fixed_image} "
-                                f"({mismatch})")
-    mask = None
-    if fixed_mask:
-        mask_data, mask_affine = io.load_volume(fixed_mask, what="mask")
-        mismatch = io.grid_mismatch(mask_data.shape, mask_affine, fixed.shape, fixed_affine)
-        if mismatch:
-            raise io.InputError(fixed_mask, f"the mask is not on the grid of the fixed image {fixed_image} ({mismatch})")
-        mask = mask_data > 0
+        io.require_grid(displacement, field.shape[:3], field_affine, fixed.shape, fixed_affine, what="displacement",
+                        reference=on_fixed_grid)
+    mask = io.load_mask(fixed_mask, fixed.shape, fixed_affine, reference=on_fixed_grid) if fixed_mask else None
     names = io.load_label_names(label_names) if label_names else None
     return qc_figure(out_png, fixed, fixed_affine, moving, moving_affine, warped, displacement=field, mask=mask,
                      label_names=names, title=title, **maps)

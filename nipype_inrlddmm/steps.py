@@ -80,11 +80,7 @@ def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mas
         io.load_labels(fixed_labels, reference=(fixed, fixed_data, fixed_affine))
     mask = None
     if fixed_mask:
-        mask_data, mask_affine = io.load_volume(fixed_mask, what="mask")
-        mismatch = io.grid_mismatch(mask_data.shape, mask_affine, fixed_data.shape, fixed_affine)
-        if mismatch:
-            raise io.InputError(fixed_mask, f"the mask is not on the grid of the fixed image {fixed} ({mismatch})")
-        mask = mask_data > 0
+        mask = io.load_mask(fixed_mask, fixed_data.shape, fixed_affine, reference=f"the fixed image {fixed}")
         if not mask.any():
             raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
     return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask)
