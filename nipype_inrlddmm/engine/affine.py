@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import apply_affine, downsample, world_grid
+from .grid import apply_affine, bounding_box, downsample
 from .grid import sample as sample_volume
 from .similarity import ncc
 
@@ -64,7 +64,14 @@ def centre_of_mass(volume: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     total = weights.sum()
     if total <= 0:
         raise ValueError("the image has no positive intensity: no centre of mass")
-    return (world_grid(volume.shape, affine) * weights[..., None]).sum(dim=(0, 1, 2)) / total
+    # The affine is linear, so the world centre is the affine of the mean voxel index, and each
+    # index's mean needs only the weights summed over the other two axes.
+    mean_index = torch.stack([
+        (weights.sum(dim=tuple(a for a in range(3) if a != axis))
+         * torch.arange(n, dtype=affine.dtype, device=affine.device)).sum()
+        for axis, n in enumerate(volume.shape)
+    ]) / total
+    return apply_affine(affine, mean_index)
 
 
 def grid_centre(shape, affine: torch.Tensor) -> torch.Tensor:
@@ -121,8 +128,8 @@ def affine_register(
         centre_fixed, centre_moving = grid_centre(fixed.shape, fixed_affine), grid_centre(moving.shape, moving_affine)
     else:
         centre_fixed = centre_moving = grid_centre(fixed.shape, fixed_affine)
-    corners = world_grid(fixed.shape, fixed_affine).reshape(-1, 3)
-    scale = ((corners.max(dim=0).values - corners.min(dim=0).values) / 2).mean().clamp(min=1.0)
+    low, high = bounding_box(fixed.shape, fixed_affine)
+    scale = ((high - low) / 2).mean().clamp(min=1.0)
 
     rotation = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
     translation = torch.zeros(3, dtype=dtype, device=device, requires_grad=True)
@@ -141,25 +148,29 @@ def affine_register(
     for factor, iterations in zip(config.shrink_factors, config.iterations):
         level_fixed, level_affine = downsample(fixed, fixed_affine, (factor,) * 3)
         level_moving, level_moving_affine = downsample(moving, moving_affine, (factor,) * 3)
-        points = world_grid(level_fixed.shape, level_affine)
-        values = level_fixed
         if fixed_mask is not None:
             inside = downsample(fixed_mask.to(fixed.dtype), fixed_affine, (factor,) * 3)[0] > 0.5
-            points, values = points[inside], values[inside]
-        points, values = points.reshape(-1, 3), values.reshape(-1)
-        if len(points) == 0:
+            candidates = torch.nonzero(inside.reshape(-1)).reshape(-1)
+        else:
+            candidates = torch.arange(level_fixed.numel(), device=device)
+        if len(candidates) == 0:
             raise ValueError("the fixed mask is empty: no voxel to compare")
+        values = level_fixed.reshape(-1)
+        strides = torch.tensor(level_fixed.stride(), device=device)
+        sizes = torch.tensor(level_fixed.shape, device=device)
 
         optimiser = torch.optim.Adam(parameters, lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimiser, T_max=max(iterations, 1), eta_min=config.learning_rate / 20
         )
         for _ in range(iterations):
-            if len(points) > config.max_points:
-                pick = torch.randperm(len(points), generator=generator)[: config.max_points].to(device)
-                batch_points, batch_values = points[pick], values[pick]
+            if len(candidates) > config.max_points:
+                # Drawn with replacement: a permutation of every voxel at each step cost 0.1 s at 1 mm.
+                flat = candidates[torch.randint(len(candidates), (config.max_points,), generator=generator).to(device)]
             else:
-                batch_points, batch_values = points, values
+                flat = candidates
+            ijk = (flat[:, None] // strides) % sizes
+            batch_points, batch_values = apply_affine(level_affine, ijk.to(dtype)), values[flat]
             optimiser.zero_grad(set_to_none=True)
             # Zero padding: moving content that leaves the field of view stops
             # matching instead of being replaced by stretched edge voxels.

@@ -32,6 +32,13 @@ def world_grid(shape, affine: torch.Tensor) -> torch.Tensor:
     return apply_affine(affine, voxel_indices(shape, device=affine.device, dtype=affine.dtype))
 
 
+def bounding_box(shape, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lowest and highest world coordinates (mm, RAS) of a grid's voxel centres, two ``(3,)`` tensors."""
+    corners = voxel_indices((2, 2, 2), device=affine.device, dtype=affine.dtype).reshape(-1, 3)
+    world = apply_affine(affine, corners * (torch.tensor(shape, dtype=affine.dtype, device=affine.device) - 1))
+    return world.min(dim=0).values, world.max(dim=0).values
+
+
 def sample(
     volume: torch.Tensor,
     affine: torch.Tensor,

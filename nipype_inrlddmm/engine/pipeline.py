@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .flow import dense_displacement
-from .grid import apply_affine, block_grid, downsample, matching_factors, sample, spacing, world_grid
+from .grid import apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, spacing, world_grid
 from .memory import check_memory
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
@@ -79,13 +79,7 @@ def normalise_intensity(volume: torch.Tensor, low: float = 0.005, high: float = 
 
 def new_velocity_field(shape, affine: torch.Tensor, config: ModelConfig, seed: int) -> VelocityField:
     """A freshly initialised (identity) field normalised to a grid's bounding box."""
-    corners = torch.tensor(
-        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
-        dtype=affine.dtype,
-        device=affine.device,
-    )
-    world = apply_affine(affine, corners)
-    low, high = world.min(dim=0).values, world.max(dim=0).values
+    low, high = bounding_box(shape, affine)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         velocity = VelocityField((low + high) / 2, ((high - low) / 2).clamp(min=1.0), config)
