@@ -32,6 +32,9 @@ _OPTIONS = {
     "coarse_iterations": (int, "iterations of the coarse stage"),
     "distill_iterations": (int, "iterations of the distillation stage"),
     "fine_iterations": (int, "iterations of the fine stage"),
+    "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
+                                "(0: never stop early)"),
+    "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),
     "seed": (int, "random seed (same seed and threads give the same field)"),
 }
 

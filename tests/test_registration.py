@@ -137,3 +137,38 @@ def test_real_brain_pair_dice_rises_above_unregistered(real_data):
     registered = mean_dice(result.apply((moving_labels, moving_affine), interpolation="nearest"))
     assert registered > max(unregistered, 0.522) + 0.05, (unregistered, registered)
     assert metrics.jacobian_summary(result.displacement, fixed_affine)["jacobian_nonpositive_percent"] < 0.1
+
+
+def test_relative_decrease_is_the_fitted_fall_over_the_last_window():
+    falling = [1.0 - 0.01 * i for i in range(11)]  # 1.0 -> 0.9: a tenth of a mean of 0.95
+    assert engine.relative_decrease(falling, 11) == pytest.approx(0.1 / 0.95)
+    assert engine.relative_decrease([50.0, -7.0] + falling, 11) == pytest.approx(0.1 / 0.95)
+    rising = falling[::-1]
+    assert engine.relative_decrease(rising, 11) == pytest.approx(-0.1 / 0.95)
+    # Noise around a level (an LNCC plateau is negative) is no trend: the fit averages it out.
+    noisy = [-0.5 + (0.02 if i % 2 else -0.02) for i in range(40)]
+    assert abs(engine.relative_decrease(noisy, 40)) < 0.01
+
+
+def test_an_image_stage_stops_at_the_first_window_whose_loss_fell_too_little():
+    pair = make_pair((32, 28, 16), seed=3)
+    affine = torch.tensor(pair.affine, dtype=torch.float32)
+    moving = engine.normalise_intensity(torch.tensor(pair.ct))
+    fixed = engine.normalise_intensity(torch.tensor(pair.cbct))
+
+    def run(**convergence):
+        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+        config = engine.StageConfig(iterations=30, n_patches=4, patch_size=8, **convergence)
+        return engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
+                                 generator=torch.Generator().manual_seed(0))
+
+    assert len(run()) == 30
+    # Any fall counts as too little against an unreachable threshold: the stage stops at the first full window.
+    assert len(run(convergence_window=10, convergence_threshold=1e9)) == 10
+
+
+def test_convergence_settings_are_checked():
+    with pytest.raises(ValueError, match="convergence_window"):
+        engine.StageConfig(convergence_window=1)
+    with pytest.raises(ValueError, match="convergence_threshold"):
+        engine.StageConfig(convergence_threshold=-0.1)

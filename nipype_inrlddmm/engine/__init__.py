@@ -18,14 +18,14 @@ from .pipeline import (
     stage_factors,
     warp,
 )
-from .stages import StageConfig, fit_field, fit_images
+from .stages import StageConfig, fit_field, fit_images, relative_decrease
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
     "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory", "ModelConfig",
     "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
     "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
-    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward",
+    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",
     "new_velocity_field", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
     "resolve_device", "sample", "stage_factors", "warp", "world_grid",
 ]

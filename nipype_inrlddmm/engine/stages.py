@@ -37,6 +37,16 @@ class StageConfig:
     omega_0 30) 16 / 24 / 32 patches reached mean Dice 0.714 / 0.722 /
     0.723 at the same iteration count (8 patches with 6 steps: 0.674); past
     24, more points per iteration stop paying for their time.
+
+    ``convergence_window`` > 0 stops a stage early once the loss fell by less
+    than ``convergence_threshold`` of its magnitude over that many iterations
+    (:func:`relative_decrease`), as ANTs' convergence test.  Off by default,
+    by measurement: at the defaults the fine-stage loss still fell by 6-11 %
+    per 100 iterations up to iteration 300 on the phantom and on brain-pair
+    (1-2 % over the last 100), while on lung-ct and brain -> MNI152 the
+    same 100-iteration trend swung between -6 % and +24 % with the patches
+    drawn.  No threshold stops the smooth cases early without stopping the
+    noisy ones at random.
     """
 
     iterations: int = 200
@@ -47,22 +57,46 @@ class StageConfig:
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
+    convergence_window: int = 0
+    convergence_threshold: float = 0.0
 
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {self.similarity!r}")
         if self.iterations < 0 or self.learning_rate <= 0 or self.reg_weight < 0:
             raise ValueError("iterations must be >= 0, learning_rate > 0 and reg_weight >= 0")
+        if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
+            raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
+
+
+def relative_decrease(losses, window: int) -> float:
+    """How much the loss fell over its last ``window`` values, relative to its magnitude.
+
+    A least-squares line through the last ``window`` losses, its drop across
+    the window divided by their mean absolute value: a trend estimate that
+    the iteration-to-iteration noise of random patches averages out of.
+    """
+    recent = torch.tensor(losses[-window:], dtype=torch.float64)
+    steps = torch.arange(len(recent), dtype=torch.float64)
+    steps = steps - steps.mean()
+    slope = (steps * (recent - recent.mean())).sum() / steps.square().sum()
+    return float(-slope * (len(recent) - 1) / recent.abs().mean().clamp(min=1e-12))
 
 
 def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress: bool) -> list[dict]:
-    """Adam on ``objective(iteration) -> (loss, {term: value})``; returns the log rows."""
+    """Adam on ``objective(iteration) -> (loss, {term: value})``; returns the log rows.
+
+    Stops before ``config.iterations`` once the loss fell by less than
+    ``config.convergence_threshold`` (relative) over the last
+    ``config.convergence_window`` iterations, as ANTs' convergence test.
+    """
     optimiser = torch.optim.Adam(velocity.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=max(config.iterations, 1), eta_min=config.learning_rate / 10
     )
     log = []
     start = time.perf_counter()
+    losses, window = [], config.convergence_window
     bar = tqdm(range(config.iterations), desc=stage, disable=not progress, leave=False)
     for iteration in bar:
         optimiser.zero_grad(set_to_none=True)
@@ -75,6 +109,10 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
         row["seconds"] = time.perf_counter() - start
         log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+        losses.append(row["loss"])
+        if window and len(losses) >= window and relative_decrease(losses, window) < config.convergence_threshold:
+            break
+    bar.close()
     return log
 
 

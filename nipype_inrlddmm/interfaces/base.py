@@ -17,8 +17,9 @@ _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
 IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "n_patches", "patch_size",
-                      "reg_weight")
-DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight")
+                      "reg_weight", "convergence_window", "convergence_threshold")
+DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
+                  "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
 #: Traits of each optimisation interface that map onto the engine configuration.
 STAGE_TRAITS = {
@@ -94,6 +95,12 @@ class OptimisationInputSpec(ComputeInputSpec):
 
     reg_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.reg_weight, usedefault=True,
                               desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+    convergence_window = traits.Range(low=0, value=DEFAULTS.coarse.convergence_window, usedefault=True,
+                                      desc="iterations over which the loss trend is fitted to stop early, as ANTs' "
+                                      "convergence window; 0 runs every iteration")
+    convergence_threshold = traits.Range(low=0.0, value=DEFAULTS.coarse.convergence_threshold, usedefault=True,
+                                         desc="stop once the loss fell by less than this fraction of its magnitude "
+                                         "over the convergence window")
     progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a tqdm progress bar on stderr")
 
 
