@@ -147,19 +147,19 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
     if case.affine:
         pre = affine_register(moving_t, torch.from_numpy(moving_affine), fixed_t, torch.from_numpy(fixed_affine),
                               AffineConfig(transform=case.affine)).numpy()
-    seconds = {"affine": time.perf_counter() - start}
+    seconds, iterations = {"affine": time.perf_counter() - start}, {}
     moving_affine_t = _t(np.linalg.inv(pre) @ moving_affine)
     args = (moving_t, moving_affine_t, fixed_t, fixed_affine_t, config)
     start = time.perf_counter()
     if variant in ("inr-lddmm", "paper-plain"):
         coarse = engine.coarse_stage(*args, fixed_mask=mask)
-        seconds["coarse"] = time.perf_counter() - start
+        seconds["coarse"], iterations["coarse"] = time.perf_counter() - start, len(coarse.log)
         start = time.perf_counter()
         initial = engine.distill_stage(coarse, fixed.shape, fixed_affine_t, config).velocity
         seconds["distill"] = time.perf_counter() - start
     elif variant == "no-distill":
-        initial = engine.coarse_stage(*args, fixed_mask=mask).velocity
-        seconds["coarse"] = time.perf_counter() - start
+        coarse = engine.coarse_stage(*args, fixed_mask=mask)
+        seconds["coarse"], iterations["coarse"], initial = time.perf_counter() - start, len(coarse.log), coarse.velocity
     elif variant == "no-coarse":
         budget = config.coarse.iterations + config.distill.iterations + config.fine.iterations
         config = engine.config_from_options(**dict(options, fine_iterations=budget))
@@ -169,10 +169,10 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
         raise ValueError(variant)
     start = time.perf_counter()
     fine = engine.fine_stage(initial, *args, fixed_mask=mask)
-    seconds["fine"] = fine.log[-1]["seconds"] if fine.log else 0.0
+    seconds["fine"], iterations["fine"] = (fine.log[-1]["seconds"] if fine.log else 0.0), len(fine.log)
     seconds["dense field"] = time.perf_counter() - start - seconds["fine"]
     return {"displacement": fine.displacement.numpy(), "pre_affine": pre, "moving_affine": np.linalg.inv(pre) @
-            moving_affine, "stage_seconds": seconds}
+            moving_affine, "stage_seconds": seconds, "stage_iterations": iterations}
 
 
 def evaluate_inr(case: Case, out: dict) -> dict:
@@ -183,6 +183,7 @@ def evaluate_inr(case: Case, out: dict) -> dict:
     result = _overlap(case, warped, fixed_labels, fixed_affine)
     result.update(metrics.jacobian_summary(out["displacement"], fixed_affine))
     result["stage_seconds"] = {name: round(value, 1) for name, value in out["stage_seconds"].items()}
+    result["stage_iterations"] = out["stage_iterations"]
     if case.landmarks:
         fixed_points, moving_points = (io.load_landmarks(p) for p in case.landmarks)
         result["tre_mm"] = float(metrics.landmark_errors(fixed_points, moving_points, out["displacement"],
