@@ -85,7 +85,7 @@ class AffineInit(SimpleInterface):
     >>> init = AffineInit(moving_image=str(moving), fixed_image=str(data / "ct.nii.gz"), transform="rigid",
     ...                   iterations=[100, 50, 0])
     >>> result = init.run(cwd=tmp.name)
-    >>> np.round(io.load_itk_affine(result.outputs.transform)[:3, 3]).tolist()
+    >>> (np.round(io.load_itk_affine(result.outputs.transform)[:3, 3]) + 0.0).tolist()  # + 0.0: no "-0.0"
     [10.0, -5.0, 0.0]
     >>> tmp.cleanup()
     """
