@@ -156,8 +156,6 @@ def affine_register(
         if len(candidates) == 0:
             raise ValueError("the fixed mask is empty: no voxel to compare")
         values = level_fixed.reshape(-1)
-        strides = torch.tensor(level_fixed.stride(), device=device)
-        sizes = torch.tensor(level_fixed.shape, device=device)
 
         optimiser = torch.optim.Adam(parameters, lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -169,7 +167,7 @@ def affine_register(
                 flat = candidates[torch.randint(len(candidates), (config.max_points,), generator=generator).to(device)]
             else:
                 flat = candidates
-            ijk = (flat[:, None] // strides) % sizes
+            ijk = torch.stack(torch.unravel_index(flat, level_fixed.shape), dim=-1)
             batch_points, batch_values = apply_affine(level_affine, ijk.to(dtype)), values[flat]
             optimiser.zero_grad(set_to_none=True)
             # Zero padding: moving content that leaves the field of view stops
