@@ -61,6 +61,24 @@ def test_dense_field_with_stride_interpolates_the_full_field():
     torch.testing.assert_close(full[::3, ::3, ::3], strided[::3, ::3, ::3])
 
 
+def test_patch_lattice_spans_each_patch_and_interpolates_a_linear_field_exactly():
+    from nipype_inrlddmm.engine.sampling import interpolate_patches, lattice_shape, patch_lattice, random_patches
+
+    voxels = random_patches((40, 30, 9), 5, 12, generator=torch.Generator().manual_seed(0)).float()
+    assert voxels.shape[1:4] == (12, 12, 9)
+    lattice = patch_lattice(voxels, 2)
+    assert lattice.shape[1:4] == lattice_shape((12, 12, 9), 2) == (7, 7, 5)
+    torch.testing.assert_close(lattice[:, 0, 0, 0], voxels[:, 0, 0, 0])
+    torch.testing.assert_close(lattice[:, -1, -1, -1], voxels[:, -1, -1, -1])
+    spacing = lattice[:, 1:, 0, 0, 0] - lattice[:, :-1, 0, 0, 0]
+    assert spacing.max() <= 2.0 and spacing.min() > 1.5
+    # Trilinear interpolation reproduces an affine function of position on every voxel.
+    matrix, offset = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, 4.0]]), torch.tensor([3.0, -1.0])
+    field = interpolate_patches(lattice @ matrix.T + offset, voxels.shape[1:4])
+    torch.testing.assert_close(field, voxels @ matrix.T + offset, atol=1e-4, rtol=0)
+    assert patch_lattice(voxels, 1) is voxels
+
+
 @pytest.mark.parametrize("interpolation", ["nearest", "label"])
 def test_label_warp_keeps_only_existing_labels(interpolation):
     labels = torch.zeros(10, 10, 10)

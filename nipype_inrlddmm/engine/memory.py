@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .sampling import lattice_shape, patch_shape
+
 #: Environment variable that disables :func:`check_memory`.
 SKIP_VARIABLE = "INRLDDMM_NO_MEMORY_CHECK"
 _OVERHEAD = 150e6  # bytes: torch's lazily created kernels and thread pools
@@ -107,7 +109,8 @@ def _training_bytes(points: int, model) -> float:
 
 
 def _patch_points(grid, stage_config) -> int:
-    edge = [min(int(stage_config.patch_size), int(n)) for n in grid]
+    """Points the flow is integrated at per iteration (each patch's lattice)."""
+    edge = lattice_shape(patch_shape(grid, stage_config.patch_size), stage_config.patch_stride)
     return int(stage_config.n_patches) * math.prod(edge)
 
 
@@ -187,10 +190,11 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     shape = "x".join(str(int(n)) for n in fixed_shape)
     if parts["training"] >= parts["field"]:
         stage_config = getattr(config, stage)
-        batch = ("batch_points" if stage == "distill" else "n_patches or patch_size")
-        points = (stage_config.batch_points if stage == "distill" else
-                  f"{stage_config.n_patches} patches of {stage_config.patch_size}^3")
-        culprit = f"the training batch ({points} points x {config.model.n_steps} steps, {_gb(parts['training'])})"
+        batch = ("batch_points" if stage == "distill" else "n_patches or patch_size (or raise patch_stride)")
+        points = (f"{stage_config.batch_points} points" if stage == "distill" else
+                  f"{stage_config.n_patches} patches of {stage_config.patch_size}^3 voxels, "
+                  f"integrated every {stage_config.patch_stride}")
+        culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
         advice = (f"lower {batch} of the {stage} stage, or the network's width ({config.model.width}) or "
                   f"n_steps ({config.model.n_steps})")
     else:

@@ -17,7 +17,7 @@ _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
 IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "n_patches", "patch_size",
-                      "reg_weight", "convergence_window", "convergence_threshold")
+                      "patch_stride", "reg_weight", "convergence_window", "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -136,6 +136,9 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="patches of the fixed grid drawn at each iteration")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
                               desc="patch edge in voxels")
+    patch_stride = traits.Range(low=1, value=DEFAULTS.coarse.patch_stride, usedefault=True,
+                                desc="the flow is integrated on a lattice at most this many voxels apart in "
+                                "each patch and interpolated trilinearly in between; 1 integrates every voxel")
 
 
 class ModelInputSpec(BaseInterfaceInputSpec):
