@@ -36,15 +36,24 @@ class StageConfig:
     voxels are drawn at each distillation iteration.  The learning rate
     decays along a cosine to a tenth of ``learning_rate``.
 
-    24 patches: on brain-pair (benchmarks/accuracy.py, 4 Euler steps,
-    omega_0 30) 16 / 24 / 32 patches reached mean Dice 0.714 / 0.722 /
-    0.723 at the same iteration count (8 patches with 6 steps: 0.674); past
-    24, more points per iteration stop paying for their time.
+    Points per iteration were the strongest lever measured
+    (benchmarks/accuracy.py, brain-pair mean Dice over 30 labels): with the
+    flow on every voxel, 16 / 24 / 32 patches gave 0.714 / 0.722 / 0.723 (8
+    patches: 0.674).  A lattice of stride 2 makes a fine-stage iteration of
+    48 patches take 0.39 x the time of one of 24 patches on every voxel (2
+    threads), because the network, not the image sampling, is most of the
+    work.  At stride 2 with 48 patches (and omega_0 20, see
+    :class:`~nipype_inrlddmm.engine.ModelConfig`): brain-pair 0.721 (0.721
+    before), brain -> MNI152 0.798 (0.797), phantom 0.974 (0.972), lung-ct
+    landmark TRE 1.53 mm (1.79) and lung Dice 0.983 (0.977).  Stride 2
+    alone, with 24 patches and omega_0 25, lost brain-pair Dice (0.711) and
+    lung-ct TRE (1.86 mm); 48 patches at omega_0 25 folded 0.23 % of
+    brain-pair voxels.
 
     ``convergence_window`` > 0 stops a stage early once the loss fell by less
     than ``convergence_threshold`` of its magnitude over that many iterations
     (:func:`relative_decrease`), as ANTs' convergence test.  Off by default,
-    by measurement: at the defaults the fine-stage loss still fell by 6-11 %
+    by measurement (24 patches, flow on every voxel): the fine-stage loss still fell by 6-11 %
     per 100 iterations up to iteration 300 on the phantom and on brain-pair
     (1-2 % over the last 100), while on lung-ct and brain -> MNI152 the
     same 100-iteration trend swung between -6 % and +24 % with the patches
@@ -56,13 +65,13 @@ class StageConfig:
     learning_rate: float = 2e-3
     similarity: str = "lncc"
     lncc_window: int = 5
-    n_patches: int = 24
+    n_patches: int = 48
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
     convergence_window: int = 0
     convergence_threshold: float = 0.0
-    patch_stride: int = 1
+    patch_stride: int = 2
 
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
