@@ -67,7 +67,8 @@ def test_moving_on_another_grid_gives_the_same_result_as_after_resampling():
 
 def test_same_seed_gives_the_same_field_and_another_seed_does_not():
     pair = make_pair((48, 40, 20), seed=5)
-    settings = dict(coarse_iterations=15, distill_iterations=5, fine_iterations=10, num_threads=2)
+    # Four patches per iteration: determinism does not depend on how much work an iteration does.
+    settings = dict(coarse_iterations=15, distill_iterations=5, fine_iterations=10, n_patches=4, num_threads=2)
     first = register((pair.ct, pair.affine), (pair.cbct, pair.affine), seed=7, **settings)
     second = register((pair.ct, pair.affine), (pair.cbct, pair.affine), seed=7, **settings)
     other = register((pair.ct, pair.affine), (pair.cbct, pair.affine), seed=8, **settings)
