@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_report_renders
 from PIL import Image
+from scipy import ndimage
 
 from nipype_inrlddmm import cli, engine, io, metrics, qc, report, steps
 from nipype_inrlddmm.api import register
@@ -104,11 +105,16 @@ def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path)
     dice = [metrics.dice(np.where(inside, labels, 0), np.where(inside, pair.ct_labels, 0), v) for v in LABELS]
     print("Dice of the moving labels carried forward then back:", np.round(dice, 3))
     # Two label resamplings move a boundary voxel or two whatever the inverse: the 19-voxel target
-    # comes back at Dice 0.81 with 0, 2, 4 or 8 inverse corrections alike, at 4 and at 6 Euler steps.
-    # So Dice measures the inverse only on labels of 100 voxels and more; the small ones must survive.
+    # comes back at Dice 0.81 with 0, 2, 4 or 8 inverse corrections alike, at 4 and at 6 Euler steps,
+    # and a 28-voxel spinal cord that the flow shifts by half a voxel comes back at 0.67, eroded to its
+    # 14 central voxels, with the round trip exact to 0.001 voxel.  So Dice measures the inverse only on
+    # labels of 100 voxels and more; a small label must survive and come back where it was.
     sizes = [((pair.ct_labels == v) & inside).sum() for v in LABELS]
     assert min(d for d, size in zip(dice, sizes) if size >= 100) > 0.85
-    assert min(dice) > 0.7
+    for value in LABELS:
+        back_here = (labels == value) & inside
+        near_original = ndimage.binary_dilation(pair.ct_labels == value)  # within one voxel
+        assert back_here.any() and not (back_here & ~near_original).any(), LABELS[value]
 
     with pytest.raises(ValueError, match="invert=True needs velocity_checkpoint"):
         ApplyWarp(in_file=str(files["warped_labels"]), displacement=str(files["displacement"]),
