@@ -222,13 +222,9 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
         raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
     data, affine = io.load_volume(in_file, what="image to warp")
     field, field_affine = io.load_displacement(displacement)
-    try:
-        ref = nib.load(str(reference))
-        ref_shape, ref_affine = ref.shape[:3], ref.affine
-    except Exception as error:  # nibabel raises many types for corrupt files
-        raise io.InputError(reference, f"cannot read the reference image ({type(error).__name__}: {error})") from error
-    if tuple(field.shape[:3]) != tuple(ref_shape) or not np.allclose(field_affine, ref_affine, atol=1e-4):
-        raise io.InputError(displacement, f"the displacement is not on the grid of the reference {reference}")
+    ref_shape, ref_affine = _reference_grid(reference)
+    io.require_grid(displacement, field.shape[:3], field_affine, ref_shape, ref_affine,
+                    what="displacement", reference=f"the reference {reference}")
     if interpolation != "linear" and not np.array_equal(data, np.round(data)):
         raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
     out = engine.warp(_tensor(data), _tensor(affine), _tensor(field), _tensor(field_affine),
