@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine.sampling import lattice_shape
 from nipype_inrlddmm.phantom import make_pair
 
 
@@ -38,12 +37,6 @@ def matmul_gflops(size=2048, repeats=10) -> float:
     for _ in range(repeats):
         a @ b
     return 2.0 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def flow_points(stage_config: engine.StageConfig) -> int:
-    """Points the network integrates per image-matching iteration: each patch's lattice."""
-    return stage_config.n_patches * int(np.prod(lattice_shape((stage_config.patch_size,) * 3,
-                                                              stage_config.patch_stride)))
 
 
 def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
@@ -100,7 +93,7 @@ def main():
         if stage == "distill":
             points = stage_config.batch_points
         else:
-            points = flow_points(stage_config)
+            points = stage_config.flow_points(pair.ct.shape)
         # forward + backward ~ 3x the forward FLOPs
         gflops = 3.0 * per_step * n_steps * points * len(log) / seconds / 1e9
         print(f"| {stage} | {len(log)} | {seconds:.1f} | {len(log) / seconds:.2f} | {points} | {gflops:.1f} | "
@@ -110,7 +103,7 @@ def main():
     epe = np.linalg.norm((result.displacement.numpy() - pair.displacement) / spacing, axis=-1)[body].mean()
     print(f"\nmean end-point error inside the body: {epe:.2f} voxels")
     if args.profile:
-        points = flow_points(config.fine)
+        points = config.fine.flow_points(pair.ct.shape)
         print(f"\nself CPU time of one training iteration ({points} points, {n_steps} steps), by operator:\n")
         print("| operator | share |\n|---|---|")
         for name, share in profile_iteration(config, points):

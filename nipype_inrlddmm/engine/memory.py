@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from .sampling import lattice_shape, patch_shape
-
 #: Environment variable that disables :func:`check_memory`.
 SKIP_VARIABLE = "INRLDDMM_NO_MEMORY_CHECK"
 _OVERHEAD = 150e6  # bytes: torch's lazily created kernels and thread pools
@@ -108,12 +106,6 @@ def _training_bytes(points: int, model) -> float:
     return points * model.n_steps * per_point_step * 4 * _TRAIN_FACTOR
 
 
-def _patch_points(grid, stage_config) -> int:
-    """Points the flow is integrated at per iteration (each patch's lattice)."""
-    edge = lattice_shape(patch_shape(grid, stage_config.patch_size), stage_config.patch_stride)
-    return int(stage_config.n_patches) * math.prod(edge)
-
-
 def _subgrid_points(shape, stride: int) -> int:
     return math.prod(len(range(0, n, stride)) + (1 if (n - 1) % stride else 0) for n in shape)
 
@@ -144,7 +136,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         factors = (factor or 2,) * 3 if factor is None or isinstance(factor, int) else factor
         grid = [-(-int(n) // int(f)) for n, f in zip(fixed_shape, factors)]
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
-        training = _training_bytes(_patch_points(grid, config.coarse), model)
+        training = _training_bytes(config.coarse.flow_points(grid), model)
         field = _FIELD_BYTES["coarse"] * math.prod(grid) + chunk
     elif stage == "distill":
         images = 4.0 * fixed_voxels
@@ -153,7 +145,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
                  + _SUBGRID_BYTES * _subgrid_points(fixed_shape, config.field_stride) + chunk)
     else:
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
-        training = _training_bytes(_patch_points(fixed_shape, config.fine), model)
+        training = _training_bytes(config.fine.flow_points(fixed_shape), model)
         field = (_FIELD_BYTES["fine"] * fixed_voxels
                  + _SUBGRID_BYTES * _subgrid_points(fixed_shape, config.field_stride) + chunk)
     parts = {"overhead": _OVERHEAD, "images": images, "training": training, "field": field}
@@ -193,7 +185,7 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
         batch = ("batch_points" if stage == "distill" else "n_patches or patch_size (or raise patch_stride)")
         points = (f"{stage_config.batch_points} points" if stage == "distill" else
                   f"{stage_config.n_patches} patches of {stage_config.patch_size}^3 voxels, "
-                  f"integrated every {stage_config.patch_stride}")
+                  f"the flow every {stage_config.patch_stride} voxels")
         culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
         advice = (f"lower {batch} of the {stage} stage, or the network's width ({config.model.width}) or "
                   f"n_steps ({config.model.n_steps})")

@@ -55,7 +55,6 @@ def random_voxels(shape, n_points: int, *, generator: torch.Generator | None = N
     return (torch.rand(n_points, 3, generator=generator) * upper).long()
 
 
-
 def lattice_shape(edge, stride: int) -> tuple[int, ...]:
     """Points per axis of :func:`patch_lattice` over a patch of ``edge`` voxels: ``ceil((P - 1) / stride) + 1``."""
     return tuple(math.ceil((int(n) - 1) / stride) + 1 for n in edge)

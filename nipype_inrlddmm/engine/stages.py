@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .flow import integrate, resample_field
 from .grid import apply_affine, sample
-from .sampling import interpolate_patches, patch_lattice, random_patches, random_voxels
+from .sampling import interpolate_patches, lattice_shape, patch_lattice, patch_shape, random_patches, random_voxels
 from .similarity import SIMILARITIES, lncc
 
 
@@ -53,8 +54,9 @@ class StageConfig:
     ``convergence_window`` > 0 stops a stage early once the loss fell by less
     than ``convergence_threshold`` of its magnitude over that many iterations
     (:func:`relative_decrease`), as ANTs' convergence test.  Off by default,
-    by measurement (24 patches, flow on every voxel): the fine-stage loss still fell by 6-11 %
-    per 100 iterations up to iteration 300 on the phantom and on brain-pair
+    by measurement (24 patches, flow on every voxel): the fine-stage loss
+    still fell by 6-11 % per 100 iterations up to iteration 300 on the
+    phantom and on brain-pair
     (1-2 % over the last 100), while on lung-ct and brain -> MNI152 the
     same 100-iteration trend swung between -6 % and +24 % with the patches
     drawn.  No threshold stops the smooth cases early without stopping the
@@ -82,6 +84,10 @@ class StageConfig:
             raise ValueError("patch_stride must be >= 1")
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
             raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
+
+    def flow_points(self, grid) -> int:
+        """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice."""
+        return self.n_patches * math.prod(lattice_shape(patch_shape(grid, self.patch_size), self.patch_stride))
 
 
 def relative_decrease(losses, window: int) -> float:
