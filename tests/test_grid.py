@@ -62,21 +62,38 @@ def test_dense_field_with_stride_interpolates_the_full_field():
 
 
 def test_patch_lattice_spans_each_patch_and_interpolates_a_linear_field_exactly():
-    from nipype_inrlddmm.engine.sampling import interpolate_patches, lattice_shape, patch_lattice, random_patches
+    from nipype_inrlddmm.engine.sampling import interpolate_patches, lattice_shape, patch_lattice, patch_shape
 
-    voxels = random_patches((40, 30, 9), 5, 12, generator=torch.Generator().manual_seed(0)).float()
-    assert voxels.shape[1:4] == (12, 12, 9)
-    lattice = patch_lattice(voxels, 2)
-    assert lattice.shape[1:4] == lattice_shape((12, 12, 9), 2) == (7, 7, 5)
-    torch.testing.assert_close(lattice[:, 0, 0, 0], voxels[:, 0, 0, 0])
-    torch.testing.assert_close(lattice[:, -1, -1, -1], voxels[:, -1, -1, -1])
-    spacing = lattice[:, 1:, 0, 0, 0] - lattice[:, :-1, 0, 0, 0]
+    edge = patch_shape((40, 30, 9), 12)
+    assert edge == (12, 12, 9)
+    lattice = patch_lattice(edge, 2)
+    assert lattice.shape[:3] == lattice_shape(edge, 2) == (7, 7, 5)
+    torch.testing.assert_close(lattice[0, 0, 0], torch.zeros(3))
+    torch.testing.assert_close(lattice[-1, -1, -1], torch.tensor(edge, dtype=torch.float32) - 1)
+    spacing = lattice[1:, 0, 0, 0] - lattice[:-1, 0, 0, 0]
     assert spacing.max() <= 2.0 and spacing.min() > 1.5
-    # Trilinear interpolation reproduces an affine function of position on every voxel.
+    # Trilinear interpolation reproduces an affine function of position on every voxel, for every patch.
+    corners = torch.tensor([[0.0, 0.0, 0.0], [28.0, 3.0, 0.0], [5.0, 18.0, 0.0]])[:, None, None, None]
     matrix, offset = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, 4.0]]), torch.tensor([3.0, -1.0])
-    field = interpolate_patches(lattice @ matrix.T + offset, voxels.shape[1:4])
+    field = interpolate_patches((corners + lattice) @ matrix.T + offset, edge)
+    voxels = corners + patch_lattice(edge, 1)
+    assert voxels.shape[1:4] == edge
     torch.testing.assert_close(field, voxels @ matrix.T + offset, atol=1e-4, rtol=0)
-    assert patch_lattice(voxels, 1) is voxels
+    assert interpolate_patches(voxels, edge) is voxels
+
+
+def test_patches_are_gathered_from_their_corners_inside_the_grid():
+    from nipype_inrlddmm.engine.sampling import gather_patches, patch_shape, random_patch_corners
+
+    volume = torch.arange(40 * 30 * 9, dtype=torch.float32).reshape(40, 30, 9)
+    edge = patch_shape(volume.shape, 12)
+    corners = random_patch_corners(volume.shape, 50, 12, generator=torch.Generator().manual_seed(0))
+    assert corners.min() >= 0 and (corners + torch.tensor(edge) <= torch.tensor(volume.shape)).all()
+    patches = gather_patches(volume, corners, edge)
+    assert patches.shape == (50, *edge)
+    for corner, patch in zip(corners.tolist(), patches):
+        x, y, z = corner
+        torch.testing.assert_close(patch, volume[x:x + 12, y:y + 12, z:z + 9], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "label"])

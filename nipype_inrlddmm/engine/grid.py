@@ -39,6 +39,38 @@ def bounding_box(shape, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return world.min(dim=0).values, world.max(dim=0).values
 
 
+def grid_coordinates(shape, affine: torch.Tensor) -> torch.Tensor:
+    """``(4, 4)`` map from world mm (RAS) to ``grid_sample``'s coordinates on a volume of ``shape``.
+
+    ``grid_sample`` takes ``(x, y, z)`` = (last, middle, first) array axis,
+    in [-1, 1], with ``align_corners=True`` putting -1 and 1 on the edge
+    voxel centres.  As a matrix it composes with other affines, so a hot
+    loop can map fixed-grid voxels straight to where the moving image is
+    read.
+    """
+    size = torch.tensor(tuple(shape), dtype=affine.dtype, device=affine.device)
+    to_unit = torch.eye(4, dtype=affine.dtype, device=affine.device)
+    to_unit[:3, :3] = torch.diag(2.0 / (size - 1).clamp(min=1))
+    to_unit[:3, 3] = -1.0
+    reverse_axes = torch.eye(4, dtype=affine.dtype, device=affine.device)[[2, 1, 0, 3]]
+    return reverse_axes @ to_unit @ torch.linalg.inv(affine)
+
+
+def sample_grid(
+    volume: torch.Tensor, grid: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Interpolate a volume at ``(..., 3)`` points given in its :func:`grid_coordinates`.
+
+    Returns ``(...)`` for a 3-D volume, ``(C, ...)`` for a ``(C, X, Y, Z)`` one.
+    """
+    squeeze = volume.dim() == 3
+    vol = volume[None] if squeeze else volume
+    out = F.grid_sample(vol[None], grid.reshape(1, 1, 1, -1, 3).to(vol.dtype), mode=mode,
+                        padding_mode=padding_mode, align_corners=True)
+    out = out.reshape(vol.shape[0], *grid.shape[:-1])
+    return out[0] if squeeze else out
+
+
 def sample(
     volume: torch.Tensor,
     affine: torch.Tensor,
@@ -62,19 +94,8 @@ def sample(
     -------
     ``(...)`` for a 3-D volume, ``(C, ...)`` for a 4-D one.
     """
-    squeeze = volume.dim() == 3
-    vol = volume[None] if squeeze else volume
-    ijk = apply_affine(torch.linalg.inv(affine), points)
-    size = torch.tensor(vol.shape[1:], device=ijk.device, dtype=ijk.dtype)
-    # grid_sample wants (x, y, z) = (last, middle, first) array axis, in
-    # [-1, 1] with align_corners=True putting -1 and 1 on the edge voxel centres.
-    normalised = 2.0 * ijk / (size - 1).clamp(min=1) - 1.0
-    grid = normalised.flip(-1).reshape(1, 1, 1, -1, 3)
-    out = F.grid_sample(
-        vol[None], grid.to(vol.dtype), mode=mode, padding_mode=padding_mode, align_corners=True
-    )
-    out = out.reshape(vol.shape[0], *points.shape[:-1])
-    return out[0] if squeeze else out
+    to_grid = grid_coordinates(volume.shape[-3:], affine)
+    return sample_grid(volume, apply_affine(to_grid, points), mode=mode, padding_mode=padding_mode)
 
 
 def downsample(volume: torch.Tensor, affine: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .flow import integrate, resample_field
-from .grid import apply_affine, sample
-from .sampling import interpolate_patches, lattice_shape, patch_lattice, patch_shape, random_patches, random_voxels
+from .grid import apply_affine, grid_coordinates, sample_grid, voxel_indices
+from .sampling import (
+    gather_patches, interpolate_patches, lattice_shape, patch_lattice, patch_shape, random_patch_corners, random_voxels,
+)
 from .similarity import SIMILARITIES, lncc
 
 
@@ -176,17 +178,27 @@ def fit_images(
             return lncc(warped, target, config.lncc_window)
         return SIMILARITIES[config.similarity](warped, target)
 
+    edge = patch_shape(fixed.shape, config.patch_size)
+    dtype = fixed_affine.dtype
+    lattice = patch_lattice(edge, config.patch_stride, dtype=dtype, device=device)
+    # Fixed voxel v displaced by d mm is read from the moving image at to_moving @ (fixed_affine @ v + d),
+    # in its grid_sample coordinates.  Both terms are linear: a patch's sampling grid is one offset grid
+    # plus its corner's shift, and d is mapped on the lattice, before it is interpolated to every voxel.
+    to_moving = grid_coordinates(moving.shape, moving_affine)
+    voxel_to_moving = to_moving @ fixed_affine
+    patch_grid = apply_affine(voxel_to_moving, voxel_indices(edge, device=device, dtype=dtype))
+
     def objective(iteration):
-        ijk = random_patches(
+        corners = random_patch_corners(
             fixed.shape, config.n_patches, config.patch_size, candidates=candidates, generator=generator
         ).to(device)
-        target = fixed[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
-        voxels = ijk.to(fixed_affine.dtype)
-        flow_voxels = patch_lattice(voxels, config.patch_stride)
-        displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, flow_voxels).reshape(-1, 3), n_steps)
-        displacement = interpolate_patches(displacement.reshape(*flow_voxels.shape), target.shape[1:])
-        warped = sample(moving, moving_affine, apply_affine(fixed_affine, voxels) + displacement)
-        sim = similarity(warped, target)
+        target = gather_patches(fixed, corners, edge)
+        corner_voxels = corners.to(dtype)[:, None, None, None]
+        displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, corner_voxels + lattice).reshape(-1, 3),
+                                          n_steps)
+        shift = (displacement @ to_moving[:3, :3].T).reshape(len(corners), *lattice.shape)
+        grid = patch_grid + corner_voxels @ voxel_to_moving[:3, :3].T + interpolate_patches(shift, edge)
+        sim = similarity(sample_grid(moving, grid), target)
         return sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
 
     return _optimise(velocity, objective, config, stage=stage, progress=progress)
