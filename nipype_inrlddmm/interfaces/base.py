@@ -61,6 +61,13 @@ def optional(value):
     return value if isdefined(value) else None
 
 
+def patch_stride_trait(default: int):
+    """The ``patch_stride`` input of an image-matching stage, whose default differs by stage."""
+    return traits.Range(low=1, value=default, usedefault=True,
+                        desc="the flow is integrated on a lattice at most this many voxels apart in each patch "
+                        "and interpolated trilinearly in between; 1 integrates every voxel")
+
+
 def enum_values(default, choices) -> tuple:
     """Enum values with the engine's default first (a traits Enum defaults to its first value)."""
     return (default, *(c for c in choices if c != default))
@@ -136,9 +143,6 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="patches of the fixed grid drawn at each iteration")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
                               desc="patch edge in voxels")
-    patch_stride = traits.Range(low=1, value=DEFAULTS.coarse.patch_stride, usedefault=True,
-                                desc="the flow is integrated on a lattice at most this many voxels apart in "
-                                "each patch and interpolated trilinearly in between; 1 integrates every voxel")
 
 
 class ModelInputSpec(BaseInterfaceInputSpec):

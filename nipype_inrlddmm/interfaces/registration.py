@@ -18,6 +18,7 @@ from .base import (
     ModelInputSpec,
     OptimisationInputSpec,
     optional,
+    patch_stride_trait,
     stage_config,
 )
 
@@ -27,6 +28,7 @@ class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
                               desc="Adam iterations of the coarse stage")
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
+    patch_stride = patch_stride_trait(DEFAULTS.coarse.patch_stride)
     coarse_factor = traits.Either(
         None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
         default=DEFAULTS.coarse_factor, usedefault=True,
@@ -142,6 +144,7 @@ class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
                               desc="Adam iterations of the fine stage")
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
+    patch_stride = patch_stride_trait(DEFAULTS.fine.patch_stride)
 
 
 class _FineINROutputSpec(TraitedSpec):
