@@ -75,14 +75,18 @@ def patch_lattice(edge, stride: int, *, dtype=torch.float32, device=None) -> tor
     from the first to the last voxel of each axis, so the interpolation
     never extrapolates; every voxel of the patch for ``stride`` 1.
     """
-    axes = [torch.linspace(0.0, int(n) - 1, q, dtype=dtype, device=device)
-            for n, q in zip(edge, lattice_shape(edge, stride))]
+    axes = [_knots(int(n), q, dtype=dtype, device=device) for n, q in zip(edge, lattice_shape(edge, stride))]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
+def _knots(size: int, points: int, *, dtype, device) -> torch.Tensor:
+    """Where :func:`patch_lattice` puts ``points`` along an axis of ``size`` voxels: first to last, evenly."""
+    return torch.linspace(0.0, size - 1, points, dtype=dtype, device=device)
+
+
 def _linear_weights(size: int, points: int, like: torch.Tensor) -> torch.Tensor:
-    """``(size, points)`` linear-interpolation weights from ``points`` evenly spread over ``size`` voxels."""
-    knots = torch.linspace(0.0, size - 1, points, dtype=like.dtype, device=like.device)
+    """``(size, points)`` linear-interpolation weights from the :func:`_knots` to every voxel of an axis."""
+    knots = _knots(size, points, dtype=like.dtype, device=like.device)
     voxels = torch.arange(size, dtype=like.dtype, device=like.device)
     return (1 - (voxels[:, None] - knots).abs() / (knots[1] - knots[0])).clamp(min=0)
 
