@@ -51,26 +51,26 @@ def network_step(config: engine.RegistrationConfig, points: int):
         displacement, kinetic = engine.integrate(velocity, start, config.model.n_steps)
         (displacement.square().mean() + kinetic).backward()
 
-    return velocity, step
+    return step
 
 
-def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int = 20) -> tuple[float, float]:
-    """Median seconds of :func:`network_step`, and its forward FLOPs per point and step."""
-    velocity, step = network_step(config, points)
+def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int = 20) -> float:
+    """Median seconds of :func:`network_step`."""
+    step = network_step(config, points)
     step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), mlp_flops_per_point_step(velocity)
+    return float(np.median(times))
 
 
 def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
     """Share of self CPU time per operator in forward + backward of the flow through the network."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = network_step(config, points)[1]
+    step = network_step(config, points)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
@@ -122,8 +122,8 @@ def main():
     # The stage rate above divides by the whole iteration (image sampling and LNCC too); this is
     # the network's own work, timed alone on the fine stage's points per iteration.
     points = config.fine.flow_points(pair.ct.shape)
-    seconds, per_point_step = network_seconds(config, points)
-    gflops = 3.0 * per_point_step * n_steps * points / seconds / 1e9
+    seconds = network_seconds(config, points)
+    gflops = 3.0 * per_step * n_steps * points / seconds / 1e9
     print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward): {1000 * seconds:.1f} ms, "
           f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul")
     body = pair.cbct_labels > 0
