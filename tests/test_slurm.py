@@ -179,8 +179,11 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     assert sorted(first.values()) == ["failed", "ok"], (first, stderr[-2000:])
     failed = next(patient for patient, status in first.items() if status == "failed")
     finished = _finished_nodes(tmp_path / "work")
-    assert f"registration/_patient_{failed}/coarse" in finished
-    assert f"registration/_patient_{failed}/distill" not in finished  # the cancelled job left no result
+    # This failed once in about 14 runs, with no record of why; the cancelled job's own log says how far it got.
+    job_log = tmp_path / "work" / "inrlddmm_study" / "batch" / f"slurm-{cancelled}.out"
+    seen = f"cancelled job {cancelled}: {job_log.read_text()[-3000:] if job_log.exists() else 'no log'}"
+    assert f"registration/_patient_{failed}/coarse" in finished, seen
+    assert f"registration/_patient_{failed}/distill" not in finished, seen  # the cancelled job left no result
 
     rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=FAST)
     assert [row["status"] for row in rows] == ["ok", "ok"]
