@@ -155,7 +155,7 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
         coarse = engine.coarse_stage(*args, fixed_mask=mask)
         seconds["coarse"], iterations["coarse"] = time.perf_counter() - start, len(coarse.log)
         start = time.perf_counter()
-        initial = engine.distill_stage(coarse, fixed.shape, fixed_affine_t, config, dense_field=False).velocity
+        initial = engine.distill_stage(coarse, fixed.shape, fixed_affine_t, config).velocity
         seconds["distill"] = time.perf_counter() - start
     elif variant == "no-distill":
         coarse = engine.coarse_stage(*args, fixed_mask=mask)

@@ -172,7 +172,7 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
     check_memory("distill", fixed_data.shape, replace(config, model=velocity.config), device=device, source=fixed)
     coarse = engine.StageResult(velocity.to(device), _tensor(field, device), _tensor(field_affine, device), log=[])
     result = engine.distill_stage(coarse, fixed_data.shape, _tensor(fixed_affine, device),
-                                  replace(config, model=velocity.config), dense_field=False, progress=progress)
+                                  replace(config, model=velocity.config), progress=progress)
     out = Path(out_dir)
     return {
         "model": io.save_checkpoint(out / DISTILL_OUTPUTS["model"], result.velocity, shape=fixed_data.shape,

@@ -641,6 +641,14 @@ def test_a_huge_fixed_grid_is_refused_by_its_estimate():
     assert strided["field"] < engine.estimate_memory("fine", (256, 256, 256), CONFIG)["field"]
 
 
+def test_the_distillation_of_a_large_ct_is_not_refused_for_a_field_it_never_computes():
+    """512x512x300 voxels: the distillation reads the grid and trains on points, nothing per voxel but the image."""
+    shape = (512, 512, 300)
+    assert engine.check_memory("distill", shape, CONFIG, available=1.5e9)["total"] < 1.0e9
+    with pytest.raises(engine.InsufficientMemoryError):  # while the fine stage's dense field does not fit
+        engine.check_memory("fine", shape, CONFIG, available=1.5e9)
+
+
 def _register_files(good, out: Path, seed: int) -> np.ndarray:
     config = engine.config_from_options(seed=seed, **TINY)
     with steps.torch_threads(2):

@@ -153,18 +153,16 @@ def coarse_stage(
     return StageResult(velocity, displacement, coarse_fixed_affine, log)
 
 
-def distill_stage(
-    coarse: StageResult, fixed_shape, fixed_affine, config: RegistrationConfig, *, dense_field: bool = True,
-    progress=False,
-) -> StageResult:
+def distill_stage(coarse: StageResult, fixed_shape, fixed_affine, config: RegistrationConfig, *,
+                  progress=False) -> StageResult:
     """Fit the network at the fine stage's resolution to the trilinearly upsampled S1.
 
     Starts from the coarse weights (one MLP throughout, as Algorithm 2) and
     returns a copy; ``coarse.velocity`` is left untouched.  Points are drawn
-    on the fixed grid block-averaged by ``fine_factor``.  With
-    ``dense_field`` the returned displacement is integrated on the full
-    fixed grid; the fine stage needs only the weights, and that field costs
-    about 2 s on a 1 mm brain, so :func:`register_volumes` skips it (None).
+    on the fixed grid block-averaged by ``fine_factor``.  The fine stage
+    needs only the weights: the result's displacement is None (the field
+    would cost about 2 s on a 1 mm brain; :func:`dense_displacement` gives
+    it when wanted).
     """
     velocity = new_velocity_field(fixed_shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(coarse.velocity.state_dict())
@@ -174,11 +172,7 @@ def distill_stage(
         velocity, coarse.displacement, coarse.affine, fine_shape, fine_affine, config.distill,
         n_steps=config.model.n_steps, generator=_generator(config.seed + 2), progress=progress,
     )
-    displacement = None
-    if dense_field:
-        displacement = dense_displacement(velocity, fixed_shape, fixed_affine, config.model.n_steps,
-                                          stride=config.field_stride)
-    return StageResult(velocity, displacement, fixed_affine, log)
+    return StageResult(velocity, None, fixed_affine, log)
 
 
 def fine_stage(
@@ -287,7 +281,7 @@ def register_volumes(
     moving_n, fixed_n = normalise_intensity(moving), normalise_intensity(fixed)
     coarse = coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config,
                           fixed_mask=fixed_mask, progress=progress)
-    distilled = distill_stage(coarse, fixed.shape, fixed_affine, config, dense_field=False, progress=progress)
+    distilled = distill_stage(coarse, fixed.shape, fixed_affine, config, progress=progress)
     fine = fine_stage(distilled.velocity, moving_n, moving_affine, fixed_n, fixed_affine, config,
                       fixed_mask=fixed_mask, progress=progress)
     warped = warp(moving, moving_affine, fine.displacement, fixed_affine)
