@@ -1,6 +1,6 @@
 """Speed and memory of one full registration, and the MLP's achieved GFLOP/s.
 
-    python benchmarks/speed.py [--shape 256 256 96] [--threads 2] [--profile]
+    python benchmarks/speed.py [--shape 256 256 96] [--threads 2] [--profile] [--compile MODE ...]
 
 Registers a phantom CT -> CBCT pair with the package defaults and reports:
 wall time and peak resident memory of the whole registration, iterations
@@ -10,7 +10,10 @@ practical peak): per stage (network FLOPs over the whole iteration's time)
 and for the network alone (the flow's forward and backward, timed by
 itself).  Prints a Markdown table.  ``--profile`` adds where the
 time of one training iteration of the network goes (torch.profiler, self
-CPU time per operator), which says why the MLP runs below the matmul.
+CPU time per operator), which says why the MLP runs below the matmul.  ``--compile`` times the
+network alone again through ``torch.compile`` in each given mode (``default``,
+``max-autotune-no-cudagraphs``, ...), beside eager: the first call (tracing
+and compiling, or reading Inductor's on-disk cache) and the steady state.
 """
 
 import argparse
@@ -41,29 +44,36 @@ def matmul_gflops(size=2048, repeats=10) -> float:
     return 2.0 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def network_step(config: engine.RegistrationConfig, points: int):
-    """One training iteration's network work alone: the flow of ``points`` through the MLP, forward and backward."""
+def network_step(config: engine.RegistrationConfig, points: int, compile_mode: str | None = None):
+    """One training iteration's network work alone: the flow of ``points`` through the MLP, forward and backward.
+
+    ``compile_mode`` runs the network through ``torch.compile`` in that mode (None: eager).
+    """
     velocity = engine.VelocityField(torch.zeros(3), torch.full((3,), 100.0), config.model)
     torch.nn.init.normal_(velocity.output.weight, std=0.01)  # a trained field moves the points
+    network = velocity if compile_mode is None else torch.compile(velocity, mode=compile_mode, dynamic=False)
     start = torch.randn(points, 3) * 50
 
     def step():
-        displacement, kinetic = engine.integrate(velocity, start, config.model.n_steps)
+        displacement, kinetic = engine.integrate(network, start, config.model.n_steps)
         (displacement.square().mean() + kinetic).backward()
 
     return step
 
 
-def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int = 20) -> float:
-    """Median seconds of :func:`network_step`."""
-    step = network_step(config, points)
+def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int = 20,
+                    compile_mode: str | None = None) -> tuple[float, float]:
+    """Seconds of the first call of :func:`network_step` (compiling, if asked) and the median of the next."""
+    step = network_step(config, points, compile_mode)
+    start = time.perf_counter()
     step()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return first, float(np.median(times))
 
 
 def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
@@ -86,6 +96,8 @@ def main():
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 96))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also profile one training iteration's operators")
+    parser.add_argument("--compile", nargs="+", default=[], metavar="MODE",
+                        help="also time the network alone through torch.compile in these modes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,10 +134,15 @@ def main():
     # The stage rate above divides by the whole iteration (image sampling and LNCC too); this is
     # the network's own work, timed alone on the fine stage's points per iteration.
     points = config.fine.flow_points(pair.ct.shape)
-    seconds = network_seconds(config, points)
+    _, seconds = network_seconds(config, points)
     gflops = 3.0 * per_step * n_steps * points / seconds / 1e9
     print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward): {1000 * seconds:.1f} ms, "
           f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul")
+    for mode in args.compile:
+        first, compiled = network_seconds(config, points, compile_mode=mode)
+        gflops = 3.0 * per_step * n_steps * points / compiled / 1e9
+        print(f"- torch.compile(mode={mode!r}): first call {first:.1f} s, then {1000 * compiled:.1f} ms "
+              f"({seconds / compiled:.2f} x eager), {gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} %")
     body = pair.cbct_labels > 0
     spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
     epe = np.linalg.norm((result.displacement.numpy() - pair.displacement) / spacing, axis=-1)[body].mean()
