@@ -76,6 +76,26 @@ def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int
     return first, float(np.median(times))
 
 
+def operator_milliseconds(points: int, width: int, repeats: int = 40, blocks: int = 5) -> dict[str, float]:
+    """Milliseconds of the passes one hidden layer makes over ``(points, width)`` activations (median block)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(points, width, generator=generator) * 3
+    weight = torch.randn(width, width, generator=generator)
+    passes = {"x @ W (forward)": lambda: x @ weight, "x.T @ g (weight gradient)": lambda: x.T @ x,
+              "sin": lambda: torch.sin(x), "cos": lambda: torch.cos(x), "multiply": lambda: x * x}
+    out = {}
+    for name, run in passes.items():
+        run()
+        times = []
+        for _ in range(blocks):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times.append((time.perf_counter() - start) / repeats * 1e3)
+        out[name] = float(np.median(times))
+    return out
+
+
 def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
     """Share of self CPU time per operator in forward + backward of the flow through the network."""
     from torch.profiler import ProfilerActivity, profile
@@ -153,6 +173,13 @@ def main():
         print("| operator | share |\n|---|---|")
         for name, share in profile_iteration(config, points):
             print(f"| {name} | {100 * share:.0f} % |")
+        width = config.model.width
+        print(f"\none pass over the ({points}, {width}) activations of a hidden layer:\n")
+        print("| pass | ms | GFLOP/s | % of matmul |\n|---|---|---|---|")
+        for name, ms in operator_milliseconds(points, width).items():
+            rate = 2.0 * points * width * width / ms / 1e6 if "@" in name else None
+            cells = (f"{rate:.1f} | {100 * rate / peak_matmul:.0f} %" if rate else "- | -")
+            print(f"| {name} | {ms:.2f} | {cells} |")
 
 
 if __name__ == "__main__":
