@@ -10,8 +10,10 @@ practical peak): per stage (network FLOPs over the whole iteration's time)
 and for the network alone (the flow's forward and backward, timed by
 itself).  Prints a Markdown table.  ``--profile`` adds where the
 time of one training iteration of the network goes (torch.profiler, self
-CPU time per operator), which says why the MLP runs below the matmul.  ``--compile`` times the
-network alone again through ``torch.compile`` in each given mode (``default``,
+CPU time per operator) and the time of each kind of pass one hidden layer
+makes (matmuls, sine, cosine, a multiplication), which say why the MLP runs
+below the matmul.  ``--compile`` times the network alone again through
+``torch.compile`` in each given mode (``default``,
 ``max-autotune-no-cudagraphs``, ...), beside eager: the first call (tracing
 and compiling, or reading Inductor's on-disk cache) and the steady state.
 """
