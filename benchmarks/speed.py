@@ -37,13 +37,21 @@ def mlp_flops_per_point_step(velocity: engine.VelocityField) -> float:
     return flops
 
 
+def median_seconds(run, *, blocks: int, calls: int = 1) -> float:
+    """Median over ``blocks`` blocks of the mean seconds of ``calls`` calls of ``run``."""
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls)
+    return float(np.median(times))
+
+
 def matmul_gflops(size=2048, repeats=10) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2.0 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    return 2.0 * size**3 / median_seconds(lambda: a @ b, blocks=1, calls=repeats) / 1e9
 
 
 def network_step(config: engine.RegistrationConfig, points: int, compile_mode: str | None = None):
@@ -67,35 +75,24 @@ def network_seconds(config: engine.RegistrationConfig, points: int, repeats: int
                     compile_mode: str | None = None) -> tuple[float, float]:
     """Seconds of the first call of :func:`network_step` (compiling, if asked) and the median of the next."""
     step = network_step(config, points, compile_mode)
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return first, float(np.median(times))
+    first = median_seconds(step, blocks=1)
+    return first, median_seconds(step, blocks=repeats)
 
 
-def operator_milliseconds(points: int, width: int, repeats: int = 40, blocks: int = 5) -> dict[str, float]:
-    """Milliseconds of the passes one hidden layer makes over ``(points, width)`` activations (median block)."""
+def layer_passes(points: int, width: int) -> list[tuple[str, float, float | None]]:
+    """``(pass, milliseconds, FLOPs or None)`` of each kind of pass a hidden layer makes over ``(points, width)``."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(points, width, generator=generator) * 3
     weight = torch.randn(width, width, generator=generator)
-    passes = {"x @ W (forward)": lambda: x @ weight, "x.T @ g (weight gradient)": lambda: x.T @ x,
-              "sin": lambda: torch.sin(x), "cos": lambda: torch.cos(x), "multiply": lambda: x * x}
-    out = {}
-    for name, run in passes.items():
+    matmul = 2.0 * points * width * width
+    passes = [("x @ W (forward)", lambda: x @ weight, matmul), ("x.T @ g (weight gradient)", lambda: x.T @ x, matmul),
+              ("sin", lambda: torch.sin(x), None), ("cos", lambda: torch.cos(x), None),
+              ("multiply", lambda: x * x, None)]
+    rows = []
+    for name, run, flops in passes:
         run()
-        times = []
-        for _ in range(blocks):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            times.append((time.perf_counter() - start) / repeats * 1e3)
-        out[name] = float(np.median(times))
-    return out
+        rows.append((name, 1e3 * median_seconds(run, blocks=5, calls=40), flops))
+    return rows
 
 
 def profile_iteration(config: engine.RegistrationConfig, points: int, repeats: int = 3) -> list[tuple[str, float]]:
@@ -178,9 +175,9 @@ def main():
         width = config.model.width
         print(f"\none pass over the ({points}, {width}) activations of a hidden layer:\n")
         print("| pass | ms | GFLOP/s | % of matmul |\n|---|---|---|---|")
-        for name, ms in operator_milliseconds(points, width).items():
-            rate = 2.0 * points * width * width / ms / 1e6 if "@" in name else None
-            cells = (f"{rate:.1f} | {100 * rate / peak_matmul:.0f} %" if rate else "- | -")
+        for name, ms, flops in layer_passes(points, width):
+            rate = None if flops is None else flops / ms / 1e6
+            cells = "- | -" if rate is None else f"{rate:.1f} | {100 * rate / peak_matmul:.0f} %"
             print(f"| {name} | {ms:.2f} | {cells} |")
 
 
