@@ -78,6 +78,12 @@ def reference(slurm, cohort, tmp_path_factory):
     return (root / "out" / "study_dice.csv").read_text()
 
 
+def _job_log_tail(work_dir, job) -> str:
+    """The end of a SLURM job's output file (``slurm-<job>.out`` beside Nipype's batch scripts)."""
+    log = Path(work_dir) / "inrlddmm_study" / "batch" / f"slurm-{job}.out"
+    return f"job {job}: {log.read_text()[-3000:] if log.exists() else 'no log'}"
+
+
 def _finished_nodes(work_dir) -> dict[str, int]:
     """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file, finished nodes only."""
     root = Path(work_dir) / "inrlddmm_study"
@@ -180,10 +186,8 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     failed = next(patient for patient, status in first.items() if status == "failed")
     finished = _finished_nodes(tmp_path / "work")
     # This failed once in about 14 runs, with no record of why; the cancelled job's own log says how far it got.
-    job_log = tmp_path / "work" / "inrlddmm_study" / "batch" / f"slurm-{cancelled}.out"
-    seen = f"cancelled job {cancelled}: {job_log.read_text()[-3000:] if job_log.exists() else 'no log'}"
-    assert f"registration/_patient_{failed}/coarse" in finished, seen
-    assert f"registration/_patient_{failed}/distill" not in finished, seen  # the cancelled job left no result
+    assert f"registration/_patient_{failed}/coarse" in finished, _job_log_tail(tmp_path / "work", cancelled)
+    assert f"registration/_patient_{failed}/distill" not in finished, _job_log_tail(tmp_path / "work", cancelled)
 
     rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=FAST)
     assert [row["status"] for row in rows] == ["ok", "ok"]
