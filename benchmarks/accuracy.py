@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--sets brain brain-pair lung-ct phantom] [--threads 2]
                                   [--methods inr-lddmm ants-syn no-distill no-coarse paper-plain]
-                                  [--out accuracy.md]
+                                  [--seeds 0 1 2] [--out accuracy.md]
 
 Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 
@@ -22,6 +22,10 @@ pre-alignment -> coarse -> distillation -> fine); ``ants-syn`` is antspyx's
 and distillation iterations added to it so the budget is the same) and
 ``paper-plain`` (the paper's stated settings: a three-layer ReLU MLP on raw
 ``(x, y, z, t)``, MSE similarity).
+
+``--seeds 0 1 2`` runs ours (and each ablation) once per seed, a row each:
+a seed fixes the result (patch draws and initial weights), and changing the
+seed moves it as much as many of the settings tried in the README did.
 
 Every method gets the same torch and ITK thread count.  Wall time covers the
 registration (pre-alignment, stages and the dense field), not the
@@ -276,10 +280,15 @@ def main():
     parser.add_argument("--inr-options", type=json.loads, default={},
                         help='registration options for inr-lddmm and its ablations, as JSON, e.g. '
                         '\'{"fine_iterations": 400}\' (default: the package defaults)')
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="run inr-lddmm and its ablations once per seed, one row each (default: the "
+                        "seed of --inr-options, else 0); a seed fixes the result, and changing it moves the "
+                        "result as much as many settings do")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
 
+    seeds = args.seeds or [args.inr_options.get("seed", engine.RegistrationConfig().seed)]
     options = json.dumps(args.inr_options) if args.inr_options else "package defaults"
     header = (f"# INR-LDDMM {__version__} vs ANTs SyN: {args.threads} threads, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}\n\ninr-lddmm options: {options}\n")
@@ -288,14 +297,18 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         for case in cases(args.sets, Path(scratch)):
             rows = {"none (headers only)": unregistered(case)}
-            for method in args.methods:
+            for method, seed in [(m, s) for m in args.methods for s in ([None] if m == "ants-syn" else seeds)]:
+                name = method if seed is None or len(seeds) == 1 else f"{method} (seed {seed})"
                 with PeakMemory() as memory:
                     start = time.perf_counter()
-                    out = run_syn(case) if method == "ants-syn" else run_inr(case, method, args.inr_options)
+                    if method == "ants-syn":
+                        out = run_syn(case)
+                    else:
+                        out = run_inr(case, method, {**args.inr_options, "seed": seed})
                     seconds = time.perf_counter() - start
                 result = evaluate_syn(case, out) if method == "ants-syn" else evaluate_inr(case, out)
-                rows[method] = dict(result, seconds=seconds, peak_gib=memory.gib)
-                print(f"<!-- {case.name} {method}: {json.dumps(rows[method])} -->", flush=True)
+                rows[name] = dict(result, seconds=seconds, peak_gib=memory.gib)
+                print(f"<!-- {case.name} {name}: {json.dumps(rows[name])} -->", flush=True)
             table = markdown(case, rows)
             print(table, flush=True)
             report.append(table)
