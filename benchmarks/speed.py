@@ -131,6 +131,10 @@ def main():
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak_matmul = matmul_gflops()
 
+    # The fine stage's automatic lattice stride follows its grid's voxel size (mm).
+    fine_factors = engine.stage_factors(config.fine_factor, affine, "fine")
+    fine_mm = (np.linalg.norm(pair.affine[:3, :3], axis=0) * fine_factors).tolist()
+    fine_points = config.fine.flow_points(pair.ct.shape, fine_mm)
     per_step = mlp_flops_per_point_step(result.velocity)
     n_steps = config.model.n_steps
     print(f"# INR-LDDMM speed, phantom {tuple(args.shape)}, {args.threads} threads, torch {torch.__version__}\n")
@@ -144,15 +148,17 @@ def main():
         seconds = log[-1]["seconds"]
         if stage == "distill":
             points = stage_config.batch_points
-        else:
+        elif stage == "coarse":
             points = stage_config.flow_points(pair.ct.shape)
+        else:
+            points = fine_points
         # forward + backward ~ 3x the forward FLOPs
         gflops = 3.0 * per_step * n_steps * points * len(log) / seconds / 1e9
         print(f"| {stage} | {len(log)} | {seconds:.1f} | {len(log) / seconds:.2f} | {points} | {gflops:.1f} | "
               f"{100 * gflops / peak_matmul:.0f} % |")
     # The stage rate above divides by the whole iteration (image sampling and LNCC too); this is
     # the network's own work, timed alone on the fine stage's points per iteration.
-    points = config.fine.flow_points(pair.ct.shape)
+    points = fine_points
     _, seconds = network_seconds(config, points)
     gflops = 3.0 * per_step * n_steps * points / seconds / 1e9
     print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward): {1000 * seconds:.1f} ms, "
@@ -167,7 +173,7 @@ def main():
     epe = np.linalg.norm((result.displacement.numpy() - pair.displacement) / spacing, axis=-1)[body].mean()
     print(f"\nmean end-point error inside the body: {epe:.2f} voxels")
     if args.profile:
-        points = config.fine.flow_points(pair.ct.shape)
+        points = fine_points
         print(f"\nself CPU time of one training iteration ({points} points, {n_steps} steps), by operator:\n")
         print("| operator | share |\n|---|---|")
         for name, share in profile_iteration(config, points):

@@ -82,6 +82,46 @@ def test_patch_lattice_spans_each_patch_and_interpolates_a_linear_field_exactly(
     assert interpolate_patches(voxels, edge) is voxels
 
 
+def test_the_automatic_lattice_stride_is_closest_to_4_mm_and_at_least_2_voxels():
+    from nipype_inrlddmm.engine.sampling import lattice_shape, lattice_strides, patch_lattice
+
+    assert lattice_strides(None, (2.0, 2.0, 2.0)) == (2, 2, 2)  # the brains' fine grid
+    assert lattice_strides(None, (1.366, 1.366, 2.5)) == (3, 3, 2)  # lung-ct's
+    assert lattice_strides(None, (0.5, 2.8, 5.0)) == (8, 2, 2)
+    assert lattice_strides(3, (1.366, 1.366, 2.5)) == (3, 3, 3)
+    assert lattice_strides((1, 2, 4), (2.0, 2.0, 2.0)) == (1, 2, 4)
+    lattice = patch_lattice((12, 12, 12), (3, 3, 2))
+    assert lattice.shape[:3] == lattice_shape((12, 12, 12), (3, 3, 2)) == (5, 5, 7)
+    assert (lattice[-1, -1, -1] == 11).all()
+    config = engine.StageConfig()
+    # Without the voxel size (the memory estimate) the count is the automatic stride's largest.
+    assert config.flow_points((64, 64, 64), (1.366, 1.366, 2.5)) == 48 * 5 * 5 * 7 < config.flow_points((64, 64, 64))
+    assert config.flow_points((64, 64, 64)) == 48 * 7**3
+    assert engine.StageConfig(patch_stride=[3, 3, 2]).patch_stride == (3, 3, 2)
+    for bad in (0, (2, 2), (2, 0, 2)):
+        with pytest.raises(ValueError, match="patch_stride"):
+            engine.StageConfig(patch_stride=bad)
+
+
+def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(monkeypatch):
+    from nipype_inrlddmm.engine import stages
+
+    counts = []
+
+    def counting(velocity, points, n_steps):
+        counts.append(len(points))
+        return engine.integrate(velocity, points, n_steps)
+
+    monkeypatch.setattr(stages, "integrate", counting)
+    affine = torch.diag(torch.tensor([1.366, 1.366, 2.5, 1.0]))
+    volume = torch.rand(30, 30, 20, generator=torch.Generator().manual_seed(0))
+    for stride, lattice in ((None, 5 * 5 * 7), (2, 7 * 7 * 7)):
+        config = engine.StageConfig(iterations=1, n_patches=3, patch_stride=stride)
+        velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+        stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
+        assert counts.pop() == 3 * lattice
+
+
 def test_patches_are_gathered_from_their_corners_inside_the_grid():
     from nipype_inrlddmm.engine.sampling import gather_patches, patch_shape, random_patch_corners
 

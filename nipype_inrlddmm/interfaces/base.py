@@ -61,11 +61,14 @@ def optional(value):
     return value if isdefined(value) else None
 
 
-def patch_stride_trait(default: int):
+def patch_stride_trait(default):
     """The ``patch_stride`` input of an image-matching stage, whose default differs by stage."""
-    return traits.Range(low=1, value=default, usedefault=True,
-                        desc="the flow is integrated on a lattice at most this many voxels apart in each patch "
-                        "and interpolated trilinearly in between; 1 integrates every voxel")
+    return traits.Either(
+        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
+        default=default, usedefault=True,
+        desc="the flow is integrated on a lattice at most this many voxels apart (one for all axes, or three) "
+        "in each patch and interpolated trilinearly in between; 1 integrates every voxel; None: per axis, the "
+        "stride closest to 4 mm, at least 2")
 
 
 def enum_values(default, choices) -> tuple:
