@@ -17,6 +17,7 @@ import numpy as np
 
 from . import __version__, engine, io, qc, steps
 from .api import register
+from .engine.affine import TRANSFORMS, AffineConfig
 from .evaluate import evaluate_files
 
 #: CLI flag -> registration option, for the hyper-parameters users tune most.
@@ -39,6 +40,13 @@ _OPTIONS = {
 }
 
 
+def _add_affine_option(parser, what: str) -> None:
+    parser.add_argument("--affine", choices=TRANSFORMS,
+                        help=f"pre-align {what} with a rigid or affine transform first, as ANTs does before SyN "
+                        "(e.g. subject -> atlas, or scans of two sessions); writes affine.txt, to list after the "
+                        "field: antsApplyTransforms ... -t displacement.nii.gz -t affine.txt (default: none)")
+
+
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration (defaults: the package's tuned defaults)")
     for name, (kind, help_text) in _OPTIONS.items():
@@ -58,7 +66,7 @@ def _registration_options(args) -> dict:
 
 def register_files(
     moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
-    device="auto", num_threads=None, progress=True, trajectory=0, **options,
+    affine=None, device="auto", num_threads=None, progress=True, trajectory=0, **options,
 ) -> dict:
     """Register two NIfTI files and write every output into ``out_dir``.
 
@@ -66,20 +74,36 @@ def register_files(
     ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
     with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
     ``dice.json``; with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
-    ``trajectory.gif``, the moving image at K times of the flow.  All inputs
-    are validated before any optimisation starts.  Returns the written paths.
+    ``trajectory.gif``, the moving image at K times of the flow.  With
+    ``affine`` (``"rigid"`` or ``"affine"``) the moving image is first
+    pre-aligned, as ANTs does before SyN (:func:`~nipype_inrlddmm.steps.affine_init`:
+    ``affine.txt``, and ``moving_aligned.nii.gz`` with its header rewritten,
+    voxels untouched), and registered from there; ``antsApplyTransforms ... -t
+    displacement.nii.gz -t affine.txt`` applies both to the original moving
+    image.  All inputs are validated before any optimisation starts.
+    Returns the written paths.
     """
     if trajectory and trajectory < 2:
         raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
-    out_dir = Path(out_dir)
+    config = engine.config_from_options(**options)
+    out_dir, title = Path(out_dir), Path(moving).name
     pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                            fixed_mask=fixed_mask)
     moving_affine, fixed_data, fixed_affine = pair.moving_affine, pair.fixed, pair.fixed_affine
     mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
+    outputs = {}
+    if affine:
+        with steps.torch_threads(num_threads):
+            aligned = steps.affine_init(moving, fixed, out_dir, moving_labels=moving_labels, fixed_mask=fixed_mask,
+                                        config=AffineConfig(transform=affine),
+                                        seed=config.seed, device=device)
+        outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
+        moving, moving_labels = aligned["aligned_image"], aligned.get("aligned_labels")
+        moving_affine = io.load_volume(moving, what="pre-aligned moving image")[1]
 
     result = register((pair.moving, moving_affine), (fixed_data, fixed_affine), fixed_mask=mask,
                       device=device, num_threads=num_threads, progress=progress, **options)
-    outputs = {
+    outputs |= {
         "warped": io.save_image(out_dir / "warped.nii.gz", result.warped, fixed_affine),
         "displacement": io.save_displacement(out_dir / "displacement.nii.gz", result.displacement, fixed_affine),
         "model": io.save_checkpoint(out_dir / "model.pt", result.model, shape=fixed_data.shape, affine=fixed_affine),
@@ -99,13 +123,13 @@ def register_files(
         fixed_labels=fixed_labels if "warped_labels" in outputs else None,
         moving_labels=moving_labels if "warped_labels" in outputs else None,
         warped_labels=outputs.get("warped_labels"), displacement=outputs["displacement"], fixed_mask=fixed_mask,
-        label_names=label_names, title=Path(moving).name,
+        label_names=label_names, title=title,
     )
     if trajectory:
         frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, fixed_data.shape,
                                                 fixed_affine, trajectory,
-                                                field_stride=engine.config_from_options(**options).field_stride)
-        outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=Path(moving).name))
+                                                field_stride=config.field_stride)
+        outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
     return outputs
 
 
@@ -120,8 +144,8 @@ def _cmd_register(args) -> int:
     outputs = register_files(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=args.label_names,
-        device=args.device, num_threads=args.num_threads, progress=not args.quiet, trajectory=args.trajectory,
-        **_registration_options(args),
+        affine=args.affine, device=args.device, num_threads=args.num_threads, progress=not args.quiet,
+        trajectory=args.trajectory, **_registration_options(args),
     )
     if "rows" in outputs:
         _print_dice(outputs["rows"], f"Dice in {outputs['dice']}")
@@ -244,8 +268,7 @@ def _add_study_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sbatch-args", help='SLURM: sbatch arguments added to each job\'s own (-c from '
                        '--num-threads, --mem from the stage\'s estimate, a --time per stage), e.g. '
                        '"--partition=cpu --time=2:00:00" or "--partition=gpu --gres=gpu:1" with --device cuda')
-    group.add_argument("--affine", choices=("rigid", "affine"),
-                       help="pre-align each moving image with a rigid or affine transform (e.g. subject -> atlas)")
+    _add_affine_option(group, "each moving image")
     group.add_argument("--verbose", action="store_true", help="log every Nipype node")
 
 
@@ -272,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "
                      "(4-D) and trajectory.gif (the axial centre slice); t = 0 is the moving image, t = 1 the "
                      "warped one (default: none)")
+    _add_affine_option(reg, "the moving image")
     _add_registration_options(reg)
     reg.set_defaults(func=_cmd_register)
 

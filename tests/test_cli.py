@@ -49,6 +49,46 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
     assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
 
 
+def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_reproduces_the_warp(cohort, tmp_path):
+    from scipy import ndimage
+
+    from nipype_inrlddmm import io, steps
+
+    patient = cohort.parent / "p01"
+    ct = nib.load(patient / "ct.nii.gz")
+    shift = np.array([24.0, -16.0, 12.0])  # mm, 2-3 voxels of this phantom
+    moved = ct.affine.copy()
+    moved[:3, 3] += shift
+    for name in ("ct", "ct_labels"):
+        image = nib.load(patient / f"{name}.nii.gz")
+        nib.Nifti1Image(np.asarray(image.dataobj), moved).to_filename(str(tmp_path / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    code = cli.main([
+        "register", "--moving", str(tmp_path / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
+        "--moving-labels", str(tmp_path / "ct_labels.nii.gz"), "--fixed-labels", str(patient / "cbct_labels.nii.gz"),
+        "--affine", "affine", "--out-dir", str(out), *FEW,
+    ])
+    assert code == 0
+    matrix = io.load_itk_affine(out / "affine.txt")  # fixed world -> moving world, RAS mm
+    # The same search without the shift, then the shift: a header translation moves the result by exactly it.
+    unshifted = io.load_itk_affine(steps.affine_init(patient / "ct.nii.gz", patient / "cbct.nii.gz",
+                                                     tmp_path / "unshifted")["transform"])
+    translation = np.eye(4)
+    translation[:3, 3] = shift
+    np.testing.assert_allclose(matrix, translation @ unshifted, atol=1e-2)
+    assert json.loads((out / "dice.json").read_text())["mean_dice"] > 0.8
+    # warped(x) = original moving(A (x + d(x))): the documented order, field first, then affine.txt.
+    field, field_affine = io.load_displacement(out / "displacement.nii.gz")
+    grid = np.stack(np.meshgrid(*map(np.arange, field.shape[:3]), indexing="ij"), -1)
+    points = grid @ field_affine[:3, :3].T + field_affine[:3, 3] + field
+    voxels = (points @ matrix[:3, :3].T + matrix[:3, 3]) @ np.linalg.inv(moved)[:3, :3].T + np.linalg.inv(moved)[:3, 3]
+    expected = ndimage.map_coordinates(np.asarray(ct.dataobj, np.float32), np.moveaxis(voxels, -1, 0), order=1,
+                                       mode="nearest")
+    warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj)
+    inside = (voxels > 0).all(-1) & (voxels < np.array(ct.shape) - 1).all(-1)
+    np.testing.assert_allclose(warped[inside], expected[inside], atol=1e-3 * np.abs(expected).max())
+
+
 def test_register_names_a_bad_file_and_writes_nothing(cohort, tmp_path, capsys):
     bad = tmp_path / "cbct.nii.gz"
     nib.Nifti1Image(np.full((48, 40, 20), np.nan, np.float32), np.eye(4)).to_filename(str(bad))
