@@ -133,7 +133,8 @@ def main():
 
     # The fine stage's automatic lattice stride follows its grid's voxel size (mm).
     fine_factors = engine.stage_factors(config.fine_factor, affine, "fine")
-    fine_mm = (np.linalg.norm(pair.affine[:3, :3], axis=0) * fine_factors).tolist()
+    spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
+    fine_mm = (spacing * fine_factors).tolist()
     fine_points = config.fine.flow_points(pair.ct.shape, fine_mm)
     per_step = mlp_flops_per_point_step(result.velocity)
     n_steps = config.model.n_steps
@@ -169,7 +170,6 @@ def main():
         print(f"- torch.compile(mode={mode!r}): first call {first:.1f} s, then {1000 * compiled:.1f} ms "
               f"({seconds / compiled:.2f} x eager), {gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} %")
     body = pair.cbct_labels > 0
-    spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
     epe = np.linalg.norm((result.displacement.numpy() - pair.displacement) / spacing, axis=-1)[body].mean()
     print(f"\nmean end-point error inside the body: {epe:.2f} voxels")
     if args.profile:

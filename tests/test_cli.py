@@ -81,7 +81,8 @@ def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_repr
     field, field_affine = io.load_displacement(out / "displacement.nii.gz")
     grid = np.stack(np.meshgrid(*map(np.arange, field.shape[:3]), indexing="ij"), -1)
     points = grid @ field_affine[:3, :3].T + field_affine[:3, 3] + field
-    voxels = (points @ matrix[:3, :3].T + matrix[:3, 3]) @ np.linalg.inv(moved)[:3, :3].T + np.linalg.inv(moved)[:3, 3]
+    to_voxel = np.linalg.inv(moved) @ matrix
+    voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
     expected = ndimage.map_coordinates(np.asarray(ct.dataobj, np.float32), np.moveaxis(voxels, -1, 0), order=1,
                                        mode="nearest")
     warped = np.asarray(nib.load(out / "warped.nii.gz").dataobj)

@@ -153,7 +153,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         field = 0.0
     else:
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
-        # Without the voxel size, the automatic lattice stride's largest point count (stride 2).
+        # Without the voxel size, the automatic lattice stride's largest point count.
         training = _training_bytes(config.fine.flow_points(fixed_shape), model)
         field = (_FIELD_BYTES["fine"] * fixed_voxels
                  + _SUBGRID_BYTES * _subgrid_points(fixed_shape, config.field_stride) + chunk)
@@ -192,7 +192,7 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     if parts["training"] >= parts["field"]:
         stage_config = getattr(config, stage)
         batch = ("batch_points" if stage == "distill" else "n_patches or patch_size (or raise patch_stride)")
-        stride = getattr(stage_config, "patch_stride", None)
+        stride = stage_config.patch_stride
         lattice = f"the flow every {stride} voxels" if stride else "the flow on a lattice about 4 mm apart"
         points = (f"{stage_config.batch_points} points" if stage == "distill" else
                   f"{stage_config.n_patches} patches of {stage_config.patch_size}^3 voxels, {lattice}")

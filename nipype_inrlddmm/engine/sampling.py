@@ -57,27 +57,30 @@ def random_voxels(shape, n_points: int, *, generator: torch.Generator | None = N
     return (torch.rand(n_points, 3, generator=generator) * upper).long()
 
 
-#: Lattice step (mm) that :func:`lattice_strides` aims at for an automatic stride.
+#: Lattice step (mm) that :func:`lattice_strides` aims at for an automatic stride, and its least stride.
 LATTICE_SPACING_MM = 4.0
+MIN_AUTOMATIC_STRIDE = 2
 
 
 def lattice_strides(stride, voxel_mm) -> tuple[int, ...]:
     """Per-axis lattice stride in voxels: ``stride`` as given (one int for all axes, or one per axis).
 
     ``stride=None`` picks, per axis, the stride whose step is closest to
-    :data:`LATTICE_SPACING_MM` and at least 2 voxels: the velocity's
-    smoothness is a physical scale, not a voxel count.  That is 2 on 2 mm
-    grids (the brains' fine stage), and 3 x 3 x 2 on lung-ct's 1.37 x 1.37
-    x 2.5 mm grid, whose stride 2 lattice was 2.7 mm apart in-plane.
+    :data:`LATTICE_SPACING_MM` and at least :data:`MIN_AUTOMATIC_STRIDE`
+    voxels: the velocity's smoothness is a physical scale, not a voxel
+    count.  That is 2 on 2 mm grids (the brains' fine stage), and 3 x 3 x
+    2 on lung-ct's 1.37 x 1.37 x 2.5 mm grid, whose stride 2 lattice was
+    2.7 mm apart in-plane.
 
     ``voxel_mm`` : voxel size per axis (mm), e.g. :func:`~.grid.spacing`.
     """
     if stride is None:
-        return tuple(max(2, round(LATTICE_SPACING_MM / float(size))) for size in voxel_mm)
-    return _per_axis(stride, len(voxel_mm))
+        return tuple(max(MIN_AUTOMATIC_STRIDE, round(LATTICE_SPACING_MM / float(size))) for size in voxel_mm)
+    return per_axis_strides(stride, len(voxel_mm))
 
 
-def _per_axis(stride, n_axes: int) -> tuple[int, ...]:
+def per_axis_strides(stride, n_axes: int = 3) -> tuple[int, ...]:
+    """An explicit stride, one int for all axes or one per axis, as ``n_axes`` ints >= 1 (else ValueError)."""
     strides = tuple(int(s) for s in stride) if isinstance(stride, (tuple, list)) else (int(stride),) * n_axes
     if len(strides) != n_axes or min(strides) < 1:
         raise ValueError(f"a lattice stride is None, an int >= 1 or {n_axes} of them, got {stride!r}")
@@ -89,7 +92,7 @@ def lattice_shape(edge, stride) -> tuple[int, ...]:
 
     ``stride`` : one int for all axes, or one per axis.
     """
-    return tuple(math.ceil((int(n) - 1) / q) + 1 for n, q in zip(edge, _per_axis(stride, len(edge))))
+    return tuple(math.ceil((int(n) - 1) / q) + 1 for n, q in zip(edge, per_axis_strides(stride, len(edge))))
 
 
 def patch_lattice(edge, stride, *, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
 from .sampling import (
-    LATTICE_SPACING_MM, gather_patches, interpolate_patches, lattice_shape, lattice_strides, patch_lattice, patch_shape,
-    random_patch_corners, random_voxels,
+    MIN_AUTOMATIC_STRIDE, gather_patches, interpolate_patches, lattice_shape, lattice_strides, patch_lattice,
+    patch_shape, per_axis_strides, random_patch_corners, random_voxels,
 )
 from .similarity import SIMILARITIES, lncc
 
@@ -94,7 +94,7 @@ class StageConfig:
             raise ValueError("iterations must be >= 0, learning_rate > 0 and reg_weight >= 0")
         if self.patch_stride is not None:  # a JSON or trait list becomes a tuple, so the config stays hashable
             try:
-                strides = lattice_strides(self.patch_stride, (1.0, 1.0, 1.0))
+                strides = per_axis_strides(self.patch_stride)
             except ValueError as error:
                 raise ValueError(f"patch_stride: {error}") from None
             object.__setattr__(self, "patch_stride", strides if isinstance(self.patch_stride, (tuple, list))
@@ -106,10 +106,13 @@ class StageConfig:
         """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice.
 
         ``voxel_mm`` : the grid's voxel size per axis, for an automatic
-        ``patch_stride``; without it, the automatic stride's smallest (2),
-        so the count is an upper bound.
+        ``patch_stride``; without it, the automatic stride's smallest
+        (:data:`~.sampling.MIN_AUTOMATIC_STRIDE`), so the count is an upper bound.
         """
-        strides = lattice_strides(self.patch_stride, (LATTICE_SPACING_MM / 2,) * 3 if voxel_mm is None else voxel_mm)
+        if voxel_mm is None:
+            strides = per_axis_strides(self.patch_stride or MIN_AUTOMATIC_STRIDE)
+        else:
+            strides = lattice_strides(self.patch_stride, voxel_mm)
         return self.n_patches * math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
 
 
