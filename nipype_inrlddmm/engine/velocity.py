@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .sine import sine_linear
+
 ENCODINGS = ("fourier", "siren", "none")
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -72,7 +74,8 @@ class SineLinear(nn.Linear):
 
     ``omega0`` scales the small ``(out, in)`` weight and bias rather than the
     ``(N, out)`` activations: the same function with one full-size
-    element-wise pass fewer, forward and backward.
+    element-wise pass fewer, forward and backward; :func:`~.sine.sine_linear`
+    keeps the cosine of its forward pass for the backward one.
     """
 
     def __init__(self, in_features: int, out_features: int, omega0: float, *, first: bool):
@@ -83,7 +86,7 @@ class SineLinear(nn.Linear):
             self.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(nn.functional.linear(x, self.weight * self.omega0, self.bias * self.omega0))
+        return sine_linear(x, self.weight * self.omega0, self.bias * self.omega0)
 
 
 class VelocityField(nn.Module):
