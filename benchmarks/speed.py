@@ -8,10 +8,12 @@ per second of each stage, and the GFLOP/s of the velocity-network work
 against a plain float32 matmul timed in the same run (the machine's
 practical peak): per stage (network FLOPs over the whole iteration's time)
 and for the network alone (the flow's forward and backward, timed by
-itself).  Prints a Markdown table.  ``--profile`` adds where the
+itself, and again with ``torch.sin`` and ``torch.cos`` in the SIREN layers,
+the path of an install without the ``_sincos`` extension).  Prints a
+Markdown table.  ``--profile`` adds where the
 time of one training iteration of the network goes (torch.profiler, self
 CPU time per operator) and the time of each kind of pass one hidden layer
-makes (matmuls, sine, cosine, a multiplication), which say why the MLP runs
+makes (matmuls, sine, cosine, the fused sine-cosine, a multiplication), which say why the MLP runs
 below the matmul.  ``--compile`` times the network alone again through
 ``torch.compile`` in each given mode (``default``,
 ``max-autotune-no-cudagraphs``, ...), beside eager: the first call (tracing
@@ -21,12 +23,19 @@ and compiling, or reading Inductor's on-disk cache) and the steady state.
 import argparse
 import resource
 import time
+from unittest import mock
 
 import numpy as np
 import torch
 
 from nipype_inrlddmm import engine
+from nipype_inrlddmm.engine import sine, velocity
 from nipype_inrlddmm.phantom import make_pair
+
+
+def torch_sine_linear(x, weight, bias):
+    """The SIREN layer without the ``_sincos`` extension: ``torch.sin``, and ``torch.cos`` backwards."""
+    return torch.sin(torch.nn.functional.linear(x, weight, bias))
 
 
 def mlp_flops_per_point_step(velocity: engine.VelocityField) -> float:
@@ -88,6 +97,9 @@ def layer_passes(points: int, width: int) -> list[tuple[str, float, float | None
     passes = [("x @ W (forward)", lambda: x @ weight, matmul), ("x.T @ g (weight gradient)", lambda: x.T @ x, matmul),
               ("sin", lambda: torch.sin(x), None), ("cos", lambda: torch.cos(x), None),
               ("multiply", lambda: x * x, None)]
+    if sine.FUSED:
+        overwritten = x.clone()  # the kernel writes the sine in place; its cost does not depend on the values
+        passes.insert(4, ("sin and cos, fused (_sincos)", lambda: sine.sincos_(overwritten), None))
     rows = []
     for name, run, flops in passes:
         run()
@@ -163,7 +175,14 @@ def main():
     _, seconds = network_seconds(config, points)
     gflops = 3.0 * per_step * n_steps * points / seconds / 1e9
     print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward): {1000 * seconds:.1f} ms, "
-          f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul")
+          f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul"
+          + ("" if sine.FUSED else " (no _sincos extension in this install: torch.sin and torch.cos)"))
+    if sine.FUSED:
+        with mock.patch.object(velocity, "sine_linear", torch_sine_linear):
+            _, unfused = network_seconds(config, points)
+        gflops = 3.0 * per_step * n_steps * points / unfused / 1e9
+        print(f"- with torch.sin and torch.cos instead (an install without the extension): {1000 * unfused:.1f} ms "
+              f"({unfused / seconds:.2f} x), {gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} %")
     for mode in args.compile:
         first, compiled = network_seconds(config, points, compile_mode=mode)
         gflops = 3.0 * per_step * n_steps * points / compiled / 1e9
