@@ -34,10 +34,11 @@ def test_sincos_matches_float64_within_two_tenths_of_a_micro():
 
 
 @fused_only
-def test_sine_linear_value_and_gradients_match_torch_sin():
+@pytest.mark.parametrize("in_features", [4, 64])
+def test_sine_linear_value_and_gradients_match_torch_sin(in_features):
     generator = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(3000, 16, generator=generator), torch.randn(64, 16, generator=generator) * 5,
-              torch.randn(64, generator=generator)]
+    leaves = [torch.randn(3000, in_features, generator=generator),
+              torch.randn(64, in_features, generator=generator) * 5, torch.randn(64, generator=generator)]
     grad = torch.randn(3000, 64, generator=generator)
 
     def value_and_gradients(layer):
@@ -55,7 +56,8 @@ def test_sine_linear_value_and_gradients_match_torch_sin():
 
 
 def test_other_dtypes_take_torch_sin_exactly():
-    x, weight, bias = torch.randn(50, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64), None
+    x, weight, bias = (torch.randn(50, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64),
+                       torch.randn(8, dtype=torch.float64))
     assert torch.equal(sine.sine_linear(x, weight, bias), torch.sin(F.linear(x, weight, bias)))
 
 
