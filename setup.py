@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["nipype_inrlddmm", "nipype_inrlddmm.*"]),
     # The fused sine-cosine of the SIREN layers (engine/sine.py).  Optional: without a C compiler
     # the package installs anyway and the layers use torch.sin and torch.cos, with which a fine
-    # iteration took 1.08 x (lung-ct) to 1.25 x (brain-pair) as long.
+    # iteration took 1.08 x (lung-ct) to 1.25 x (brain-pair) as long (README, issue 5).
     ext_modules=[
         Extension(
             "nipype_inrlddmm.engine._sincos",
