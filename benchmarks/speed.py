@@ -29,13 +29,8 @@ import numpy as np
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine import sine, velocity
+from nipype_inrlddmm.engine import sine
 from nipype_inrlddmm.phantom import make_pair
-
-
-def torch_sine_linear(x, weight, bias):
-    """The SIREN layer without the ``_sincos`` extension: ``torch.sin``, and ``torch.cos`` backwards."""
-    return torch.sin(torch.nn.functional.linear(x, weight, bias))
 
 
 def mlp_flops_per_point_step(velocity: engine.VelocityField) -> float:
@@ -178,7 +173,7 @@ def main():
           f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul"
           + ("" if sine.FUSED else " (no _sincos extension in this install: torch.sin and torch.cos)"))
     if sine.FUSED:
-        with mock.patch.object(velocity, "sine_linear", torch_sine_linear):
+        with mock.patch.object(sine, "FUSED", False):  # the path of an install without the extension
             _, unfused = network_seconds(config, points)
         gflops = 3.0 * per_step * n_steps * points / unfused / 1e9
         print(f"- with torch.sin and torch.cos instead (an install without the extension): {1000 * unfused:.1f} ms "
