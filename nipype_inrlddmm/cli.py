@@ -26,7 +26,8 @@ _OPTIONS = {
     "width": (int, "hidden units per layer of the velocity MLP"),
     "depth": (int, "hidden layers of the velocity MLP (the paper uses 3)"),
     "encoding": (str, "input encoding: fourier, siren or none"),
-    "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc or mse"),
+    "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)"),
+    "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
     "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest to 3 mm voxels, "
                           "at least 2)"),

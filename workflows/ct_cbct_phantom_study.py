@@ -22,7 +22,9 @@ from nipype_inrlddmm.phantom import write_cohort
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
 #: Registration settings (any option of nipype_inrlddmm.engine.config_from_options).
-SETTINGS = dict(seed=0, similarity="lncc")
+#: LNCC alone: CBCT cupping is a spatially varying intensity change that the default's global mutual
+#: information term cannot describe (phantom CT -> CBCT mean Dice 0.975 without it, 0.971 with it).
+SETTINGS = dict(seed=0, similarity="lncc", mi_weight=0.0)
 FINE = dict(fine_iterations=200)
 
 

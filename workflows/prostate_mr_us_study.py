@@ -26,8 +26,9 @@ from nipype_inrlddmm import io
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
 REPO = Path(__file__).resolve().parents[1]
-#: MR and US differ in modality: local NCC for the deformable stages.
-SETTINGS = dict(seed=0, similarity="lncc", coarse_factor=2)
+#: MR and US differ in modality: local NCC alone for the deformable stages (the default's mutual
+#: information term is not measured on MR -> US).
+SETTINGS = dict(seed=0, similarity="lncc", mi_weight=0.0, coarse_factor=2)
 #: Both volumes are cropped around the gland but their headers share an origin, so the grid
 #: centres, not the headers, line the glands up (mean Dice 0.62 instead of 0.38 on the 8 cases).
 #: Global NCC cannot compare MR with ultrasound: keep that translation, optimise nothing.

@@ -16,8 +16,8 @@ DEFAULTS = engine.RegistrationConfig()
 _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
-IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "n_patches", "patch_size",
-                      "patch_stride", "reg_weight", "convergence_window", "convergence_threshold")
+IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mi_weight", "n_patches",
+                      "patch_size", "patch_stride", "reg_weight", "convergence_window", "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -139,9 +139,12 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="mask on the fixed grid: patches are drawn inside it "
                              "(body, lungs, CBCT field of view)")
     similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
-                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc or mse")
+                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)")
     lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
                                desc="edge of the LNCC window, in voxels")
+    mi_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.mi_weight, usedefault=True,
+                             desc="weight of a Mattes mutual information term (32 bins, over all patch voxels) "
+                             "added to the similarity, as a second ANTs metric; 0 turns it off")
     n_patches = traits.Range(low=1, value=DEFAULTS.coarse.n_patches, usedefault=True,
                              desc="patches of the fixed grid drawn at each iteration")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
