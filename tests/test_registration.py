@@ -171,7 +171,31 @@ def test_an_image_stage_stops_at_the_first_window_whose_loss_fell_too_little():
     assert len(run(convergence_window=10, convergence_threshold=1e9)) == 10
 
 
-def test_convergence_settings_are_checked():
+def test_the_mutual_information_term_is_added_with_its_weight():
+    pair = make_pair((32, 28, 16), seed=3)
+    affine = torch.tensor(pair.affine, dtype=torch.float32)
+    moving = engine.normalise_intensity(torch.tensor(pair.ct))
+    fixed = engine.normalise_intensity(torch.tensor(pair.cbct))
+
+    def first_similarity(**settings):
+        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+        config = engine.StageConfig(iterations=1, n_patches=4, patch_size=8, **settings)
+        log = engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
+                                generator=torch.Generator().manual_seed(0))
+        return log[0]["similarity"]
+
+    # The same patches and the same untrained network: only the weight of the term differs.
+    lncc_alone = first_similarity(mi_weight=0.0)
+    half, whole = first_similarity(mi_weight=0.5) - lncc_alone, first_similarity(mi_weight=1.0) - lncc_alone
+    assert half < -0.1  # the mutual information of the phantom's CT and CBCT patches is positive
+    assert whole == pytest.approx(2 * half, rel=1e-4)
+    assert first_similarity(similarity="mi", mi_weight=0.5) == pytest.approx(first_similarity(similarity="mi",
+                                                                                              mi_weight=0.0))
+
+
+def test_stage_settings_are_checked():
+    with pytest.raises(ValueError, match="mi_weight"):
+        engine.StageConfig(mi_weight=-0.5)
     with pytest.raises(ValueError, match="convergence_window"):
         engine.StageConfig(convergence_window=1)
     with pytest.raises(ValueError, match="convergence_threshold"):

@@ -44,7 +44,8 @@ class StageConfig:
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
-    voxels) to ``similarity``, as ANTs combines two metrics.  The local
+    voxels) to ``similarity`` (unless that is ``"mi"`` already), as ANTs
+    combines two metrics.  The local
     correlation normalises each window's contrast away, so low-contrast
     tissue (deep grey matter, soft tissue around the lungs) was matched by
     its edges alone; the global term asks that intensity classes overlap.
@@ -219,7 +220,7 @@ def fit_images(
             value = lncc(warped, target, config.lncc_window)
         else:
             value = SIMILARITIES[config.similarity](warped, target)
-        if config.mi_weight:
+        if config.mi_weight and config.similarity != "mi":
             value = value + config.mi_weight * mutual_information(warped, target)
         return value
 

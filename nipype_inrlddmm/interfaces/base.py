@@ -144,7 +144,7 @@ class ImageStageInputSpec(OptimisationInputSpec):
                                desc="edge of the LNCC window, in voxels")
     mi_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.mi_weight, usedefault=True,
                              desc="weight of a Mattes mutual information term (32 bins, over all patch voxels) "
-                             "added to the similarity, as a second ANTs metric; 0 turns it off")
+                             "added to the similarity (unless that is mi), as a second ANTs metric; 0 turns it off")
     n_patches = traits.Range(low=1, value=DEFAULTS.coarse.n_patches, usedefault=True,
                              desc="patches of the fixed grid drawn at each iteration")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
