@@ -154,35 +154,27 @@ def test_relative_decrease_is_the_fitted_fall_over_the_last_window():
     assert abs(engine.relative_decrease(noisy, 40)) < 0.01
 
 
-def test_an_image_stage_stops_at_the_first_window_whose_loss_fell_too_little():
+def _fit_small_phantom(**settings) -> list[dict]:
+    """The log of an image stage on a small phantom pair, from an untrained network and fixed patch draws."""
     pair = make_pair((32, 28, 16), seed=3)
     affine = torch.tensor(pair.affine, dtype=torch.float32)
     moving = engine.normalise_intensity(torch.tensor(pair.ct))
     fixed = engine.normalise_intensity(torch.tensor(pair.cbct))
+    velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+    config = engine.StageConfig(**{"n_patches": 4, "patch_size": 8, **settings})
+    return engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
+                             generator=torch.Generator().manual_seed(0))
 
-    def run(**convergence):
-        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
-        config = engine.StageConfig(iterations=30, n_patches=4, patch_size=8, **convergence)
-        return engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
-                                 generator=torch.Generator().manual_seed(0))
 
-    assert len(run()) == 30
+def test_an_image_stage_stops_at_the_first_window_whose_loss_fell_too_little():
+    assert len(_fit_small_phantom(iterations=30)) == 30
     # Any fall counts as too little against an unreachable threshold: the stage stops at the first full window.
-    assert len(run(convergence_window=10, convergence_threshold=1e9)) == 10
+    assert len(_fit_small_phantom(iterations=30, convergence_window=10, convergence_threshold=1e9)) == 10
 
 
 def test_the_mutual_information_term_is_added_with_its_weight():
-    pair = make_pair((32, 28, 16), seed=3)
-    affine = torch.tensor(pair.affine, dtype=torch.float32)
-    moving = engine.normalise_intensity(torch.tensor(pair.ct))
-    fixed = engine.normalise_intensity(torch.tensor(pair.cbct))
-
     def first_similarity(**settings):
-        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
-        config = engine.StageConfig(iterations=1, n_patches=4, patch_size=8, **settings)
-        log = engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
-                                generator=torch.Generator().manual_seed(0))
-        return log[0]["similarity"]
+        return _fit_small_phantom(iterations=1, **settings)[0]["similarity"]
 
     # The same patches and the same untrained network: only the weight of the term differs.
     lncc_alone = first_similarity(mi_weight=0.0)
