@@ -139,7 +139,8 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="mask on the fixed grid: patches are drawn inside it "
                              "(body, lungs, CBCT field of view)")
     similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
-                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)")
+                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual "
+                             "information)")
     lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
                                desc="edge of the LNCC window, in voxels")
     mi_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.mi_weight, usedefault=True,
