@@ -7,17 +7,17 @@ wall time and peak resident memory of the whole registration, iterations
 per second of each stage, and the GFLOP/s of the velocity-network work
 against a plain float32 matmul timed in the same run (the machine's
 practical peak): per stage (network FLOPs over the whole iteration's time)
-and for the network alone (the flow's forward and backward, timed by
-itself, and again with ``torch.sin`` and ``torch.cos`` in the SIREN layers,
-the path of an install without the ``_sincos`` extension).  Prints a
-Markdown table.  ``--profile`` adds where the
-time of one training iteration of the network goes (torch.profiler, self
-CPU time per operator) and the time of each kind of pass one hidden layer
-makes (matmuls, sine, cosine, the fused sine-cosine, a multiplication), which say why the MLP runs
-below the matmul.  ``--compile`` times the network alone again through
-``torch.compile`` in each given mode (``default``,
-``max-autotune-no-cudagraphs``, ...), beside eager: the first call (tracing
-and compiling, or reading Inductor's on-disk cache) and the steady state.
+and for the network alone (the flow's forward and backward, timed by itself,
+and again with ``torch.sin`` and ``torch.cos`` in the SIREN layers, the path
+of an install without the ``_sincos`` extension).  Prints a Markdown table.
+``--profile`` adds where the time of one training iteration of the network
+goes (torch.profiler, self CPU time per operator) and the time of each kind
+of pass one hidden layer makes (matmuls, sine, cosine, the fused
+sine-cosine, a multiplication), which say why the MLP runs below the matmul.
+``--compile`` times the network alone again through ``torch.compile`` in
+each given mode (``default``, ``max-autotune-no-cudagraphs``, ...), beside
+eager: the first call (tracing and compiling, or reading Inductor's on-disk
+cache) and the steady state.
 """
 
 import argparse

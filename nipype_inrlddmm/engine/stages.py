@@ -45,10 +45,10 @@ class StageConfig:
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
     voxels) to ``similarity`` (unless that is ``"mi"`` already), as ANTs
-    combines two metrics.  The local
-    correlation normalises each window's contrast away, so low-contrast
-    tissue (deep grey matter, soft tissue around the lungs) was matched by
-    its edges alone; the global term asks that intensity classes overlap.
+    combines two metrics.  The local correlation normalises each window's
+    contrast away, so low-contrast tissue (deep grey matter, soft tissue
+    around the lungs) was matched by its edges alone; the global term asks
+    that intensity classes overlap.
     Measured with benchmarks/accuracy.py (1 thread, two runs at once;
     LNCC alone in brackets): brain-pair 0.733 / 0.734 / 0.735 for seeds 0 /
     1 / 2 (0.722 / 0.731 / 0.725), lung-ct Dice 0.9873 / 0.9872 and TRE
