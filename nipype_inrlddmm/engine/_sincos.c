@@ -14,12 +14,17 @@
  * beyond BIG, infinities and NaNs are recomputed with libm afterwards, so
  * every input gets its correctly signed sine and cosine, NaN included.
  *
+ * On an Intel Xeon with AVX-512 PyTorch's own sine or cosine takes 0.47 ns
+ * an element (one thread, 11,760 x 64): there the AVX2 clone's fused pass,
+ * 1.06 ns, lost to the two separate passes (0.97 ns), and the AVX-512 clone
+ * (16 lanes) takes 0.68 ns.
+ *
  * Compiled with -ffp-contract=off (and never -ffast-math, which would fold
- * ROUNDER away): the AVX2 and SSE2 clones, chosen at load time by the CPU's
- * features, then round identically (checked bit for bit, with a scalar -O0
- * build, on 2e7 inputs), so results do not depend on which one a machine
- * runs.  -fno-trapping-math lets the compiler turn the range test into a
- * vector select.
+ * ROUNDER away): the AVX-512, AVX2 and SSE2 clones, chosen at load time by
+ * the CPU's features, then round identically (each checked bit for bit, with
+ * a scalar -O0 build, on 2e7 inputs), so results do not depend on which one
+ * a machine runs.  -fno-trapping-math lets the compiler turn the range test
+ * into a vector select.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +36,7 @@
 #define ROUNDER 12582912.0f
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
 #endif
