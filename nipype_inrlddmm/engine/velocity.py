@@ -27,13 +27,14 @@ steps 3 / 4 / 6 (omega_0 30, 16 patches) gave brain-pair 0.705 / 0.714 /
 0.713 and lung-ct TRE 2.44 / 2.27 / 2.31 mm: four steps are as accurate as
 six for two thirds of the network work, three start to fold (0.049 %).
 
-Width, with those settings (brain-pair mean Dice and % det J <= 0, same
-command, 1 thread, on an AVX-512 Xeon): 64 units 0.736 (0.070 %), 96 units
-0.748 (0.089 %), 128 units 0.759 (0.28 %; 0.749 and 0.041 % at omega_0 15,
-0.754 and 0.15 % at 17.5), two hidden layers of 128 or 96 units 0.738 /
-0.733.  A wider layer fits finer detail and folds more, as a higher omega_0
-does.  The network is 96 units wide, 2.2 x the FLOPs of 64 (1.65-1.8 x the time
-alone, 2 threads), paid for by 300 fine iterations instead of 400
+Width, with those settings and 400 fine iterations (brain-pair mean Dice
+and % det J <= 0, same command, 1 thread, on an AVX-512 Xeon): 64 units
+0.736 (0.070 %), 96 units 0.748 (0.089 %), 128 units 0.759 (0.28 %; 0.749
+and 0.041 % at omega_0 15, 0.754 and 0.15 % at 17.5), two hidden layers of
+128 or 96 units 0.738 / 0.733.  A wider layer fits finer detail and folds
+more, as a higher omega_0 does.  The network is 96 units wide, 2.2 x the
+FLOPs of 64 (1.65-1.8 x the time alone, 2 threads), paid for by 300 fine
+iterations instead of 400
 (:class:`~nipype_inrlddmm.engine.RegistrationConfig`).
 """
 
