@@ -239,7 +239,7 @@ def _reference_grid(reference, what: str = "reference image"):
 
 
 def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, interpolation="linear",
-                       field_stride: int = engine.RegistrationConfig().field_stride) -> Path:
+                       field_stride: int | tuple[int, int, int] | None = None) -> Path:
     """Carry a fixed-space image (e.g. contours drawn on the CBCT) back onto the moving grid.
 
     The inverse map is integrated backwards through the velocity network of
@@ -268,7 +268,7 @@ def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, int
 
 
 def trajectory_frames(velocity, moving: np.ndarray, moving_affine: np.ndarray, fixed_shape, fixed_affine: np.ndarray,
-                      n_times: int, *, field_stride: int) -> tuple[np.ndarray, np.ndarray]:
+                      n_times: int, *, field_stride: int | tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """The moving image carried along the flow to ``n_times`` evenly spaced times of [0, 1].
 
     Frame ``k`` is ``moving(x + S_t(x))`` on the fixed grid with ``t = k / (n_times - 1)``
@@ -314,7 +314,7 @@ def write_trajectory(frames: np.ndarray, times: np.ndarray, affine: np.ndarray, 
 
 
 def run_trajectory(model, moving, fixed, out_dir, *, n_times: int,
-                   field_stride: int = engine.RegistrationConfig().field_stride, title: str = "") -> dict[str, Path]:
+                   field_stride: int | tuple[int, int, int] | None = None, title: str = "") -> dict[str, Path]:
     """:func:`trajectory_frames` from files (the fine stage's checkpoint, the moving and fixed images), written."""
     moving_data, moving_affine = io.load_image(moving)
     fixed_shape, fixed_affine = _reference_grid(fixed, "fixed image")

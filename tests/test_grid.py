@@ -61,6 +61,21 @@ def test_dense_field_with_stride_interpolates_the_full_field():
     torch.testing.assert_close(full[::3, ::3, ::3], strided[::3, ::3, ::3])
 
 
+def test_dense_field_stride_none_is_the_training_lattice_spacing_per_axis():
+    # lung-ct's voxels: the automatic stride is 3 x 3 x 2 voxels, as the fine stage's lattice on that grid.
+    affine = torch.diag(torch.tensor([1.366, 1.366, 2.5, 1.0]))
+    shape = (31, 25, 13)
+    velocity = engine.new_velocity_field(shape, affine, engine.ModelConfig(encoding="fourier", sigma=0.5), seed=1)
+    torch.nn.init.normal_(velocity.output.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    automatic = engine.dense_displacement(velocity, shape, affine, 4, stride=None)
+    torch.testing.assert_close(automatic, engine.dense_displacement(velocity, shape, affine, 4, stride=(3, 3, 2)))
+    assert not torch.equal(automatic, engine.dense_displacement(velocity, shape, affine, 4, stride=2))
+    assert engine.RegistrationConfig().field_stride is None
+    assert engine.config_from_options(field_stride=[3, 3, 2]).field_stride == (3, 3, 2)
+    with pytest.raises(ValueError, match="field_stride"):
+        engine.RegistrationConfig(field_stride=(3, 0, 2))
+
+
 def test_patch_lattice_spans_each_patch_and_interpolates_a_linear_field_exactly():
     from nipype_inrlddmm.engine.sampling import interpolate_patches, lattice_shape, patch_lattice, patch_shape
 

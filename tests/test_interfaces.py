@@ -189,6 +189,15 @@ def test_patch_stride_is_automatic_one_int_or_three():
         FineINR(patch_stride=(3, 0, 2))
 
 
+def test_field_stride_is_automatic_one_int_or_three():
+    from nipype_inrlddmm.interfaces.base import stage_config
+
+    for stride in (None, 3, (3, 3, 2)):
+        assert stage_config(FineINR(field_stride=stride).inputs, "fine").field_stride == stride
+    with pytest.raises(TraitError, match="field_stride"):
+        FineINR(field_stride=0)
+
+
 def test_threads_are_declared_and_not_hashed_and_the_version_is_hashed(patient):
     def hashed(**settings):
         return CoarseINR(moving_image=patient["moving"], fixed_image=patient["fixed"],

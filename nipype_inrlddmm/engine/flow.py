@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import apply_affine, sample, voxel_indices
+from .grid import apply_affine, sample, spacing, voxel_indices
+from .sampling import lattice_strides
 
 
 def integrate(velocity, points: torch.Tensor, n_steps: int, *, return_path: bool = False):
@@ -122,15 +123,16 @@ def path_at_times(path, times) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _integration_points(shape, affine: torch.Tensor, stride: int):
+def _integration_points(shape, affine: torch.Tensor, stride):
     """World points where the dense field is integrated: every voxel, or a sub-grid and its axes."""
     device = affine.device
-    if stride <= 1:
+    strides = lattice_strides(stride, spacing(affine).tolist())
+    if max(strides) <= 1:
         return voxel_indices(shape, device=device, dtype=affine.dtype), None
     # Sub-grid that keeps the last voxel of each axis so interpolation never extrapolates.
     axes = []
-    for n in shape:
-        idx = torch.arange(0, n, stride, device=device, dtype=affine.dtype)
+    for n, step in zip(shape, strides):
+        idx = torch.arange(0, n, step, device=device, dtype=affine.dtype)
         if idx[-1] != n - 1:
             idx = torch.cat([idx, idx.new_tensor([n - 1])])
         axes.append(idx)
@@ -144,7 +146,7 @@ def dense_displacement(
     affine: torch.Tensor,
     n_steps: int,
     *,
-    stride: int = 1,
+    stride: int | tuple[int, int, int] | None = 1,
     chunk_size: int = 65536,
     backward: bool = False,
 ) -> torch.Tensor:
@@ -155,8 +157,12 @@ def dense_displacement(
     shape, affine : the grid (normally the fixed image's; the moving
         image's for ``backward``).
     stride : integrate only every ``stride``-th voxel along each axis (plus
-        the last one) and interpolate trilinearly in between; the velocity is
-        smooth at that scale and this divides the cost by ``stride**3``.
+        the last one; one int, or one per axis) and interpolate trilinearly in
+        between; the velocity is smooth at that scale and this divides the
+        cost by ``stride**3``.  None: per axis, the stride of the training
+        lattice (:func:`~.sampling.lattice_strides`, closest to 4 mm and at
+        least 2), so the field is interpolated from points as far apart as
+        those the similarity saw.
     chunk_size : points per network call, to bound memory.
     backward : integrate from t = 1 back to t = 0 (:func:`integrate_backward`,
         default corrections): the inverse map, moving grid -> fixed space.
@@ -186,7 +192,7 @@ def dense_path(
     n_steps: int,
     times,
     *,
-    stride: int = 1,
+    stride: int | tuple[int, int, int] | None = 1,
     chunk_size: int = 65536,
 ) -> torch.Tensor:
     """The displacement of every voxel of a grid at intermediate times of the flow.

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .sampling import MIN_AUTOMATIC_STRIDE, per_axis_strides
+
 #: Environment variable that disables :func:`check_memory`.
 SKIP_VARIABLE = "INRLDDMM_NO_MEMORY_CHECK"
 _OVERHEAD = 150e6  # bytes: torch's lazily created kernels and thread pools
@@ -114,8 +116,11 @@ def _training_bytes(points: int, model) -> float:
     return points * model.n_steps * per_point_step * 4 * _TRAIN_FACTOR
 
 
-def _subgrid_points(shape, stride: int) -> int:
-    return math.prod(len(range(0, n, stride)) + (1 if (n - 1) % stride else 0) for n in shape)
+def _subgrid_points(shape, stride) -> int:
+    """Points of the dense field's integration sub-grid; for stride None (set by the voxel size), the
+    automatic stride's smallest, so the count is an upper bound."""
+    strides = per_axis_strides(MIN_AUTOMATIC_STRIDE if stride is None else stride)
+    return math.prod(len(range(0, n, s)) + (1 if (n - 1) % s else 0) for n, s in zip(shape, strides))
 
 
 def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> dict[str, float]:
@@ -203,7 +208,8 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
         culprit = f"the dense field and warp on the {shape} fixed grid ({_gb(parts['field'])})"
         advice = ("crop or downsample the fixed image (the field lives on its grid)"
                   + (", or raise coarse_factor" if stage == "coarse" else
-                     f", or raise field_stride (now {config.field_stride}) to integrate fewer points"))
+                     f", or raise field_stride (now {config.field_stride or 'set by the voxel size'}) to integrate "
+                     "fewer points"))
     message = (
         f"the {stage} stage on a {shape} fixed grid needs about {_gb(parts['total'])} of memory, "
         f"{_gb(available)} is available on {torch.device(device).type}; most of it is {culprit}. "

@@ -16,6 +16,7 @@ import torch
 from .flow import dense_displacement
 from .grid import apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, spacing, world_grid
 from .memory import check_memory
+from .sampling import per_axis_strides
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
@@ -28,27 +29,48 @@ class RegistrationConfig:
     which both images are averaged for the coarse stage, ``fine_factor`` the
     same for the distillation and the fine stage; None picks them from the
     voxel size (:func:`stage_factors`).  ``field_stride``
-    is the voxel stride at which the final dense field is integrated before
-    trilinear interpolation to every voxel.
+    is the voxel stride (one int, or one per axis) at which the final dense
+    field is integrated before trilinear interpolation to every voxel; None
+    picks it from the voxel size as the training lattice's
+    (:func:`~.sampling.lattice_strides`: per axis closest to 4 mm, at least
+    2).  The fine stage fits the similarity to the field interpolated from a
+    lattice about 4 mm apart, so the field between those points is
+    unconstrained; interpolated from the same spacing, it is the field the
+    training saw.  Measured (benchmarks/accuracy.py, 1 thread, on an AMD
+    EPYC with AVX-512), against stride 2, with 300 fine iterations: brain
+    -> MNI152 0.809 / 0.805 (stride 4 on its 1 mm grid), lung-ct Dice
+    0.9871 / 0.9871 and TRE 1.47 / 1.48 mm (3 x 3 x 2 on 1.37 x 1.37 x 2.5
+    mm); with 225: brain-pair 0.747 / 0.742 (stride 4; 0.749 with 250
+    iterations).  The phantom's 2.7-5 mm grid keeps 2.  On the 1 mm brains
+    it integrates 0.13 x the points.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     coarse_factor: tuple[int, int, int] | int | None = None
     fine_factor: tuple[int, int, int] | int | None = None
     # Iterations lean on the fine stage: at the same budget, coarse/distill/fine 100/50/400 beat
-    # 300/100/200 on every set of benchmarks/accuracy.py (see the README).  300 fine iterations pay for
-    # the 96-unit network (ModelConfig): against 64 units and 400, brain-pair 0.747 / 0.736, brain ->
-    # MNI152 0.805 / 0.800, lung-ct Dice 0.9873 / 0.9873 and TRE 1.50 / 1.52 mm, phantom 0.975 /
-    # 0.973, in 1.11-1.21 x the time (1 thread); 96 units and 400 iterations: brain-pair 0.748 in
-    # 1.53 x, lung-ct 1.57 mm in 1.43 x.  The coarse stage's flow
+    # 300/100/200 on every set of benchmarks/accuracy.py (see the README).  The 96-unit network
+    # (ModelConfig) came with 300 fine iterations, which on an AMD EPYC with AVX-512 (a 2048^2 matmul at
+    # 130-173 GFLOP/s, half an AVX-512 Xeon's) took 1.14-1.18 x SyN's time on the real sets.  225 against
+    # 300 (1 thread, dense field at stride 2): brain-pair 0.742 / 0.742, brain -> MNI152 0.804 / 0.805,
+    # phantom 0.973 / 0.974, lung-ct Dice 0.9864 / 0.9871 and TRE 1.61 / 1.48 mm.  The coarse stage's flow
     # lattice is 3 voxels apart (5^3 points a patch, 9 mm at 3 mm voxels, against 7^3 at stride 2):
     # brain -> MNI152 0.797, brain-pair 0.723, lung-ct TRE 1.57 mm / Dice 0.983, phantom 0.974,
     # against 0.798, 0.721, 1.53 mm / 0.983 and 0.974 at stride 2 (1 thread).
     coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=100, patch_stride=3))
     distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=50))
-    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=300, learning_rate=1e-3))
-    field_stride: int = 2
+    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3))
+    field_stride: int | tuple[int, int, int] | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        if self.field_stride is not None:  # a JSON or trait list becomes a tuple, so the config stays hashable
+            try:
+                strides = per_axis_strides(self.field_stride)
+            except ValueError as error:
+                raise ValueError(f"field_stride: {error}") from None
+            object.__setattr__(self, "field_stride", strides if isinstance(self.field_stride, (tuple, list))
+                               else strides[0])
 
 
 @dataclass

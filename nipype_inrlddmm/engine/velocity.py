@@ -33,9 +33,9 @@ and % det J <= 0, same command, 1 thread, on an AVX-512 Xeon): 64 units
 and 0.041 % at omega_0 15, 0.754 and 0.15 % at 17.5), two hidden layers of
 128 or 96 units 0.738 / 0.733.  A wider layer fits finer detail and folds
 more, as a higher omega_0 does.  The network is 96 units wide, 2.2 x the
-FLOPs of 64 (1.65-1.8 x the time alone, 2 threads), paid for by 300 fine
-iterations instead of 400
-(:class:`~nipype_inrlddmm.engine.RegistrationConfig`).
+FLOPs of 64 (1.65-1.8 x the time alone, 2 threads), adopted with 300 fine
+iterations instead of 400, now 225 to keep within SyN's time on a CPU with
+half that Xeon's matmul rate (:class:`~nipype_inrlddmm.engine.RegistrationConfig`).
 """
 
 from __future__ import annotations

@@ -61,6 +61,15 @@ def optional(value):
     return value if isdefined(value) else None
 
 
+def field_stride_trait(desc: str):
+    """A ``field_stride`` input: None (by the voxel size, as the training lattice), one int or three."""
+    return traits.Either(
+        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
+        default=DEFAULTS.field_stride, usedefault=True,
+        desc=desc + "; None: per axis, the one closest to 4 mm and at least 2, the training lattice's spacing",
+    )
+
+
 def patch_stride_trait(default):
     """The ``patch_stride`` input of an image-matching stage, whose default differs by stage."""
     return traits.Either(
@@ -117,9 +126,9 @@ class OptimisationInputSpec(ComputeInputSpec):
 class DenseFieldInputSpec(BaseInterfaceInputSpec):
     """Stages that integrate the dense field on the full fixed grid (distillation, fine)."""
 
-    field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
-                                desc="voxel stride at which the dense field is integrated before trilinear "
-                                "interpolation to every voxel")
+    field_stride = field_stride_trait(
+        "voxel stride (one for all axes, or three) at which the dense field is integrated before trilinear "
+        "interpolation to every voxel")
     fine_factor = traits.Either(
         None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
         default=DEFAULTS.fine_factor, usedefault=True,

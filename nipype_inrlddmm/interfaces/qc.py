@@ -7,7 +7,7 @@ import os
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
 from .. import qc, steps
-from .base import DEFAULTS, VersionedInputSpec, optional
+from .base import VersionedInputSpec, field_stride_trait, optional
 
 
 class _QCReportInputSpec(VersionedInputSpec):
@@ -85,9 +85,9 @@ class _TrajectoryInputSpec(VersionedInputSpec):
     n_times = traits.Range(low=2, value=5, usedefault=True,
                            desc="frames at evenly spaced times of [0, 1]: the first is the moving image on the "
                            "fixed grid, the last the warped image")
-    field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
-                                desc="voxel stride of the integration before trilinear interpolation (the "
-                                "registration's, so that the last frame equals the warped image)")
+    field_stride = field_stride_trait(
+        "voxel stride (one for all axes, or three) of the integration before trilinear "
+        "interpolation (the registration's, so that the last frame equals the warped image)")
     title = traits.Str(mandatory=False, desc="title of the animation, e.g. the patient id")
     num_threads = traits.Range(low=1, value=1, usedefault=True, nohash=True,
                                desc="torch CPU threads (a Node reports it as n_procs)")

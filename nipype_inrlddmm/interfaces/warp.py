@@ -8,7 +8,7 @@ from nipype.interfaces.base import SimpleInterface, TraitedSpec, isdefined, trai
 from nipype.utils.filemanip import fname_presuffix
 
 from .. import steps
-from .base import DEFAULTS, VersionedInputSpec
+from .base import VersionedInputSpec, field_stride_trait
 
 
 class _ApplyWarpInputSpec(VersionedInputSpec):
@@ -24,9 +24,9 @@ class _ApplyWarpInputSpec(VersionedInputSpec):
     invert = traits.Bool(False, usedefault=True,
                          desc="carry a fixed-space image back onto the moving grid (reference_image = the moving "
                          "image) through the inverse map; needs velocity_checkpoint")
-    field_stride = traits.Range(low=1, value=DEFAULTS.field_stride, usedefault=True,
-                                desc="invert: voxel stride at which the inverse map is integrated before trilinear "
-                                "interpolation to every voxel")
+    field_stride = field_stride_trait(
+        "invert: voxel stride (one for all axes, or three) at which the inverse map is integrated "
+        "before trilinear interpolation to every voxel")
     reference_image = traits.File(exists=True, mandatory=True,
                                   desc="the output grid: the fixed image (the displacement's grid), or with invert "
                                   "the moving image")
