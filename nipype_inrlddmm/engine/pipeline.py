@@ -16,7 +16,7 @@ import torch
 from .flow import dense_displacement
 from .grid import apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, spacing, world_grid
 from .memory import check_memory
-from .sampling import per_axis_strides
+from .sampling import checked_stride
 from .stages import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
 
@@ -64,13 +64,7 @@ class RegistrationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.field_stride is not None:  # a JSON or trait list becomes a tuple, so the config stays hashable
-            try:
-                strides = per_axis_strides(self.field_stride)
-            except ValueError as error:
-                raise ValueError(f"field_stride: {error}") from None
-            object.__setattr__(self, "field_stride", strides if isinstance(self.field_stride, (tuple, list))
-                               else strides[0])
+        object.__setattr__(self, "field_stride", checked_stride(self.field_stride, "field_stride"))
 
 
 @dataclass

@@ -79,6 +79,18 @@ def lattice_strides(stride, voxel_mm) -> tuple[int, ...]:
     return per_axis_strides(stride, len(voxel_mm))
 
 
+def checked_stride(stride, name: str):
+    """A config's stride (None, one int or one per axis) validated; a JSON or trait list becomes a tuple,
+    so a frozen config stays hashable.  ``name`` is the field, for the error."""
+    if stride is None:
+        return None
+    try:
+        strides = per_axis_strides(stride)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return strides if isinstance(stride, (tuple, list)) else strides[0]
+
+
 def per_axis_strides(stride, n_axes: int = 3) -> tuple[int, ...]:
     """An explicit stride, one int for all axes or one per axis, as ``n_axes`` ints >= 1 (else ValueError)."""
     strides = tuple(int(s) for s in stride) if isinstance(stride, (tuple, list)) else (int(stride),) * n_axes

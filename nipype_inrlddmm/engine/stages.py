@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
 from .sampling import (
-    MIN_AUTOMATIC_STRIDE, gather_patches, interpolate_patches, lattice_shape, lattice_strides, patch_lattice,
-    patch_shape, per_axis_strides, random_patch_corners, random_voxels,
+    MIN_AUTOMATIC_STRIDE, checked_stride, gather_patches, interpolate_patches, lattice_shape, lattice_strides,
+    patch_lattice, patch_shape, per_axis_strides, random_patch_corners, random_voxels,
 )
 from .similarity import SIMILARITIES, lncc, mutual_information
 
@@ -110,13 +110,7 @@ class StageConfig:
             raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {self.similarity!r}")
         if self.iterations < 0 or self.learning_rate <= 0 or self.reg_weight < 0 or self.mi_weight < 0:
             raise ValueError("iterations must be >= 0, learning_rate > 0, reg_weight >= 0 and mi_weight >= 0")
-        if self.patch_stride is not None:  # a JSON or trait list becomes a tuple, so the config stays hashable
-            try:
-                strides = per_axis_strides(self.patch_stride)
-            except ValueError as error:
-                raise ValueError(f"patch_stride: {error}") from None
-            object.__setattr__(self, "patch_stride", strides if isinstance(self.patch_stride, (tuple, list))
-                               else strides[0])
+        object.__setattr__(self, "patch_stride", checked_stride(self.patch_stride, "patch_stride"))
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
             raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
 
