@@ -42,9 +42,8 @@ Once the dense field was interpolated from the training lattice's spacing
 brain-pair 0.750 / 0.751 with 0.054 / 0.15 % det J <= 0 (20: 0.747, 0.040
 %), and with 22.5: brain-pair seed 1 0.751 (0.078 %; 20: 0.747), brain ->
 MNI152 0.810 (20: 0.807 at 2 threads), lung-ct Dice 0.9863 and TRE 1.55 mm
-(20: 0.9864, 1.59 mm),
-phantom 0.974 (0.973), 225 fine iterations, 1 thread, on an AMD EPYC with
-AVX-512: omega_0 is 22.5.
+(20: 0.9864, 1.59 mm), phantom 0.974 (0.973), 225 fine iterations, 1
+thread, on an AMD EPYC with AVX-512: omega_0 is 22.5.
 """
 
 from __future__ import annotations
