@@ -268,7 +268,8 @@ def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, int
 
 
 def trajectory_frames(velocity, moving: np.ndarray, moving_affine: np.ndarray, fixed_shape, fixed_affine: np.ndarray,
-                      n_times: int, *, field_stride: int | tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+                      n_times: int, *,
+                      field_stride: int | tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """The moving image carried along the flow to ``n_times`` evenly spaced times of [0, 1].
 
     Frame ``k`` is ``moving(x + S_t(x))`` on the fixed grid with ``t = k / (n_times - 1)``

@@ -61,21 +61,26 @@ def optional(value):
     return value if isdefined(value) else None
 
 
-def field_stride_trait(desc: str):
-    """A ``field_stride`` input: None (by the voxel size, as the training lattice), one int or three."""
+def per_axis_trait(default, desc: str):
+    """An input that is None (set from the voxel size), one int >= 1 for all axes, or three of them."""
     return traits.Either(
         None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
-        default=DEFAULTS.field_stride, usedefault=True,
-        desc=desc + "; None: per axis, the one closest to 4 mm and at least 2, the training lattice's spacing",
+        default=default, usedefault=True, desc=desc,
     )
+
+
+def field_stride_trait(desc: str):
+    """A ``field_stride`` input: None (by the voxel size, as the training lattice), one int or three."""
+    return per_axis_trait(
+        DEFAULTS.field_stride,
+        desc + "; None: per axis, the one closest to 4 mm and at least 2, the training lattice's spacing")
 
 
 def patch_stride_trait(default):
     """The ``patch_stride`` input of an image-matching stage, whose default differs by stage."""
-    return traits.Either(
-        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
-        default=default, usedefault=True,
-        desc="the flow is integrated on a lattice at most this many voxels apart (one for all axes, or three) "
+    return per_axis_trait(
+        default,
+        "the flow is integrated on a lattice at most this many voxels apart (one for all axes, or three) "
         "in each patch and interpolated trilinearly in between; 1 integrates every voxel; None: per axis, the "
         "stride closest to 4 mm, at least 2")
 
@@ -129,12 +134,10 @@ class DenseFieldInputSpec(BaseInterfaceInputSpec):
     field_stride = field_stride_trait(
         "voxel stride (one for all axes, or three) at which the dense field is integrated before trilinear "
         "interpolation to every voxel")
-    fine_factor = traits.Either(
-        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
-        default=DEFAULTS.fine_factor, usedefault=True,
-        desc="block size (one for all axes, or three) by which the fixed image is averaged for the distillation "
-        "and the fine stage; None: per axis, the one closest to 2 mm voxels, at least 1",
-    )
+    fine_factor = per_axis_trait(
+        DEFAULTS.fine_factor,
+        "block size (one for all axes, or three) by which the fixed image is averaged for the distillation "
+        "and the fine stage; None: per axis, the one closest to 2 mm voxels, at least 1")
 
 
 class ImageStageInputSpec(OptimisationInputSpec):

@@ -19,6 +19,7 @@ from .base import (
     OptimisationInputSpec,
     optional,
     patch_stride_trait,
+    per_axis_trait,
     stage_config,
 )
 
@@ -29,12 +30,10 @@ class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     patch_stride = patch_stride_trait(DEFAULTS.coarse.patch_stride)
-    coarse_factor = traits.Either(
-        None, traits.Range(low=1), traits.Tuple(traits.Range(low=1), traits.Range(low=1), traits.Range(low=1)),
-        default=DEFAULTS.coarse_factor, usedefault=True,
-        desc="block size (one for all axes, or three) by which both images are averaged; None: per axis, "
-        "the one closest to 3 mm voxels, at least 2",
-    )
+    coarse_factor = per_axis_trait(
+        DEFAULTS.coarse_factor,
+        "block size (one for all axes, or three) by which both images are averaged; None: per axis, "
+        "the one closest to 3 mm voxels, at least 2")
 
 
 class _CoarseINROutputSpec(TraitedSpec):
