@@ -76,6 +76,12 @@ def field_stride_trait(desc: str):
         desc + "; None: per axis, the one closest to 4 mm and at least 2, the training lattice's spacing")
 
 
+def reg_weight_trait(default):
+    """The ``reg_weight`` input of an INR stage, whose default differs by stage."""
+    return traits.Range(low=0.0, value=default, usedefault=True,
+                        desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+
+
 def patch_stride_trait(default):
     """The ``patch_stride`` input of an image-matching stage, whose default differs by stage."""
     return per_axis_trait(
@@ -117,8 +123,7 @@ class ComputeInputSpec(VersionedInputSpec):
 class OptimisationInputSpec(ComputeInputSpec):
     """Settings shared by the three INR stages."""
 
-    reg_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.reg_weight, usedefault=True,
-                              desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+    reg_weight = reg_weight_trait(DEFAULTS.coarse.reg_weight)
     convergence_window = traits.Range(low=0, value=DEFAULTS.coarse.convergence_window, usedefault=True,
                                       desc="iterations over which the loss trend is fitted to stop early, as ANTs' "
                                       "convergence window; 0 runs every iteration")

@@ -20,6 +20,7 @@ from .base import (
     optional,
     patch_stride_trait,
     per_axis_trait,
+    reg_weight_trait,
     stage_config,
 )
 
@@ -143,8 +144,7 @@ class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
                               desc="Adam iterations of the fine stage")
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
-    reg_weight = traits.Range(low=0.0, value=DEFAULTS.fine.reg_weight, usedefault=True,
-                              desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+    reg_weight = reg_weight_trait(DEFAULTS.fine.reg_weight)
     patch_stride = patch_stride_trait(DEFAULTS.fine.patch_stride)
 
 
