@@ -239,7 +239,8 @@ def _reference_grid(reference, what: str = "reference image"):
 
 
 def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, interpolation="linear",
-                       field_stride: int | tuple[int, int, int] | None = None) -> Path:
+                       field_stride: int | tuple[int, int, int] | None = engine.RegistrationConfig().field_stride,
+                       ) -> Path:
     """Carry a fixed-space image (e.g. contours drawn on the CBCT) back onto the moving grid.
 
     The inverse map is integrated backwards through the velocity network of
@@ -315,7 +316,8 @@ def write_trajectory(frames: np.ndarray, times: np.ndarray, affine: np.ndarray, 
 
 
 def run_trajectory(model, moving, fixed, out_dir, *, n_times: int,
-                   field_stride: int | tuple[int, int, int] | None = None, title: str = "") -> dict[str, Path]:
+                   field_stride: int | tuple[int, int, int] | None = engine.RegistrationConfig().field_stride,
+                   title: str = "") -> dict[str, Path]:
     """:func:`trajectory_frames` from files (the fine stage's checkpoint, the moving and fixed images), written."""
     moving_data, moving_affine = io.load_image(moving)
     fixed_shape, fixed_affine = _reference_grid(fixed, "fixed image")
