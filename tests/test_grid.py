@@ -137,6 +137,32 @@ def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(
         assert counts.pop() == 3 * lattice
 
 
+def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(monkeypatch):
+    from nipype_inrlddmm.engine import stages
+
+    grid = (30, 30, 20)  # 18,000 voxels: half of them is 5.2 patches of 12^3
+    assert engine.StageConfig(n_patches=48, sampling_fraction=0.5).patches(grid) == 5
+    assert engine.StageConfig(n_patches=3, sampling_fraction=0.5).patches(grid) == 3
+    assert engine.StageConfig(n_patches=48, sampling_fraction=1e-6).patches(grid) == 1
+    assert engine.StageConfig(n_patches=7).patches(grid) == 7
+    with pytest.raises(ValueError, match="sampling_fraction"):
+        engine.StageConfig(sampling_fraction=1.5)
+
+    drawn, draw = [], stages.random_patch_corners
+
+    def counting(shape, n_patches, patch_size, **kwargs):
+        drawn.append(n_patches)
+        return draw(shape, n_patches, patch_size, **kwargs)
+
+    monkeypatch.setattr(stages, "random_patch_corners", counting)
+    affine = torch.eye(4)
+    volume = torch.rand(*grid, generator=torch.Generator().manual_seed(0))
+    config = engine.StageConfig(iterations=1, sampling_fraction=0.5)
+    velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+    stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
+    assert drawn == [5]
+
+
 def test_patches_are_gathered_from_their_corners_inside_the_grid():
     from nipype_inrlddmm.engine.sampling import gather_patches, patch_shape, random_patch_corners
 
@@ -165,7 +191,8 @@ def test_label_warp_keeps_only_existing_labels(interpolation):
 
 @pytest.mark.parametrize("spacing, coarse, fine", [
     ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
-    ((1.366, 1.366, 2.5), (2, 2, 2), (1, 1, 1)),  # chest CT
+    ((1.366, 1.366, 2.5), (2, 2, 2), (2, 2, 1)),  # chest CT: 2.73 mm is nearer 2 mm in ratio than 1.37 mm
+    ((1.5, 1.5, 1.5), (2, 2, 2), (1, 1, 1)),  # 1.5 mm is nearer 2 mm in ratio than 3 mm
     ((2.8, 2.7, 5.0), (2, 2, 2), (1, 1, 1)),  # CBCT-like: never coarser than half, never finer than full
 ])
 def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):

@@ -9,6 +9,7 @@ shape, spacing and orientation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -67,7 +68,14 @@ class RegistrationConfig:
     # 0.749 with 0.080 / 0.091 / 0.057 % det J <= 0, against 0.751 / 0.749 / 0.752 with 0.059 / 0.106 / 0.086 %;
     # lung-ct TRE 1.63 / 1.54 / 1.57 mm against 1.60 / 1.53 / 1.68, Dice 0.9862 / 0.9860 / 0.9865 against
     # 0.9864 / 0.9864 / 0.9866.  The same mean Dice and TRE, with every seed under 0.1 % folding.
-    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4))
+    # The fine stage's patches cover a tenth of its grid per iteration, at most 48 (sampling_fraction): the
+    # brains' 2 mm grids keep 48 (a tenth would be 50-64), lung-ct's 2.73 x 2.73 x 2.5 mm grid (stage_factors)
+    # gets 34, the phantom 40.  benchmarks/accuracy.py, 2 threads, on an Intel Xeon with AVX-512: lung-ct
+    # Dice 0.9887 / 0.9888 / 0.9888 and TRE 1.59 / 1.55 / 1.59 mm for seeds 0 / 1 / 2 (seeds 1 and 2 at 1
+    # thread), against 0.9865 and 1.48 mm on the 1.37 mm grid; 48 patches there gave 0.9895 and 1.66 mm in
+    # 1.8 x the fine stage's time (the README).
+    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4,
+                                                                  sampling_fraction=0.1))
     field_stride: int | tuple[int, int, int] | None = None
     seed: int = 0
 
@@ -130,18 +138,26 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str) -> tuple[int, 
     """Block sizes (per fixed-grid axis) by which a stage averages the fixed image.
 
     ``factor`` is one int, three ints, or None: then, per axis, the block
-    size that brings the voxel closest to :data:`COARSE_SPACING_MM` (at
-    least 2) for the ``"coarse"`` stage, or to :data:`FINE_SPACING_MM` (at
-    least 1) for the ``"fine"`` stage and its distillation, as ANTs' SyN
-    stops at half resolution.  Chosen by measurement on brain-pair (1 mm
-    voxels, mean Dice over 30 labels): the coarse stage alone reaches 0.664
-    at 2 mm, 0.712 at 3 mm, 0.695 at 4 mm; after the 3 mm coarse stage a fine
-    stage at 1 mm lowers it to 0.704, one at 2 mm raises it to 0.719.  CT
-    and CBCT grids of 1.4 mm voxels and coarser keep 2 and 1, as before.
+    size that brings the voxel closest in ratio (``|log(f * voxel /
+    target)|`` smallest: pyramid levels are a geometric series) to
+    :data:`COARSE_SPACING_MM` (at least 2) for the ``"coarse"`` stage, or to
+    :data:`FINE_SPACING_MM` (at least 1) for the ``"fine"`` stage and its
+    distillation, as ANTs' SyN stops at half resolution.  Chosen by
+    measurement on brain-pair (1 mm voxels, mean Dice over 30 labels): the
+    coarse stage alone reaches 0.664 at 2 mm, 0.712 at 3 mm, 0.695 at 4 mm;
+    after the 3 mm coarse stage a fine stage at 1 mm lowers it to 0.704, one
+    at 2 mm raises it to 0.719.  Closest in ratio rather than in mm sends
+    lung-ct's 1.366 mm axes to 2.73 mm rather than 1.37 mm (it changes
+    the fine factor only in narrow bands: 1.33-1.41 mm, 0.80-0.82 mm, ...), where
+    the fine patches cover 4 x the volume: lung Dice 0.9895 against 0.9865
+    at 48 patches (benchmarks/accuracy.py, 2 threads, on an Intel Xeon with
+    AVX-512; the README).
     """
     if factor is None:
         target, minimum = (COARSE_SPACING_MM, 2) if stage == "coarse" else (FINE_SPACING_MM, 1)
-        return tuple(max(minimum, round(target / size)) for size in spacing(fixed_affine).tolist())
+        return tuple(max(minimum, min(range(1, math.ceil(target / size) + 1),
+                                      key=lambda f: abs(math.log(f * size / target))))
+                     for size in spacing(fixed_affine).tolist())
     factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
     if len(factors) != 3 or any(int(f) < 1 for f in factors):
         raise ValueError(f"{stage}_factor must be None, a positive int or three of them, got {factor!r}")

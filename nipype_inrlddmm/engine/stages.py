@@ -33,7 +33,9 @@ class StageConfig:
     """Optimisation settings of one stage.
 
     ``n_patches`` patches of ``patch_size``^3 fixed-grid voxels are drawn at
-    each image-matching iteration; the flow is integrated on a lattice at
+    each image-matching iteration (with a ``sampling_fraction``, at most
+    that many: as many as cover that fraction of the stage's grid,
+    :meth:`patches`); the flow is integrated on a lattice at
     most ``patch_stride`` voxels apart in each patch (one int, one per axis,
     or None: per axis, the stride closest to 4 mm and at least 2,
     :func:`~.sampling.lattice_strides`) and interpolated trilinearly to
@@ -98,6 +100,7 @@ class StageConfig:
     lncc_window: int = 5
     mi_weight: float = 0.5
     n_patches: int = 48
+    sampling_fraction: float | None = None
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
@@ -111,8 +114,19 @@ class StageConfig:
         if self.iterations < 0 or self.learning_rate <= 0 or self.reg_weight < 0 or self.mi_weight < 0:
             raise ValueError("iterations must be >= 0, learning_rate > 0, reg_weight >= 0 and mi_weight >= 0")
         object.__setattr__(self, "patch_stride", checked_stride(self.patch_stride, "patch_stride"))
+        if self.n_patches < 1 or self.sampling_fraction is not None and not 0 < self.sampling_fraction <= 1:
+            raise ValueError("n_patches must be >= 1, sampling_fraction None or in (0, 1]")
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
             raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
+
+    def patches(self, grid) -> int:
+        """Patches drawn per image-matching iteration on ``grid``: ``n_patches``, or with a
+        ``sampling_fraction`` as many as cover that fraction of the grid's voxels (as ANTs' metric
+        sampling percentage is a fraction of the image), at least 1 and at most ``n_patches``."""
+        if self.sampling_fraction is None:
+            return self.n_patches
+        covering = round(self.sampling_fraction * math.prod(grid) / math.prod(patch_shape(grid, self.patch_size)))
+        return min(self.n_patches, max(1, covering))
 
     def flow_points(self, grid, voxel_mm=None) -> int:
         """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice.
@@ -125,7 +139,7 @@ class StageConfig:
             strides = per_axis_strides(self.patch_stride or MIN_AUTOMATIC_STRIDE)
         else:
             strides = lattice_strides(self.patch_stride, voxel_mm)
-        return self.n_patches * math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
+        return self.patches(grid) * math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
 
 
 def relative_decrease(losses, window: int) -> float:
@@ -229,9 +243,11 @@ def fit_images(
     voxel_to_moving = to_moving @ fixed_affine
     patch_grid = apply_affine(voxel_to_moving, voxel_indices(edge, device=device, dtype=dtype))
 
+    n_patches = config.patches(fixed.shape)
+
     def objective(iteration):
         corners = random_patch_corners(
-            fixed.shape, config.n_patches, config.patch_size, candidates=candidates, generator=generator
+            fixed.shape, n_patches, config.patch_size, candidates=candidates, generator=generator
         ).to(device)
         target = gather_patches(fixed, corners, edge)
         corner_voxels = corners.to(dtype)[:, None, None, None]

@@ -17,7 +17,8 @@ _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
 IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mi_weight", "n_patches",
-                      "patch_size", "patch_stride", "reg_weight", "convergence_window", "convergence_threshold")
+                      "sampling_fraction", "patch_size", "patch_stride", "reg_weight", "convergence_window",
+                      "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -80,6 +81,13 @@ def reg_weight_trait(default):
     """The ``reg_weight`` input of an INR stage, whose default differs by stage."""
     return traits.Range(low=0.0, value=default, usedefault=True,
                         desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+
+
+def sampling_fraction_trait(default):
+    """The ``sampling_fraction`` input of an image-matching stage, whose default differs by stage."""
+    return traits.Either(None, traits.Range(low=0.0, high=1.0, exclude_low=True), default=default, usedefault=True,
+                         desc="draw as many patches as cover this fraction of the stage's grid per iteration, "
+                         "at most n_patches; None: always n_patches")
 
 
 def patch_stride_trait(default):
@@ -164,7 +172,9 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="weight of a Mattes mutual information term (32 bins, over all patch voxels) "
                              "added to the similarity (unless that is mi), as a second ANTs metric; 0 turns it off")
     n_patches = traits.Range(low=1, value=DEFAULTS.coarse.n_patches, usedefault=True,
-                             desc="patches of the fixed grid drawn at each iteration")
+                             desc="patches of the fixed grid drawn at each iteration (with sampling_fraction: at "
+                             "most)")
+    sampling_fraction = sampling_fraction_trait(DEFAULTS.coarse.sampling_fraction)
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
                               desc="patch edge in voxels")
 

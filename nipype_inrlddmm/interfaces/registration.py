@@ -21,6 +21,7 @@ from .base import (
     patch_stride_trait,
     per_axis_trait,
     reg_weight_trait,
+    sampling_fraction_trait,
     stage_config,
 )
 
@@ -145,6 +146,7 @@ class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     reg_weight = reg_weight_trait(DEFAULTS.fine.reg_weight)
+    sampling_fraction = sampling_fraction_trait(DEFAULTS.fine.sampling_fraction)
     patch_stride = patch_stride_trait(DEFAULTS.fine.patch_stride)
 
 
