@@ -29,8 +29,8 @@ _OPTIONS = {
     "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)"),
     "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
-    "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest to 3 mm voxels, "
-                          "at least 2)"),
+    "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest in ratio to 3 mm "
+                          "voxels, at least 2)"),
     "coarse_iterations": (int, "iterations of the coarse stage"),
     "distill_iterations": (int, "iterations of the distillation stage"),
     "fine_iterations": (int, "iterations of the fine stage"),

@@ -150,7 +150,7 @@ class DenseFieldInputSpec(BaseInterfaceInputSpec):
     fine_factor = per_axis_trait(
         DEFAULTS.fine_factor,
         "block size (one for all axes, or three) by which the fixed image is averaged for the distillation "
-        "and the fine stage; None: per axis, the one closest to 2 mm voxels, at least 1")
+        "and the fine stage; None: per axis, the one closest in ratio to 2 mm voxels, at least 1")
 
 
 class ImageStageInputSpec(OptimisationInputSpec):

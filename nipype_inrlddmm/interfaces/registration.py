@@ -35,7 +35,7 @@ class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
     coarse_factor = per_axis_trait(
         DEFAULTS.coarse_factor,
         "block size (one for all axes, or three) by which both images are averaged; None: per axis, "
-        "the one closest to 3 mm voxels, at least 2")
+        "the one closest in ratio to 3 mm voxels, at least 2")
 
 
 class _CoarseINROutputSpec(TraitedSpec):
