@@ -48,6 +48,9 @@ from nipype_inrlddmm.workflows import init_study_wf, run_study
 SHAPE = (32, 28, 16)
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 CONFIG = engine.config_from_options(**FEW)
+#: The fine stage drawing all its 48 patches, as on a patient-sized grid; on this small one its default
+#: tenth of the grid is a single patch, whose memory no faked limit above the overhead refuses.
+ALL_PATCHES = engine.config_from_options(**FEW, fine_sampling_fraction=None)
 #: Smaller training batches for the runs whose result does not matter, only that they run (a busy 2-core box).
 TINY = dict(coarse_iterations=3, distill_iterations=2, fine_iterations=3, n_patches=4, patch_size=8, batch_points=1024)
 FILE_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "fixed_mask")
@@ -603,7 +606,7 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(good, tmp_pat
     calls = {
         "coarse": lambda: steps.run_coarse(good["moving"], good["fixed"], out, CONFIG),
         "distill": lambda: steps.run_distill(good["model"], good["coarse_displacement"], good["fixed"], out, CONFIG),
-        "fine": lambda: steps.run_fine(good["moving"], good["fixed"], good["model"], out, CONFIG),
+        "fine": lambda: steps.run_fine(good["moving"], good["fixed"], good["model"], out, ALL_PATCHES),
     }
     for stage, call in calls.items():
         with pytest.raises(engine.InsufficientMemoryError) as caught:
@@ -625,7 +628,18 @@ def test_register_has_the_same_memory_guard_and_an_escape_hatch(good, monkeypatc
     with pytest.raises(engine.InsufficientMemoryError, match="the coarse stage on a 32x28x16 fixed grid"):
         register(moving, fixed, **FEW)
     monkeypatch.setenv("INRLDDMM_NO_MEMORY_CHECK", "1")
-    assert engine.check_memory("fine", SHAPE, CONFIG)["total"] > 200_000_000  # passes: the check is off
+    assert engine.check_memory("fine", SHAPE, ALL_PATCHES)["total"] > 200_000_000  # passes: the check is off
+
+
+def test_the_fine_estimate_counts_the_patches_its_sampling_fraction_draws():
+    """A tenth of a 96x96x48 grid is 26 patches of 12^3 voxels: the guard budgets and names those, not all 48."""
+    shape = (96, 96, 48)
+    tenth = engine.estimate_memory("fine", shape, CONFIG)
+    assert tenth["training"] < 0.6 * engine.estimate_memory("fine", shape, ALL_PATCHES)["training"]
+    with pytest.raises(engine.InsufficientMemoryError) as caught:
+        engine.check_memory("fine", shape, CONFIG, available=tenth["total"] - 1)
+    message = str(caught.value)
+    assert "(26 patches of 12^3 voxels" in message and "lower sampling_fraction, n_patches" in message
 
 
 def test_a_huge_fixed_grid_is_refused_by_its_estimate():

@@ -123,6 +123,17 @@ def _subgrid_points(shape, stride) -> int:
     return math.prod(len(range(0, n, s)) + (1 if (n - 1) % s else 0) for n, s in zip(shape, strides))
 
 
+def _training_grid(stage: str, fixed_shape, config) -> list[int]:
+    """The largest grid an image-matching stage can train on for ``fixed_shape``: the fixed grid
+    itself for the fine stage (its automatic factor, set by the voxel size, can be 1), the grid
+    at ``coarse_factor`` for the coarse stage, whose automatic factors are at least 2."""
+    if stage == "fine":
+        return [int(n) for n in fixed_shape]
+    factor = config.coarse_factor
+    factors = (factor or 2,) * 3 if factor is None or isinstance(factor, int) else factor
+    return [-(-int(n) // int(f)) for n, f in zip(fixed_shape, factors)]
+
+
 def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> dict[str, float]:
     """Peak memory of one stage, in bytes, by part.
 
@@ -145,10 +156,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
     model = config.model
     chunk = min(_DENSE_CHUNK, fixed_voxels) * (3 * model.width + 20) * 4
     if stage == "coarse":
-        factor = config.coarse_factor
-        # Automatic factors are at least 2: assume 2, the largest coarse grid they can give.
-        factors = (factor or 2,) * 3 if factor is None or isinstance(factor, int) else factor
-        grid = [-(-int(n) // int(f)) for n, f in zip(fixed_shape, factors)]
+        grid = _training_grid("coarse", fixed_shape, config)
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
         training = _training_bytes(config.coarse.flow_points(grid), model)
         field = _FIELD_BYTES["coarse"] * math.prod(grid) + chunk
@@ -159,7 +167,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
     else:
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
         # Without the voxel size, the automatic lattice stride's largest point count.
-        training = _training_bytes(config.fine.flow_points(fixed_shape), model)
+        training = _training_bytes(config.fine.flow_points(_training_grid("fine", fixed_shape, config)), model)
         field = (_FIELD_BYTES["fine"] * fixed_voxels
                  + _SUBGRID_BYTES * _subgrid_points(fixed_shape, config.field_stride) + chunk)
     parts = {"overhead": _OVERHEAD, "images": images, "training": training, "field": field}
@@ -196,11 +204,15 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     shape = "x".join(str(int(n)) for n in fixed_shape)
     if parts["training"] >= parts["field"]:
         stage_config = getattr(config, stage)
-        batch = ("batch_points" if stage == "distill" else "n_patches or patch_size (or raise patch_stride)")
+        fraction = stage_config.sampling_fraction if stage != "distill" else None
+        batch = ("batch_points" if stage == "distill" else
+                 ("sampling_fraction, " if fraction is not None else "")
+                 + "n_patches or patch_size (or raise patch_stride)")
         stride = stage_config.patch_stride
         lattice = f"the flow every {stride} voxels" if stride else "the flow on a lattice about 4 mm apart"
         points = (f"{stage_config.batch_points} points" if stage == "distill" else
-                  f"{stage_config.n_patches} patches of {stage_config.patch_size}^3 voxels, {lattice}")
+                  f"{stage_config.patches(_training_grid(stage, fixed_shape, config))} patches of "
+                  f"{stage_config.patch_size}^3 voxels, {lattice}")
         culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
         advice = (f"lower {batch} of the {stage} stage, or the network's width ({config.model.width}) or "
                   f"n_steps ({config.model.n_steps})")
