@@ -204,9 +204,8 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     shape = "x".join(str(int(n)) for n in fixed_shape)
     if parts["training"] >= parts["field"]:
         stage_config = getattr(config, stage)
-        fraction = stage_config.sampling_fraction if stage != "distill" else None
         batch = ("batch_points" if stage == "distill" else
-                 ("sampling_fraction, " if fraction is not None else "")
+                 ("sampling_fraction, " if stage_config.sampling_fraction is not None else "")
                  + "n_patches or patch_size (or raise patch_stride)")
         stride = stage_config.patch_stride
         lattice = f"the flow every {stride} voxels" if stride else "the flow on a lattice about 4 mm apart"
