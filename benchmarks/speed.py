@@ -7,9 +7,11 @@ wall time and peak resident memory of the whole registration, iterations
 per second of each stage, and the GFLOP/s of the velocity-network work
 against a plain float32 matmul timed in the same run (the machine's
 practical peak): per stage (network FLOPs over the whole iteration's time)
-and for the network alone (the flow's forward and backward, timed by itself,
-and again with ``torch.sin`` and ``torch.cos`` in the SIREN layers, the path
-of an install without the ``_sincos`` extension).  Prints a Markdown table.
+and for the network alone (the flow's forward and backward, timed by itself:
+through the fused kernels of ``engine/_siren.c``, then layer by layer with
+the ``_sincos`` pass, the path of a CPU without AVX-512F, and with
+``torch.sin`` and ``torch.cos``, the path of an install without either
+extension).  Prints a Markdown table.
 ``--profile`` adds where the time of one training iteration of the network
 goes (torch.profiler, self CPU time per operator) and the time of each kind
 of pass one hidden layer makes (matmuls, sine, cosine, the fused
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine import sine
+from nipype_inrlddmm.engine import sine, siren
 from nipype_inrlddmm.phantom import make_pair
 
 
@@ -167,17 +169,21 @@ def main():
     # The stage rate above divides by the whole iteration (image sampling and LNCC too); this is
     # the network's own work, timed alone on the fine stage's points per iteration.
     points = fine_points
-    _, seconds = network_seconds(config, points)
-    gflops = 3.0 * per_step * n_steps * points / seconds / 1e9
-    print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward): {1000 * seconds:.1f} ms, "
-          f"{gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} % of the matmul"
-          + ("" if sine.FUSED else " (no _sincos extension in this install: torch.sin and torch.cos)"))
-    if sine.FUSED:
-        with mock.patch.object(sine, "FUSED", False):  # the path of an install without the extension
-            _, unfused = network_seconds(config, points)
-        gflops = 3.0 * per_step * n_steps * points / unfused / 1e9
-        print(f"- with torch.sin and torch.cos instead (an install without the extension): {1000 * unfused:.1f} ms "
-              f"({unfused / seconds:.2f} x), {gflops:.1f} GFLOP/s = {100 * gflops / peak_matmul:.0f} %")
+    network_gflop = 3.0 * per_step * n_steps * points / 1e9
+    paths = [("fused kernels (_siren)", True, True), ("layer by layer, _sincos", False, True),
+             ("layer by layer, torch.sin and torch.cos", False, False)]
+    print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward):\n")
+    print("| path | ms | GFLOP/s | % of matmul |\n|---|---|---|---|")
+    seconds = None  # of the first path this install has: the one it runs
+    for name, fused, fused_sine in paths:
+        if (fused and not siren.FUSED) or (fused_sine and not sine.FUSED):
+            print(f"| {name} | not in this install or on this CPU | | |")
+            continue
+        with mock.patch.object(siren, "FUSED", fused), mock.patch.object(sine, "FUSED", fused_sine):
+            _, path_seconds = network_seconds(config, points)
+        seconds = path_seconds if seconds is None else seconds
+        gflops = network_gflop / path_seconds
+        print(f"| {name} | {1000 * path_seconds:.1f} | {gflops:.1f} | {100 * gflops / peak_matmul:.0f} % |")
     for mode in args.compile:
         first, compiled = network_seconds(config, points, compile_mode=mode)
         gflops = 3.0 * per_step * n_steps * points / compiled / 1e9

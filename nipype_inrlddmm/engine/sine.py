@@ -1,5 +1,8 @@
 """The SIREN layer's ``sin(W x + b)``, with the cosine kept for the backward pass.
 
+The layer-by-layer path of the velocity network: where the fused network of
+:mod:`.siren` runs (CPU float32 with AVX-512F), these layers are not called.
+
 ``torch.sin`` forwards and ``torch.cos`` backwards are two full passes over
 every hidden activation, each about as slow on CPU as the layer's own matrix
 product.  On CPU float32, :func:`sine_linear` takes both from one vectorised

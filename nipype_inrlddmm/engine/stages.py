@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import siren
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
 from .sampling import (
@@ -186,6 +187,7 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
         if window and len(losses) >= window and relative_decrease(losses, window) < config.convergence_threshold:
             break
     bar.close()
+    siren.release_buffers()
     return log
 
 

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import siren
 from .sine import sine_linear
 
 ENCODINGS = ("fourier", "siren", "none")
@@ -123,7 +124,10 @@ class VelocityField(nn.Module):
     ``forward(points, t)`` takes ``(N, 3)`` world points (mm, RAS) and a
     float time ``t`` in [0, 1] and returns ``(N, 3)`` velocities in mm per
     unit time.  The output layer starts at zero, so an untrained field is the
-    identity map.
+    identity map.  The SIREN network runs as one fused pass per direction
+    (:func:`~.siren.siren_velocity`) where :func:`~.siren.applies` (CPU float32
+    on AVX-512F), and layer by layer through PyTorch elsewhere; the two agree
+    to float rounding.
     """
 
     def __init__(self, center: torch.Tensor, half_extent: torch.Tensor, config: ModelConfig = ModelConfig()):
@@ -163,6 +167,10 @@ class VelocityField(nn.Module):
         return torch.cat([torch.sin(phase), torch.cos(phase), q], dim=1)
 
     def forward(self, points: torch.Tensor, t: float) -> torch.Tensor:
+        if self.config.encoding == "siren" and siren.applies(points, self.config.width):
+            return siren.siren_velocity(points, t, layers=[(layer.weight, layer.bias) for layer in self.hidden],
+                                        output=(self.output.weight, self.output.bias), omega0=self.config.omega0,
+                                        center=self.center, half_extent=self.half_extent, scale=float(self.scale))
         return self.output(self.hidden(self.encode(points, t))) * self.scale
 
     def hyperparameters(self) -> dict:

@@ -1,0 +1,653 @@
+/* The SIREN velocity network's forward and backward passes, fused over tiles of points (AVX-512).
+ *
+ * Why: run layer by layer, PyTorch makes a dozen passes over (N, width) tensors per layer and Euler
+ * step (the product, the bias, the sine, the saved cosine, the gradient's multiplication by it, the
+ * bias gradient's sums), each over a fresh 6 MB tensor (N = 16,464 points, width 96) in memory,
+ * and a dozen small autograd nodes around them.  Those held the network at about a third of a large
+ * matmul's GFLOP/s (README, issue 5) while its 96 x 96 products alone ran at 75-87 %.  Here a tile
+ * of TILE points goes through every layer while it sits in the core's caches: each product is a
+ * register-blocked kernel (NR rows x 16 NVMAX columns of accumulators), the bias and the sine are
+ * applied to the accumulators before they are stored (forwards), the multiplication by the cosine
+ * as they are stored (backwards).  Only the sine layers' pre-activations are saved for the
+ * backward pass, streamed past the caches; it takes their sines and cosines again tile by tile,
+ * which costs less than writing and reading both.
+ *
+ * The network (velocity.py's VelocityField, SIREN encoding): with q = (p - center) / half_extent
+ * and tau = 2 t - 1, h_0 = sin(omega0 (W_0 [q, tau] + b_0)), h_l = sin(omega0 (W_l h_{l-1} + b_l)),
+ * v = scale (W_o h_{depth-1} + b_o).  Layout, all float32 and C-contiguous:
+ *   points  (n, 3)
+ *   params  the module's parameters in its order: W_0 (width, 4), b_0, then W_l (width, width), b_l
+ *           for each further sine layer, then W_o (out, width), b_o (out); grad the same
+ *   v       (n, out)
+ *   z       (depth, n, width) the pre-activations saved for the backward pass, 64-byte aligned
+ * Inside, omega0, tau and scale are folded into the weights (fold()), and layer 0 takes the 3
+ * columns of q.
+ *
+ * Determinism: a point's forward result does not depend on the tile or thread that computes it.
+ * The weight gradients are summed per partition of the points (PARTS fixed, contiguous ranges of
+ * tiles, whatever the thread count) and the partitions' sums added in order, so the gradients do
+ * not depend on the thread count either.
+ *
+ * The kernels need AVX-512F; available() says whether this CPU has it.  Elsewhere velocity.py runs
+ * the layers through PyTorch.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_KERNELS 1
+#include <immintrin.h>
+#else
+#define HAVE_KERNELS 0
+#endif
+
+/* Points a tile: its (TILE, 96) activations take 24 KiB. */
+#define TILE 64
+/* A register block: NR rows by NVMAX vectors of 16 columns, 24 of the 32 zmm registers. */
+#define NR 4
+#define NVMAX 6
+/* Partitions of the points for the weight gradients (see Determinism); 24 divides by 1, 2, 3, 4, 6
+ * and 8 threads. */
+#define PARTS 24
+/* Outputs narrow() takes in one group of accumulators. */
+#define NARROW 4
+
+/* _sincos.c's range: beyond it (and for NaN) libm. */
+#define BIG 8192.0f
+#define ROUNDER 12582912.0f
+
+/* The kernels' network: layer 0 takes the IN = 3 columns of q; the time is in its bias. */
+#define IN 3
+
+typedef struct {
+    Py_ssize_t n;
+    int width, depth, out;
+    float center[3], half_extent[3];
+    float tau, omega0, scale;
+} net_t;
+
+static Py_ssize_t
+fan_in(const net_t *s, int l, int first)
+{
+    return l == 0 ? first : s->width;
+}
+
+/* Offset of sine layer l in the module's parameters (first = 4) or in the kernels' gradient
+ * (first = IN): W_l then b_l. */
+static Py_ssize_t
+layer_offset(const net_t *s, int l, int first)
+{
+    Py_ssize_t offset = 0;
+    for (int k = 0; k < l; k++)
+        offset += s->width * fan_in(s, k, first) + s->width;
+    return offset;
+}
+
+static Py_ssize_t
+params_size(const net_t *s, int first)
+{
+    return layer_offset(s, s->depth, first) + (Py_ssize_t)s->out * s->width + s->out;
+}
+
+/* Offset of sine layer l in the kernels' weights: W_l (width, f), W_l transposed (f, width), b_l. */
+static Py_ssize_t
+packed_offset(const net_t *s, int l)
+{
+    Py_ssize_t offset = 0;
+    for (int k = 0; k < l; k++)
+        offset += 2 * s->width * fan_in(s, k, IN) + s->width;
+    return offset;
+}
+
+static Py_ssize_t
+packed_size(const net_t *s)
+{
+    return packed_offset(s, s->depth) + (Py_ssize_t)s->out * s->width + s->out;
+}
+
+/* The kernels' weights from the module's: z_0 = omega0 (W_0 [q, tau] + b_0) = (omega0 W_0[:, :3]) q
+ * + omega0 (b_0 + tau W_0[:, 3]); omega0 into the other sine layers, scale into the output layer. */
+static void
+fold(const net_t *s, const float *params, float *packed)
+{
+    const int W = s->width;
+    for (int l = 0; l < s->depth; l++) {
+        const int f = fan_in(s, l, IN), f_raw = fan_in(s, l, 4);
+        const float *weight = params + layer_offset(s, l, 4), *bias = weight + (Py_ssize_t)W * f_raw;
+        float *w = packed + packed_offset(s, l), *w_t = w + (Py_ssize_t)W * f, *b = w_t + (Py_ssize_t)f * W;
+        for (int o = 0; o < W; o++) {
+            for (int k = 0; k < f; k++) {
+                w[o * f + k] = s->omega0 * weight[o * f_raw + k];
+                w_t[k * W + o] = w[o * f + k];
+            }
+            b[o] = s->omega0 * (l == 0 ? bias[o] + s->tau * weight[o * f_raw + IN] : bias[o]);
+        }
+    }
+    const float *out_raw = params + layer_offset(s, s->depth, 4);
+    float *out = packed + packed_offset(s, s->depth);
+    for (Py_ssize_t j = 0; j < (Py_ssize_t)s->out * W + s->out; j++)
+        out[j] = s->scale * out_raw[j];
+}
+
+/* The module's gradient from the kernels' (fold()'s chain rule); layer 0's weight arrives
+ * transposed, (IN, width), as the tiles sum it. */
+static void
+unfold(const net_t *s, const float *kernel_grad, float *grad)
+{
+    const int W = s->width;
+    for (int l = 0; l < s->depth; l++) {
+        const int f = fan_in(s, l, IN), f_raw = fan_in(s, l, 4);
+        const float *gw = kernel_grad + layer_offset(s, l, IN), *gb = gw + (Py_ssize_t)W * f;
+        float *weight = grad + layer_offset(s, l, 4), *bias = weight + (Py_ssize_t)W * f_raw;
+        for (int o = 0; o < W; o++) {
+            for (int k = 0; k < f; k++)
+                weight[o * f_raw + k] = s->omega0 * (l == 0 ? gw[k * W + o] : gw[o * f + k]);
+            if (l == 0)
+                weight[o * f_raw + IN] = s->omega0 * s->tau * gb[o];
+            bias[o] = s->omega0 * gb[o];
+        }
+    }
+    const float *gout = kernel_grad + layer_offset(s, s->depth, IN);
+    float *out = grad + layer_offset(s, s->depth, 4);
+    for (Py_ssize_t j = 0; j < (Py_ssize_t)s->out * W + s->out; j++)
+        out[j] = s->scale * gout[j];
+}
+
+#if HAVE_KERNELS
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+enum epilogue {
+    FORWARD,    /* C = sin(acc + bias), and Z = acc + bias where Z is not NULL */
+    COSINE_MUL, /* C = acc C2 */
+    ACCUMULATE, /* C += acc */
+};
+
+/* Sine and cosine of 16 lanes by _sincos.c's method (Cephes: a three-part Cody-Waite reduction by
+ * pi/2, minimax polynomials, the quadrant's choice and signs), its multiplications and additions
+ * fused where they meet.  Lanes outside |x| <= BIG (or NaN) are handed to libm. */
+static inline __attribute__((always_inline)) void
+sincos16(__m512 x, __m512 *sine, __m512 *cosine)
+{
+    const __mmask16 inside = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(BIG), _CMP_LE_OQ);
+    const __m512 rounder = _mm512_set1_ps(ROUNDER);
+    const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(0.636619772367581343f), rounder), rounder);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.5703125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(4.837512969970703125e-4f), r);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(7.54978995489188216e-8f), r);
+    /* k is an integer below 2^22 inside; outside, the conversion's value is never used. */
+    const __m512i q = _mm512_cvttps_epi32(k);
+    const __m512 r2 = _mm512_mul_ps(r, r);
+    const __m512 sin_poly = _mm512_fmadd_ps(
+        r2, _mm512_fmadd_ps(r2, _mm512_set1_ps(-1.9515295891e-4f), _mm512_set1_ps(8.3321608736e-3f)),
+        _mm512_set1_ps(-1.6666654611e-1f));
+    const __m512 sin_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r2), sin_poly, r);
+    const __m512 cos_poly = _mm512_fmadd_ps(
+        r2, _mm512_fmadd_ps(r2, _mm512_set1_ps(2.443315711809948e-5f), _mm512_set1_ps(-1.388731625493765e-3f)),
+        _mm512_set1_ps(4.166664568298827e-2f));
+    const __m512 cos_r = _mm512_fmadd_ps(_mm512_mul_ps(r2, r2), cos_poly,
+                                         _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), r2, _mm512_set1_ps(1.0f)));
+    const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2), sign = _mm512_set1_epi32((int)0x80000000);
+    const __mmask16 odd = _mm512_test_epi32_mask(q, one);
+    const __m512i sv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, sin_r, cos_r));
+    const __m512i cv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, cos_r, sin_r));
+    *sine = _mm512_castsi512_ps(_mm512_mask_xor_epi32(sv, _mm512_test_epi32_mask(q, two), sv, sign));
+    *cosine = _mm512_castsi512_ps(
+        _mm512_mask_xor_epi32(cv, _mm512_test_epi32_mask(_mm512_add_epi32(q, one), two), cv, sign));
+    if (__builtin_expect(inside != 0xFFFF, 0)) {
+        float lanes[16], s[16], c[16];
+        _mm512_storeu_ps(lanes, x);
+        _mm512_storeu_ps(s, *sine);
+        _mm512_storeu_ps(c, *cosine);
+        for (int i = 0; i < 16; i++) {
+            if (!(inside >> i & 1)) {
+                s[i] = sinf(lanes[i]);
+                c[i] = cosf(lanes[i]);
+            }
+        }
+        *sine = _mm512_loadu_ps(s);
+        *cosine = _mm512_loadu_ps(c);
+    }
+}
+
+/* One register block: for rows r < nr and 16 nv columns,
+ *   acc[r] = bias + sum_{k < K} A[r sar + k sak] B[k ldb + 0 .. 16 nv)
+ * then the epilogue on C (and C2, Z) at rows of ldc.  Called with constant nr and nv, so that the
+ * loops over them unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void
+block(const int nr, const int nv, int K, const float *A, ptrdiff_t sar, ptrdiff_t sak, const float *B, ptrdiff_t ldb,
+      const float *bias, float *C, const float *C2, float *Z, ptrdiff_t ldc, enum epilogue epilogue)
+{
+    __m512 acc[NR][NVMAX];
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++)
+            acc[r][v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 b[NVMAX];
+        for (int v = 0; v < nv; v++)
+            b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+        for (int r = 0; r < nr; r++) {
+            const __m512 a = _mm512_set1_ps(A[r * sar + k * sak]);
+            for (int v = 0; v < nv; v++)
+                acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        for (int v = 0; v < nv; v++) {
+            const ptrdiff_t at = r * ldc + 16 * v;
+            if (epilogue == FORWARD) {
+                __m512 sine, cosine;
+                /* Read again only by the backward pass, after every Euler step's forward pass. */
+                if (Z)
+                    _mm512_stream_ps(Z + at, acc[r][v]);
+                sincos16(acc[r][v], &sine, &cosine);
+                _mm512_storeu_ps(C + at, sine);
+            } else if (epilogue == COSINE_MUL) {
+                _mm512_storeu_ps(C + at, _mm512_mul_ps(acc[r][v], _mm512_loadu_ps(C2 + at)));
+            } else {
+                _mm512_storeu_ps(C + at, _mm512_add_ps(_mm512_loadu_ps(C + at), acc[r][v]));
+            }
+        }
+    }
+}
+
+#define BLOCK_CASE(R, V)                                                                                          \
+    case (R) * 8 + (V):                                                                                           \
+        block(R, V, K, Ai, sar, sak, Bj, ldb, bj, Ci, C2i, Zi, ldc, epilogue);                                    \
+        break;
+#define BLOCK_ROW(R) BLOCK_CASE(R, 1) BLOCK_CASE(R, 2) BLOCK_CASE(R, 3) BLOCK_CASE(R, 4) BLOCK_CASE(R, 5) BLOCK_CASE(R, 6)
+
+/* C (M, ncol) [epilogue] A (M, K) B (K, ncol), A's element (i, k) at A[i sar + k sak], B's rows ldb
+ * apart, C's (and C2's, Z's) ldc apart; ncol a multiple of 16. */
+static void
+gemm(int M, int ncol, int K, const float *A, ptrdiff_t sar, ptrdiff_t sak, const float *B, ptrdiff_t ldb,
+     const float *bias, float *C, const float *C2, float *Z, ptrdiff_t ldc, enum epilogue epilogue)
+{
+    for (int j = 0; j < ncol; j += 16 * NVMAX) {
+        const int nv = (ncol - j) / 16 < NVMAX ? (ncol - j) / 16 : NVMAX;
+        for (int i = 0; i < M; i += NR) {
+            const int nr = M - i < NR ? M - i : NR;
+            const ptrdiff_t at = i * ldc + j;
+            const float *Ai = A + i * sar, *Bj = B + j, *bj = bias ? bias + j : NULL, *C2i = C2 ? C2 + at : NULL;
+            float *Ci = C + at, *Zi = Z ? Z + at : NULL;
+            switch (nr * 8 + nv) {
+                BLOCK_ROW(1)
+                BLOCK_ROW(2)
+                BLOCK_ROW(3)
+                BLOCK_ROW(4)
+            }
+        }
+    }
+}
+
+/* y[i ldy + o] = bias[o] + h[i] . w[o] for rows i < M and outputs o < n_out, h's and w's rows width
+ * long: the layers too narrow for a register block (the output layer, the input gradient). */
+static void
+narrow(int M, int width, int n_out, const float *h, const float *w, const float *bias, float *y, ptrdiff_t ldy)
+{
+    for (int i = 0; i < M; i++) {
+        for (int o0 = 0; o0 < n_out; o0 += NARROW) {
+            const int m = n_out - o0 < NARROW ? n_out - o0 : NARROW;
+            __m512 acc[NARROW];
+            for (int o = 0; o < m; o++)
+                acc[o] = _mm512_setzero_ps();
+            for (int j = 0; j < width; j += 16) {
+                const __m512 x = _mm512_loadu_ps(h + (ptrdiff_t)i * width + j);
+                for (int o = 0; o < m; o++)
+                    acc[o] = _mm512_fmadd_ps(x, _mm512_loadu_ps(w + (ptrdiff_t)(o0 + o) * width + j), acc[o]);
+            }
+            for (int o = 0; o < m; o++)
+                y[i * ldy + o0 + o] = _mm512_reduce_add_ps(acc[o]) + (bias ? bias[o0 + o] : 0.0f);
+        }
+    }
+}
+
+/* q = (p - center) / half_extent for rows [i0, i0 + rows), as VelocityField.encode computes it. */
+static void
+normalise(const net_t *s, const float *points, Py_ssize_t i0, int rows, float *q)
+{
+    for (int i = 0; i < rows; i++)
+        for (int k = 0; k < IN; k++)
+            q[i * IN + k] = (points[(i0 + i) * IN + k] - s->center[k]) / s->half_extent[k];
+}
+
+/* Forward pass of rows [i0, i0 + rows) into v, saving the pre-activations into z (or not, where
+ * NULL).  scratch: 2 TILE width + TILE IN floats. */
+static void
+forward_tile(const net_t *s, const float *points, const float *packed, float *v, float *z, Py_ssize_t i0, int rows,
+             float *scratch)
+{
+    const int W = s->width;
+    float *q = scratch + 2 * TILE * W;
+    normalise(s, points, i0, rows, q);
+    const float *in = q;
+    ptrdiff_t ld_in = IN;
+    for (int l = 0; l < s->depth; l++) {
+        const int f = fan_in(s, l, IN);
+        const float *w_t = packed + packed_offset(s, l) + (Py_ssize_t)W * f, *bias = w_t + (Py_ssize_t)f * W;
+        float *h = scratch + (l & 1) * TILE * W;
+        gemm(rows, W, f, in, ld_in, 1, w_t, W, bias, h, NULL, z ? z + (l * s->n + i0) * W : NULL, W, FORWARD);
+        in = h;
+        ld_in = W;
+    }
+    const float *w_out = packed + packed_offset(s, s->depth);
+    narrow(rows, W, s->out, in, w_out, w_out + (Py_ssize_t)s->out * W, v + i0 * s->out, s->out);
+}
+
+/* Sines into h and cosines into c of the count floats at z, asking for the as many at next (where
+ * not NULL) to be brought into L2 meanwhile. */
+static void
+sincos_rows(const float *z, const float *next, float *h, float *c, Py_ssize_t count)
+{
+    for (Py_ssize_t j = 0; j < count; j += 16) {
+        __m512 sine, cosine;
+        if (next)
+            _mm_prefetch((const char *)(next + j), _MM_HINT_T1);
+        sincos16(_mm512_loadu_ps(z + j), &sine, &cosine);
+        _mm512_storeu_ps(h + j, sine);
+        _mm512_storeu_ps(c + j, cosine);
+    }
+}
+
+/* Backward pass of rows [i0, i0 + rows): adds their weight and bias gradients to grad (this
+ * partition's sums in the kernels' layout, layer 0's weight transposed) and writes their points'
+ * gradient to gp (or not, where NULL).  scratch: 4 TILE width + 2 TILE IN floats. */
+static void
+backward_tile(const net_t *s, const float *points, const float *packed, const float *z, const float *gv, float *grad,
+              float *gp, Py_ssize_t i0, int rows, float *scratch)
+{
+    const int W = s->width, L = s->depth, O = s->out;
+    const Py_ssize_t cells = (Py_ssize_t)rows * W;
+    const float *g = gv + i0 * O;
+    float *gz = scratch, *gh = scratch + TILE * W, *h = scratch + 2 * TILE * W, *c = scratch + 3 * TILE * W;
+    float *q = scratch + 4 * TILE * W, *gq = q + TILE * IN;
+#define SAVED(l) (z + ((l) * s->n + i0) * W)
+    /* The pre-activations are in memory (streamed there), and this tile's computation gives time to
+     * bring in the next tile's: each layer's as this tile's are read. */
+#define NEXT(l) (i0 + TILE < s->n ? SAVED(l) + TILE * W : NULL)
+
+    /* Output layer: its weight and bias gradients, then dL/dz of the last sine layer. */
+    const float *w_out = packed + packed_offset(s, L);
+    float *gw_out = grad + layer_offset(s, L, IN), *gb_out = gw_out + (Py_ssize_t)O * W;
+    for (int i = 0; i < rows; i++)
+        for (int o = 0; o < O; o++)
+            gb_out[o] += g[i * O + o];
+    sincos_rows(SAVED(L - 1), NEXT(L - 1), h, c, cells);
+    gemm(O, W, rows, g, 1, O, h, W, NULL, gw_out, NULL, NULL, W, ACCUMULATE);
+    gemm(rows, W, O, g, O, 1, w_out, W, NULL, gz, c, NULL, W, COSINE_MUL);
+
+    for (int l = L - 1; l >= 0; l--) {
+        const int f = fan_in(s, l, IN);
+        const float *weight = packed + packed_offset(s, l);
+        float *gw = grad + layer_offset(s, l, IN), *gb = gw + (Py_ssize_t)W * f;
+        for (int j = 0; j < W; j += 16) {
+            __m512 sum = _mm512_loadu_ps(gb + j);
+            for (int i = 0; i < rows; i++)
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(gz + (ptrdiff_t)i * W + j));
+            _mm512_storeu_ps(gb + j, sum);
+        }
+        if (l > 0) {
+            sincos_rows(SAVED(l - 1), NEXT(l - 1), h, c, cells);
+            gemm(W, W, rows, gz, 1, W, h, W, NULL, gw, NULL, NULL, W, ACCUMULATE);
+            gemm(rows, W, W, gz, W, 1, weight, W, NULL, gh, c, NULL, W, COSINE_MUL);
+            float *swap = gz;
+            gz = gh;
+            gh = swap;
+        } else {
+            normalise(s, points, i0, rows, q);
+            gemm(IN, W, rows, q, 1, IN, gz, W, NULL, gw, NULL, NULL, W, ACCUMULATE);
+            if (gp) {
+                narrow(rows, W, IN, gz, weight + (Py_ssize_t)W * f, NULL, gq, IN);
+                for (int i = 0; i < rows; i++)
+                    for (int k = 0; k < IN; k++)
+                        gp[(i0 + i) * IN + k] = gq[i * IN + k] / s->half_extent[k];
+            }
+        }
+    }
+#undef NEXT
+#undef SAVED
+}
+
+#pragma GCC pop_options
+#endif /* HAVE_KERNELS */
+
+static int
+cpu_has_kernels(void)
+{
+#if HAVE_KERNELS
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+static float *
+scratch_alloc(Py_ssize_t floats)
+{
+    return aligned_alloc(64, ((size_t)floats * sizeof(float) + 63) / 64 * 64);
+}
+
+/* Both passes share their points out by tiles; the OpenMP threads are PyTorch's (the extension links
+ * the same libgomp), as many as torch.set_num_threads set. */
+static int
+run_forward(const net_t *s, const float *points, const float *params, float *v, float *z)
+{
+#if HAVE_KERNELS
+    const Py_ssize_t tiles = (s->n + TILE - 1) / TILE;
+    float *packed = malloc(packed_size(s) * sizeof(float));
+    if (!packed)
+        return -1;
+    fold(s, params, packed);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed) if (tiles > 1)
+    {
+        float *scratch = scratch_alloc((2 * (Py_ssize_t)s->width + IN) * TILE);
+        if (!scratch)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (Py_ssize_t t = 0; t < tiles; t++) {
+            if (scratch) {
+                const Py_ssize_t i0 = t * TILE;
+                forward_tile(s, points, packed, v, z, i0, (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
+            }
+        }
+        /* The streamed stores are weakly ordered: make them visible before the backward pass reads. */
+        _mm_sfence();
+        free(scratch);
+    }
+    free(packed);
+    return failed ? -1 : 0;
+#else
+    return -1;
+#endif
+}
+
+/* partial: PARTS times the kernels' gradient size of workspace, for the partitions' sums. */
+static int
+run_backward(const net_t *s, const float *points, const float *params, const float *z, const float *gv, float *grad,
+             float *gp, float *partial)
+{
+#if HAVE_KERNELS
+    const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, size = params_size(s, IN);
+    const int parts = tiles < PARTS ? (int)tiles : PARTS;
+    float *packed = malloc(packed_size(s) * sizeof(float)), *kernel_grad = calloc(size, sizeof(float));
+    int failed = !packed || !kernel_grad;
+    if (!failed)
+        fold(s, params, packed);
+#pragma omp parallel reduction(| : failed) if (parts > 1 && !failed)
+    {
+        float *scratch = failed ? NULL : scratch_alloc((4 * (Py_ssize_t)s->width + 2 * IN) * TILE);
+        if (!scratch)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int p = 0; p < parts; p++) {
+            memset(partial + p * size, 0, size * sizeof(float));
+            for (Py_ssize_t t = p * tiles / parts; scratch && t < (p + 1) * tiles / parts; t++) {
+                const Py_ssize_t i0 = t * TILE;
+                backward_tile(s, points, packed, z, gv, partial + p * size, gp, i0,
+                              (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
+            }
+        }
+        free(scratch);
+    }
+    if (!failed) {
+        for (int p = 0; p < parts; p++)
+            for (Py_ssize_t j = 0; j < size; j++)
+                kernel_grad[j] += partial[p * size + j];
+        unfold(s, kernel_grad, grad);
+    }
+    free(packed);
+    free(kernel_grad);
+    return failed ? -1 : 0;
+#else
+    return -1;
+#endif
+}
+
+/* Python: buffers by the buffer protocol, checked against the shape before any pointer is used. */
+
+static int
+check(Py_buffer *buffer, Py_ssize_t floats, const char *name)
+{
+    if (buffer->len != floats * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got a buffer of %zd bytes", name, floats,
+                     buffer->len);
+        return 0;
+    }
+    return 1;
+}
+
+static int
+valid(const net_t *s)
+{
+    if (s->n < 0 || s->width < 16 || s->width % 16 || s->depth < 1 || s->out < 1) {
+        PyErr_SetString(PyExc_ValueError, "need n >= 0, depth >= 1, out >= 1 and a width that is a positive "
+                                          "multiple of 16");
+        return 0;
+    }
+    if (!cpu_has_kernels()) {
+        PyErr_SetString(PyExc_RuntimeError, "the fused SIREN kernels need a CPU with AVX-512F");
+        return 0;
+    }
+    return 1;
+}
+
+#define NET_FORMAT "(niii)(fff)(fff)fff"
+#define NET_ARGS(s)                                                                                               \
+    &(s).n, &(s).width, &(s).depth, &(s).out, &(s).center[0], &(s).center[1], &(s).center[2], &(s).half_extent[0],  \
+        &(s).half_extent[1], &(s).half_extent[2], &(s).tau, &(s).omega0, &(s).scale
+
+static PyObject *
+py_forward(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    net_t s;
+    Py_buffer points, params, v, z = {0};
+    PyObject *z_obj;
+    if (!PyArg_ParseTuple(args, NET_FORMAT "y*y*w*O", NET_ARGS(s), &points, &params, &v, &z_obj))
+        return NULL;
+    PyObject *result = NULL;
+    if (z_obj != Py_None && PyObject_GetBuffer(z_obj, &z, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
+        goto done;
+    if (!valid(&s) || !check(&points, s.n * IN, "points") || !check(&params, params_size(&s, 4), "params") ||
+        !check(&v, s.n * s.out, "v") || (z.obj && !check(&z, (Py_ssize_t)s.depth * s.n * s.width, "z")))
+        goto done;
+    if (z.obj && (uintptr_t)z.buf % 64) {
+        PyErr_SetString(PyExc_ValueError, "z must be 64-byte aligned");
+        goto done;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_forward(&s, points.buf, params.buf, v.buf, z.obj ? z.buf : NULL);
+    Py_END_ALLOW_THREADS
+    if (status)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&v);
+    if (z.obj)
+        PyBuffer_Release(&z);
+    return result;
+}
+
+static PyObject *
+py_backward(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    net_t s;
+    Py_buffer points, params, z, gv, grad, workspace, gp = {0};
+    PyObject *gp_obj;
+    if (!PyArg_ParseTuple(args, NET_FORMAT "y*y*y*y*w*Ow*", NET_ARGS(s), &points, &params, &z, &gv, &grad, &gp_obj,
+                          &workspace))
+        return NULL;
+    PyObject *result = NULL;
+    if (gp_obj != Py_None && PyObject_GetBuffer(gp_obj, &gp, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
+        goto done;
+    if (!valid(&s) || !check(&points, s.n * IN, "points") || !check(&params, params_size(&s, 4), "params") ||
+        !check(&z, (Py_ssize_t)s.depth * s.n * s.width, "z") || !check(&gv, s.n * s.out, "grad of v") ||
+        !check(&grad, params_size(&s, 4), "grad") || (gp.obj && !check(&gp, s.n * IN, "grad of points")) ||
+        !check(&workspace, PARTS * params_size(&s, IN), "workspace"))
+        goto done;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_backward(&s, points.buf, params.buf, z.buf, gv.buf, grad.buf, gp.obj ? gp.buf : NULL,
+                          workspace.buf);
+    Py_END_ALLOW_THREADS
+    if (status)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&gv);
+    PyBuffer_Release(&grad);
+    PyBuffer_Release(&workspace);
+    if (gp.obj)
+        PyBuffer_Release(&gp);
+    return result;
+}
+
+static PyObject *
+py_workspace_size(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    net_t s = {0};
+    if (!PyArg_ParseTuple(args, "(niii)", &s.n, &s.width, &s.depth, &s.out))
+        return NULL;
+    return PyLong_FromSsize_t(PARTS * params_size(&s, IN));
+}
+
+static PyObject *
+py_available(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    return PyBool_FromLong(cpu_has_kernels());
+}
+
+static PyMethodDef methods[] = {
+    {"available", py_available, METH_NOARGS, "available(): whether this CPU runs the kernels (AVX-512F)."},
+    {"forward", py_forward, METH_VARARGS,
+     "forward((n, width, depth, out), center, half_extent, tau, omega0, scale, points, params, v, z): v = the "
+     "network at the points; the sine layers' pre-activations into z, (depth, n, width) and 64-byte aligned, or "
+     "nowhere where z is None."},
+    {"backward", py_backward, METH_VARARGS,
+     "backward((n, width, depth, out), center, half_extent, tau, omega0, scale, points, params, z, grad_v, grad, "
+     "grad_points, workspace): the gradient of params into grad and that of the points into grad_points (or not, "
+     "where None), from forward's z; workspace of workspace_size((n, width, depth, out)) floats."},
+    {"workspace_size", py_workspace_size, METH_VARARGS,
+     "workspace_size((n, width, depth, out)): the float32 values backward's workspace holds."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_siren", NULL, -1, methods};
+
+PyMODINIT_FUNC
+PyInit__siren(void)
+{
+    return PyModule_Create(&module);
+}

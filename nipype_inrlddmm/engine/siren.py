@@ -1,0 +1,156 @@
+"""The SIREN velocity network in one fused pass per direction (CPU, AVX-512).
+
+Layer by layer, the network's time went mostly to passes that do no
+arithmetic worth counting: the bias, the sine, the saved cosine, the
+gradient's multiplication by it, the bias gradient's sums, each over a fresh
+``(N, width)`` tensor in memory, and a dozen small autograd nodes per Euler
+step around them (input normalisation, the time column, omega_0, the output
+scale).  :func:`siren_velocity` is one autograd node: the compiled ``_siren``
+extension runs every layer on a tile of 64 points while it is in cache
+(register-blocked products with the bias and the sine applied to the
+accumulators) and writes only the sine layers' pre-activations, whose sines
+and cosines the backward pass takes again tile by tile; omega_0, the time
+and the output scale are folded into the weights inside it.  Its results
+are those of the layer-by-layer path up to float rounding (sums in another
+order) and do not depend on the thread count.
+
+Where the kernels cannot run (no AVX-512F, CUDA, float64, a width that is not
+a multiple of 16, an install without the extension) :func:`applies` says no,
+and :class:`~.velocity.VelocityField` runs its layers through PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import torch
+
+try:
+    from . import _siren
+except ImportError:  # built without a C compiler
+    _siren = None
+
+FUSED = _siren is not None and _siren.available()
+"""Whether this install and CPU run the fused network."""
+
+
+def applies(points: torch.Tensor, width: int) -> bool:
+    """Whether :func:`siren_velocity` takes these points through a network ``width`` units wide."""
+    return FUSED and points.device.type == "cpu" and points.dtype == torch.float32 and width % 16 == 0
+
+
+class _BufferPool:
+    """Float32 tensors whose memory is reused once the tensor handed out is gone.
+
+    A fresh ``(depth, N, width)`` tensor is page-faulted in on its first
+    write, and at the fine stage's 16,464 points those faults took longer
+    than the kernels' arithmetic (12.7 against 3.5 ms a forward pass).  The
+    pool keeps each buffer's storage; when the tensor over it is collected
+    (autograd drops the saved pre-activations after their backward pass, or
+    with the graph), a finalizer puts the storage on the free list for the
+    next tensor of that size.  At most ``limit`` bytes wait there.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+        self._free_bytes = 0
+        # Re-entrant: a garbage collection inside a critical section may run a finalizer.
+        self._lock = threading.RLock()
+
+    def take(self, *shape: int) -> torch.Tensor:
+        nbytes = 4 * math.prod(shape)
+        with self._lock:
+            free = self._free.get(nbytes)
+            storage = free.pop() if free else None
+            self._free_bytes -= 0 if storage is None else nbytes
+        if storage is None:
+            tensor = torch.empty(shape)
+            storage = tensor.untyped_storage()
+        else:
+            tensor = torch.empty(0).set_(storage, 0, shape)
+        weakref.finalize(tensor, self._give_back, storage)
+        return tensor
+
+    def _give_back(self, storage: torch.UntypedStorage):
+        with self._lock:
+            if self._free_bytes + storage.nbytes() <= self.limit:
+                self._free.setdefault(storage.nbytes(), []).append(storage)
+                self._free_bytes += storage.nbytes()
+
+    def clear(self):
+        with self._lock:
+            self._free.clear()
+            self._free_bytes = 0
+
+
+_POOL = _BufferPool(limit=512 * 2**20)
+
+
+def release_buffers():
+    """Free the memory kept for the next call's saved pre-activations (a stage ends; the next has other sizes)."""
+    _POOL.clear()
+
+
+def _array(tensor: torch.Tensor):
+    return tensor.detach().numpy()
+
+
+class _SirenVelocity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, save, points, net, *params):
+        params_flat = torch.cat([p.reshape(-1) for p in params])
+        velocity = points.new_empty(points.shape[0], net[0][3])
+        z = _POOL.take(net[0][2], points.shape[0], net[0][1]) if save else None
+        _siren.forward(*net, _array(points), _array(params_flat), _array(velocity), None if z is None else _array(z))
+        if save:
+            ctx.save_for_backward(points, params_flat, z)
+            ctx.net = net
+            ctx.param_shapes = [p.shape for p in params]
+        return velocity
+
+    @staticmethod
+    def backward(ctx, grad_velocity):
+        # The pre-activations carry no graph: a second derivative through the kernels' sines and
+        # cosines would silently miss their own derivatives, so a graph of this backward pass is
+        # refused outright.
+        if torch.is_grad_enabled():
+            raise RuntimeError("the fused SIREN network is differentiable once; a second derivative needs the "
+                               "layer-by-layer path (engine.siren.FUSED = False)")
+        points, params_flat, z = ctx.saved_tensors
+        grad = torch.empty_like(params_flat)
+        grad_points = torch.empty_like(points) if ctx.needs_input_grad[1] else None
+        workspace = _POOL.take(_siren.workspace_size(ctx.net[0]))
+        _siren.backward(*ctx.net, _array(points), _array(params_flat), _array(z), _array(grad_velocity.contiguous()),
+                        _array(grad), None if grad_points is None else _array(grad_points), _array(workspace))
+        grads = [g.view(shape) for g, shape in zip(grad.split([s.numel() for s in ctx.param_shapes]),
+                                                     ctx.param_shapes)]
+        return None, grad_points, None, *grads
+
+
+def siren_velocity(points: torch.Tensor, t: float, *, layers, output, omega0: float, center: torch.Tensor,
+                   half_extent: torch.Tensor, scale: float) -> torch.Tensor:
+    """The SIREN velocity network of :class:`~.velocity.VelocityField` at ``(N, 3)`` points; ``(N, out)``.
+
+    ``scale (W_o h + b_o)``, ``h = sin(omega0 (W_l h + b_l))`` through
+    ``layers`` from ``h = [(points - center) / half_extent, 2 t - 1]``.
+
+    Parameters
+    ----------
+    points : ``(N, 3)`` float32 CPU world points (mm).
+    layers : ``(weight, bias)`` of each sine layer: ``(width, 4)`` then
+        ``(width, width)`` weights, without omega_0.
+    output : ``(weight, bias)`` of the linear output layer, ``(out, width)``.
+    center, half_extent : ``(3,)`` mm; ``scale``: mm per unit of the output.
+
+    Differentiable once in the points and every weight and bias; a backward
+    pass with ``create_graph=True`` raises.  Only where :func:`applies`.
+    """
+    params = [p for pair in (*layers, output) for p in pair]
+    width, out = params[0].shape[0], params[-1].shape[0]
+    net = ((points.shape[0], width, len(layers), out), tuple(center.tolist()), tuple(half_extent.tolist()),
+           2.0 * t - 1.0, float(omega0), float(scale))
+    save = torch.is_grad_enabled() and any(p.requires_grad for p in (points, *params))
+    return _SirenVelocity.apply(save, points.contiguous(), net, *params)

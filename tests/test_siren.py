@@ -1,0 +1,159 @@
+"""The fused SIREN velocity network: values, gradients, sine and cosine, threads, buffer reuse, refusals."""
+
+import shutil
+import sysconfig
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from nipype_inrlddmm import engine
+from nipype_inrlddmm.engine import siren
+from test_sine import EDGES  # zero, the quadrant edges, the libm hand-over at 8192, non-finite
+
+fused_only = pytest.mark.skipif(not siren.FUSED, reason="the _siren extension is not built here or the CPU lacks "
+                                                        "AVX-512F")
+
+
+
+def test_installs_that_can_compile_on_avx512_cpus_have_the_kernels():
+    compiler = (sysconfig.get_config_var("CC") or "").split()
+    if not compiler or shutil.which(compiler[0]) is None:
+        pytest.skip("no C compiler here: the extension is optional")
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or " avx512f " not in cpuinfo.read_text():
+        pytest.skip("this CPU has no AVX-512F: the layer-by-layer path runs")
+    assert siren.FUSED, "setup.py builds nipype_inrlddmm.engine._siren where a C compiler exists"
+
+
+def _field(width=96, depth=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    velocity = engine.VelocityField(torch.tensor([10.0, -20.0, 5.0]), torch.tensor([90.0, 110.0, 60.0]),
+                                    engine.ModelConfig(width=width, depth=depth))
+    # A trained field moves the points: its output layer, which starts at zero, is not.
+    with torch.no_grad():
+        for parameter in velocity.output.parameters():
+            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return velocity
+
+
+def _flow_and_gradients(velocity, points, n_steps=4):
+    """The training iteration's network work: displacement, kinetic energy, and every gradient."""
+    velocity.zero_grad()
+    start = points.clone().requires_grad_()
+    displacement, kinetic = engine.integrate(velocity, start, n_steps)
+    (displacement.square().mean() + kinetic).backward()
+    return [displacement.detach(), kinetic.detach(), start.grad] + [p.grad.clone() for p in velocity.parameters()]
+
+
+def _points(n, seed=1):
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed)) * torch.tensor([80.0, 100.0, 50.0])
+
+
+@fused_only
+@pytest.mark.parametrize("n, width, depth", [(16_464, 96, 3), (1, 96, 3), (65, 32, 2), (130, 112, 1),
+                                             (1000, 128, 4)])
+def test_flow_and_gradients_match_the_layers_in_float64(n, width, depth):
+    # Tile edges (1, 65 and 130 points around the 64-point tile), a column block of 16 beside one
+    # of 96 (112), fewer tiles than partitions, and the default network on the fine stage's points.
+    velocity = _field(width, depth)
+    points = _points(n)
+    fused = _flow_and_gradients(velocity, points)
+    assert velocity(points[:2], 0.5).grad_fn.name() == "_SirenVelocityBackward"
+    reference = _flow_and_gradients(velocity.double(), points.double())
+    for ours, theirs in zip(fused, reference):
+        # float32 sums over up to 16,464 points and 128 units against float64.
+        torch.testing.assert_close(ours.double(), theirs, atol=2e-5 * theirs.abs().max().item(), rtol=0)
+
+
+@fused_only
+def test_sine_and_cosine_are_within_two_tenths_of_a_micro_of_float64():
+    # One sine layer that passes each coordinate through unchanged (exact products by 1 and 0) and
+    # an output layer that picks those three units: the velocity is the kernel's sine of each
+    # coordinate, the gradient of the points its cosine.
+    z = torch.cat([torch.linspace(-200.0, 200.0, 200_001), torch.tensor(EDGES)])
+    points = z[:, None].expand(-1, 3).contiguous().requires_grad_()
+    first = torch.zeros(16, 4)
+    first[:3, :3] = torch.eye(3)
+    layers = [(first, torch.zeros(16))]
+    output = (torch.eye(3, 16), torch.zeros(3))
+    velocity = siren.siren_velocity(points, 0.5, layers=layers, output=output, omega0=1.0, center=torch.zeros(3),
+                                    half_extent=torch.ones(3), scale=1.0)
+    velocity.sum().backward()
+    reference = z.double()[:, None].expand(-1, 3)
+    # Infinite coordinates meet the zero weights of the other two: inf * 0 is NaN, as is their sine.
+    torch.testing.assert_close(velocity.double(), reference.sin(), atol=2e-7, rtol=0, equal_nan=True)
+    torch.testing.assert_close(points.grad.double(), reference.cos(), atol=2e-7, rtol=0, equal_nan=True)
+
+
+@fused_only
+def test_result_does_not_depend_on_the_thread_count():
+    velocity, points = _field(), _points(5000)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(_flow_and_gradients(velocity, points))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@fused_only
+def test_saved_buffers_are_kept_while_a_graph_needs_them_and_reused_once_free():
+    velocity, points = _field(), _points(3000)
+    siren.release_buffers()
+
+    def buffer(out):
+        return out.grad_fn.saved_tensors[2].data_ptr()
+
+    first, second = velocity(points, 0.25), velocity(points, 0.75)
+    held = {buffer(first), buffer(second)}
+    assert len(held) == 2, "two graphs alive must not share a buffer"
+    expected = [torch.autograd.grad(out.sum(), list(velocity.parameters()), retain_graph=True)
+                for out in (first, second)]
+    # retain_graph kept each buffer: a second backward pass through each graph gives the same gradients.
+    again = [torch.autograd.grad(out.sum(), list(velocity.parameters())) for out in (first, second)]
+    assert all(torch.equal(a, b) for pair in zip(expected, again) for a, b in zip(*pair))
+    # Both graphs are freed now, and the next call of that size takes one of their buffers.
+    assert buffer(velocity(points, 0.5)) in held
+    siren.release_buffers()
+
+
+@fused_only
+def test_inference_saves_nothing_and_matches_training():
+    velocity, points = _field(), _points(2000)
+    with torch.no_grad():
+        inferred = velocity(points, 0.25)
+    assert inferred.grad_fn is None
+    torch.testing.assert_close(inferred, velocity(points, 0.25).detach(), atol=0, rtol=0)
+
+
+@fused_only
+def test_second_derivatives_are_refused_not_wrong():
+    velocity, points = _field(width=32, depth=1), _points(10).requires_grad_()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(velocity(points, 0.5).sum(), points, create_graph=True)
+
+
+def test_other_dtypes_and_widths_take_the_layers():
+    points = _points(20)
+    for velocity, inputs in ((_field().double(), points.double()), (_field(width=40), points)):
+        assert velocity(inputs, 0.5).grad_fn.name() != "_SirenVelocityBackward"
+    with mock.patch.object(siren, "FUSED", False):
+        assert _field()(points, 0.5).grad_fn.name() != "_SirenVelocityBackward"
+
+
+@fused_only
+def test_kernel_refuses_buffers_of_the_wrong_size_or_alignment():
+    n, width, depth = 10, 16, 1
+    net = ((n, width, depth, 3), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.0, 1.0, 1.0)
+    params = torch.zeros(width * 4 + width + 3 * width + 3)
+    points, velocity = torch.zeros(n, 3), torch.zeros(n, 3)
+    with pytest.raises(ValueError, match="params: expected"):
+        siren._siren.forward(*net, points.numpy(), params[1:].numpy(), velocity.numpy(), None)
+    with pytest.raises(ValueError, match="points: expected"):
+        siren._siren.forward(*net, points[1:].numpy(), params.numpy(), velocity.numpy(), None)
+    z = torch.zeros(depth * n * width + 1)
+    with pytest.raises(ValueError, match="64-byte aligned"):
+        siren._siren.forward(*net, points.numpy(), params.numpy(), velocity.numpy(), z[1:].numpy())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        siren._siren.forward((n, 40, depth, 3), *net[1:], points.numpy(), params.numpy(), velocity.numpy(), None)
