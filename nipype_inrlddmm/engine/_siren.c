@@ -8,9 +8,9 @@
  * of TILE points goes through every layer while it sits in the core's caches: each product is a
  * register-blocked kernel (NR rows x 16 NVMAX columns of accumulators), the bias and the sine are
  * applied to the accumulators before they are stored (forwards), the multiplication by the cosine
- * as they are stored (backwards).  Only the sine layers' pre-activations are saved for the
- * backward pass, streamed past the caches; it takes their sines and cosines again tile by tile,
- * which costs less than writing and reading both.
+ * and the bias gradient's sums as they are stored (backwards).  Only the sine layers'
+ * pre-activations are saved for the backward pass, streamed past the caches; it takes their sines
+ * and cosines again tile by tile, which costs less than writing and reading both.
  *
  * The network (velocity.py's VelocityField, SIREN encoding): with q = (p - center) / half_extent
  * and tau = 2 t - 1, h_0 = sin(omega0 (W_0 [q, tau] + b_0)), h_l = sin(omega0 (W_l h_{l-1} + b_l)),
@@ -56,8 +56,9 @@
 /* Outputs narrow() takes in one group of accumulators. */
 #define NARROW 4
 
-/* _sincos.c's range: beyond it (and for NaN) libm. */
+/* The polynomial sine and cosine take |x| <= BIG (as _sincos.c); beyond it, and for NaN, libm. */
 #define BIG 8192.0f
+/* Adding and subtracting 1.5 * 2^23 rounds a float below 2^22 to the nearest integer (ties to even). */
 #define ROUNDER 12582912.0f
 
 /* The kernels' network: layer 0 takes the IN = 3 columns of q; the time is in its bias. */
@@ -163,54 +164,95 @@ unfold(const net_t *s, const float *kernel_grad, float *grad)
 
 enum epilogue {
     FORWARD,    /* C = sin(acc + bias), and Z = acc + bias where Z is not NULL */
-    COSINE_MUL, /* C = acc C2 */
+    COSINE_MUL, /* C = acc C2, and S += the column sums of C */
     ACCUMULATE, /* C += acc */
 };
 
-/* Sine and cosine of 16 lanes by _sincos.c's method (Cephes: a three-part Cody-Waite reduction by
- * pi/2, minimax polynomials, the quadrant's choice and signs), its multiplications and additions
- * fused where they meet.  Lanes outside |x| <= BIG (or NaN) are handed to libm. */
+/* Sine and cosine of 16 lanes: x = k pi + r with |r| <= pi/2 (k rounded to the nearest integer by
+ * ROUNDER, r by a three-part Cody-Waite reduction whose products the fused multiply-adds keep exact),
+ * sin x = (-1)^k sin r and cos x = (-1)^k cos r by minimax polynomials of degree 9 and 10 on
+ * [-pi/2, pi/2] (float32 coefficients, fitted here; absolute error under 5e-9 before rounding).
+ * Reducing by pi rather than pi/2 gives both the same sign and no choice between them, so the
+ * forward pass takes the sine alone.  Lanes outside |x| <= BIG (or NaN) are handed to libm. */
+typedef struct {
+    __m512 r, r2;
+    __m512i sign;
+    __mmask16 inside;
+} reduced_t;
+
+static inline __attribute__((always_inline)) reduced_t
+reduce(__m512 x)
+{
+    reduced_t out;
+    out.inside = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(BIG), _CMP_LE_OQ);
+    const __m512 rounder = _mm512_set1_ps(ROUNDER);
+    const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(0.318309886183790672f), rounder), rounder);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(3.140625f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(9.67502593994140625e-4f), r);
+    out.r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.509957990978376432e-7f), r);
+    out.r2 = _mm512_mul_ps(out.r, out.r);
+    /* k is an integer below 2^22 inside; outside, the conversion's value is never used. */
+    out.sign = _mm512_slli_epi32(_mm512_cvttps_epi32(k), 31);
+    return out;
+}
+
+static inline __attribute__((always_inline)) __m512
+sin_reduced(const reduced_t *x)
+{
+    const __m512 poly = _mm512_fmadd_ps(
+        x->r2,
+        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(2.598861328806379e-06f),
+                                               _mm512_set1_ps(-0.00019806032651104033f)),
+                        _mm512_set1_ps(0.008333008736371994f)),
+        _mm512_set1_ps(-0.16666656732559204f));
+    const __m512 sine = _mm512_fmadd_ps(_mm512_mul_ps(x->r, x->r2), poly, x->r);
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sine), x->sign));
+}
+
+static inline __attribute__((always_inline)) __m512
+cos_reduced(const reduced_t *x)
+{
+    const __m512 poly = _mm512_fmadd_ps(
+        x->r2,
+        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(-2.620901682348631e-07f),
+                                               _mm512_set1_ps(2.4770179152255878e-05f)),
+                        _mm512_set1_ps(-0.001388858538120985f)),
+        _mm512_set1_ps(0.041666656732559204f));
+    const __m512 cosine = _mm512_fmadd_ps(_mm512_mul_ps(x->r2, x->r2), poly,
+                                          _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), x->r2, _mm512_set1_ps(1.0f)));
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(cosine), x->sign));
+}
+
+/* The lanes of v outside the reduction's range replaced by f of x's. */
+static __m512
+outside_by_libm(__m512 v, __m512 x, __mmask16 inside, float (*f)(float))
+{
+    float lanes[16], out[16];
+    _mm512_storeu_ps(lanes, x);
+    _mm512_storeu_ps(out, v);
+    for (int i = 0; i < 16; i++)
+        if (!(inside >> i & 1))
+            out[i] = f(lanes[i]);
+    return _mm512_loadu_ps(out);
+}
+
+static inline __attribute__((always_inline)) __m512
+sin16(__m512 x)
+{
+    const reduced_t reduced = reduce(x);
+    const __m512 sine = sin_reduced(&reduced);
+    return __builtin_expect(reduced.inside != 0xFFFF, 0) ? outside_by_libm(sine, x, reduced.inside, sinf) : sine;
+}
+
 static inline __attribute__((always_inline)) void
 sincos16(__m512 x, __m512 *sine, __m512 *cosine)
 {
-    const __mmask16 inside = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(BIG), _CMP_LE_OQ);
-    const __m512 rounder = _mm512_set1_ps(ROUNDER);
-    const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(0.636619772367581343f), rounder), rounder);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.5703125f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(4.837512969970703125e-4f), r);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(7.54978995489188216e-8f), r);
-    /* k is an integer below 2^22 inside; outside, the conversion's value is never used. */
-    const __m512i q = _mm512_cvttps_epi32(k);
-    const __m512 r2 = _mm512_mul_ps(r, r);
-    const __m512 sin_poly = _mm512_fmadd_ps(
-        r2, _mm512_fmadd_ps(r2, _mm512_set1_ps(-1.9515295891e-4f), _mm512_set1_ps(8.3321608736e-3f)),
-        _mm512_set1_ps(-1.6666654611e-1f));
-    const __m512 sin_r = _mm512_fmadd_ps(_mm512_mul_ps(r, r2), sin_poly, r);
-    const __m512 cos_poly = _mm512_fmadd_ps(
-        r2, _mm512_fmadd_ps(r2, _mm512_set1_ps(2.443315711809948e-5f), _mm512_set1_ps(-1.388731625493765e-3f)),
-        _mm512_set1_ps(4.166664568298827e-2f));
-    const __m512 cos_r = _mm512_fmadd_ps(_mm512_mul_ps(r2, r2), cos_poly,
-                                         _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), r2, _mm512_set1_ps(1.0f)));
-    const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2), sign = _mm512_set1_epi32((int)0x80000000);
-    const __mmask16 odd = _mm512_test_epi32_mask(q, one);
-    const __m512i sv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, sin_r, cos_r));
-    const __m512i cv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, cos_r, sin_r));
-    *sine = _mm512_castsi512_ps(_mm512_mask_xor_epi32(sv, _mm512_test_epi32_mask(q, two), sv, sign));
-    *cosine = _mm512_castsi512_ps(
-        _mm512_mask_xor_epi32(cv, _mm512_test_epi32_mask(_mm512_add_epi32(q, one), two), cv, sign));
-    if (__builtin_expect(inside != 0xFFFF, 0)) {
-        float lanes[16], s[16], c[16];
-        _mm512_storeu_ps(lanes, x);
-        _mm512_storeu_ps(s, *sine);
-        _mm512_storeu_ps(c, *cosine);
-        for (int i = 0; i < 16; i++) {
-            if (!(inside >> i & 1)) {
-                s[i] = sinf(lanes[i]);
-                c[i] = cosf(lanes[i]);
-            }
-        }
-        *sine = _mm512_loadu_ps(s);
-        *cosine = _mm512_loadu_ps(c);
+    const reduced_t reduced = reduce(x);
+    *sine = sin_reduced(&reduced);
+    *cosine = cos_reduced(&reduced);
+    if (__builtin_expect(reduced.inside != 0xFFFF, 0)) {
+        *sine = outside_by_libm(*sine, x, reduced.inside, sinf);
+        *cosine = outside_by_libm(*cosine, x, reduced.inside, cosf);
     }
 }
 
@@ -220,7 +262,7 @@ sincos16(__m512 x, __m512 *sine, __m512 *cosine)
  * loops over them unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
 block(const int nr, const int nv, int K, const float *A, ptrdiff_t sar, ptrdiff_t sak, const float *B, ptrdiff_t ldb,
-      const float *bias, float *C, const float *C2, float *Z, ptrdiff_t ldc, enum epilogue epilogue)
+      const float *bias, float *C, const float *C2, float *Z, float *S, ptrdiff_t ldc, enum epilogue epilogue)
 {
     __m512 acc[NR][NVMAX];
     for (int r = 0; r < nr; r++)
@@ -236,18 +278,27 @@ block(const int nr, const int nv, int K, const float *A, ptrdiff_t sar, ptrdiff_
                 acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
         }
     }
+    if (epilogue == COSINE_MUL) {
+        for (int v = 0; v < nv; v++) {
+            __m512 sum = _mm512_loadu_ps(S + 16 * v);
+            for (int r = 0; r < nr; r++) {
+                const ptrdiff_t at = r * ldc + 16 * v;
+                const __m512 out = _mm512_mul_ps(acc[r][v], _mm512_loadu_ps(C2 + at));
+                _mm512_storeu_ps(C + at, out);
+                sum = _mm512_add_ps(sum, out);
+            }
+            _mm512_storeu_ps(S + 16 * v, sum);
+        }
+        return;
+    }
     for (int r = 0; r < nr; r++) {
         for (int v = 0; v < nv; v++) {
             const ptrdiff_t at = r * ldc + 16 * v;
             if (epilogue == FORWARD) {
-                __m512 sine, cosine;
                 /* Read again only by the backward pass, after every Euler step's forward pass. */
                 if (Z)
                     _mm512_stream_ps(Z + at, acc[r][v]);
-                sincos16(acc[r][v], &sine, &cosine);
-                _mm512_storeu_ps(C + at, sine);
-            } else if (epilogue == COSINE_MUL) {
-                _mm512_storeu_ps(C + at, _mm512_mul_ps(acc[r][v], _mm512_loadu_ps(C2 + at)));
+                _mm512_storeu_ps(C + at, sin16(acc[r][v]));
             } else {
                 _mm512_storeu_ps(C + at, _mm512_add_ps(_mm512_loadu_ps(C + at), acc[r][v]));
             }
@@ -257,15 +308,15 @@ block(const int nr, const int nv, int K, const float *A, ptrdiff_t sar, ptrdiff_
 
 #define BLOCK_CASE(R, V)                                                                                          \
     case (R) * 8 + (V):                                                                                           \
-        block(R, V, K, Ai, sar, sak, Bj, ldb, bj, Ci, C2i, Zi, ldc, epilogue);                                    \
+        block(R, V, K, Ai, sar, sak, Bj, ldb, bj, Ci, C2i, Zi, Sj, ldc, epilogue);                                  \
         break;
 #define BLOCK_ROW(R) BLOCK_CASE(R, 1) BLOCK_CASE(R, 2) BLOCK_CASE(R, 3) BLOCK_CASE(R, 4) BLOCK_CASE(R, 5) BLOCK_CASE(R, 6)
 
 /* C (M, ncol) [epilogue] A (M, K) B (K, ncol), A's element (i, k) at A[i sar + k sak], B's rows ldb
- * apart, C's (and C2's, Z's) ldc apart; ncol a multiple of 16. */
+ * apart, C's (and C2's, Z's) ldc apart, S ncol long; ncol a multiple of 16. */
 static void
 gemm(int M, int ncol, int K, const float *A, ptrdiff_t sar, ptrdiff_t sak, const float *B, ptrdiff_t ldb,
-     const float *bias, float *C, const float *C2, float *Z, ptrdiff_t ldc, enum epilogue epilogue)
+     const float *bias, float *C, const float *C2, float *Z, float *S, ptrdiff_t ldc, enum epilogue epilogue)
 {
     for (int j = 0; j < ncol; j += 16 * NVMAX) {
         const int nv = (ncol - j) / 16 < NVMAX ? (ncol - j) / 16 : NVMAX;
@@ -273,7 +324,7 @@ gemm(int M, int ncol, int K, const float *A, ptrdiff_t sar, ptrdiff_t sak, const
             const int nr = M - i < NR ? M - i : NR;
             const ptrdiff_t at = i * ldc + j;
             const float *Ai = A + i * sar, *Bj = B + j, *bj = bias ? bias + j : NULL, *C2i = C2 ? C2 + at : NULL;
-            float *Ci = C + at, *Zi = Z ? Z + at : NULL;
+            float *Ci = C + at, *Zi = Z ? Z + at : NULL, *Sj = S ? S + j : NULL;
             switch (nr * 8 + nv) {
                 BLOCK_ROW(1)
                 BLOCK_ROW(2)
@@ -330,7 +381,8 @@ forward_tile(const net_t *s, const float *points, const float *packed, float *v,
         const int f = fan_in(s, l, IN);
         const float *w_t = packed + packed_offset(s, l) + (Py_ssize_t)W * f, *bias = w_t + (Py_ssize_t)f * W;
         float *h = scratch + (l & 1) * TILE * W;
-        gemm(rows, W, f, in, ld_in, 1, w_t, W, bias, h, NULL, z ? z + (l * s->n + i0) * W : NULL, W, FORWARD);
+        gemm(rows, W, f, in, ld_in, 1, w_t, W, bias, h, NULL, z ? z + (l * s->n + i0) * W : NULL, NULL, W,
+             FORWARD);
         in = h;
         ld_in = W;
     }
@@ -377,37 +429,33 @@ backward_tile(const net_t *s, const float *points, const float *packed, const fl
         for (int o = 0; o < O; o++)
             gb_out[o] += g[i * O + o];
     sincos_rows(SAVED(L - 1), NEXT(L - 1), h, c, cells);
-    gemm(O, W, rows, g, 1, O, h, W, NULL, gw_out, NULL, NULL, W, ACCUMULATE);
-    gemm(rows, W, O, g, O, 1, w_out, W, NULL, gz, c, NULL, W, COSINE_MUL);
+    gemm(O, W, rows, g, 1, O, h, W, NULL, gw_out, NULL, NULL, NULL, W, ACCUMULATE);
+    /* dL/dz of a sine layer, and its sums over the tile's points into that layer's bias gradient. */
+#define BIAS_GRAD(l) (grad + layer_offset(s, l, IN) + (Py_ssize_t)W * fan_in(s, l, IN))
+    gemm(rows, W, O, g, O, 1, w_out, W, NULL, gz, c, NULL, BIAS_GRAD(L - 1), W, COSINE_MUL);
 
     for (int l = L - 1; l >= 0; l--) {
-        const int f = fan_in(s, l, IN);
         const float *weight = packed + packed_offset(s, l);
-        float *gw = grad + layer_offset(s, l, IN), *gb = gw + (Py_ssize_t)W * f;
-        for (int j = 0; j < W; j += 16) {
-            __m512 sum = _mm512_loadu_ps(gb + j);
-            for (int i = 0; i < rows; i++)
-                sum = _mm512_add_ps(sum, _mm512_loadu_ps(gz + (ptrdiff_t)i * W + j));
-            _mm512_storeu_ps(gb + j, sum);
-        }
+        float *gw = grad + layer_offset(s, l, IN);
         if (l > 0) {
             sincos_rows(SAVED(l - 1), NEXT(l - 1), h, c, cells);
-            gemm(W, W, rows, gz, 1, W, h, W, NULL, gw, NULL, NULL, W, ACCUMULATE);
-            gemm(rows, W, W, gz, W, 1, weight, W, NULL, gh, c, NULL, W, COSINE_MUL);
+            gemm(W, W, rows, gz, 1, W, h, W, NULL, gw, NULL, NULL, NULL, W, ACCUMULATE);
+            gemm(rows, W, W, gz, W, 1, weight, W, NULL, gh, c, NULL, BIAS_GRAD(l - 1), W, COSINE_MUL);
             float *swap = gz;
             gz = gh;
             gh = swap;
         } else {
             normalise(s, points, i0, rows, q);
-            gemm(IN, W, rows, q, 1, IN, gz, W, NULL, gw, NULL, NULL, W, ACCUMULATE);
+            gemm(IN, W, rows, q, 1, IN, gz, W, NULL, gw, NULL, NULL, NULL, W, ACCUMULATE);
             if (gp) {
-                narrow(rows, W, IN, gz, weight + (Py_ssize_t)W * f, NULL, gq, IN);
+                narrow(rows, W, IN, gz, weight + (Py_ssize_t)W * IN, NULL, gq, IN);
                 for (int i = 0; i < rows; i++)
                     for (int k = 0; k < IN; k++)
                         gp[(i0 + i) * IN + k] = gq[i * IN + k] / s->half_extent[k];
             }
         }
     }
+#undef BIAS_GRAD
 #undef NEXT
 #undef SAVED
 }
