@@ -13,6 +13,7 @@ import torch
 
 from .grid import apply_affine, sample, spacing, voxel_indices
 from .sampling import lattice_strides
+from .velocity import VelocityField
 
 
 def integrate(velocity, points: torch.Tensor, n_steps: int, *, return_path: bool = False):
@@ -23,7 +24,9 @@ def integrate(velocity, points: torch.Tensor, n_steps: int, *, return_path: bool
 
     Parameters
     ----------
-    velocity : callable ``(N, 3) mm, t -> (N, 3) mm/unit time``.
+    velocity : callable ``(N, 3) mm, t -> (N, 3) mm/unit time``; a
+        :class:`~.velocity.VelocityField` whose network runs fused takes
+        every step as one autograd node (:func:`~.siren.siren_flow`).
     points : ``(N, 3)`` start points, world mm (RAS), on the fixed image.
 
     Returns
@@ -34,6 +37,8 @@ def integrate(velocity, points: torch.Tensor, n_steps: int, *, return_path: bool
     path : list of ``n_steps + 1`` ``(N, 3)`` positions (only with
         ``return_path=True``).
     """
+    if not return_path and isinstance(velocity, VelocityField) and velocity.fused(points):
+        return velocity.fused_flow(points, n_steps)
     dt = 1.0 / n_steps
     position = points
     kinetic = points.new_zeros(())

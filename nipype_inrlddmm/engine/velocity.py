@@ -166,12 +166,23 @@ class VelocityField(nn.Module):
         phase = (2.0 * math.pi) * (q @ self.frequencies)
         return torch.cat([torch.sin(phase), torch.cos(phase), q], dim=1)
 
+    def fused(self, points: torch.Tensor) -> bool:
+        """Whether these points go through the fused kernels (:mod:`.siren`)."""
+        return self.config.encoding == "siren" and siren.applies(points, self.config.width)
+
+    def _fused_arguments(self) -> dict:
+        return dict(layers=[(layer.weight, layer.bias) for layer in self.hidden],
+                    output=(self.output.weight, self.output.bias), omega0=self.config.omega0, center=self.center,
+                    half_extent=self.half_extent, scale=float(self.scale))
+
     def forward(self, points: torch.Tensor, t: float) -> torch.Tensor:
-        if self.config.encoding == "siren" and siren.applies(points, self.config.width):
-            return siren.siren_velocity(points, t, layers=[(layer.weight, layer.bias) for layer in self.hidden],
-                                        output=(self.output.weight, self.output.bias), omega0=self.config.omega0,
-                                        center=self.center, half_extent=self.half_extent, scale=float(self.scale))
+        if self.fused(points):
+            return siren.siren_velocity(points, t, **self._fused_arguments())
         return self.output(self.hidden(self.encode(points, t))) * self.scale
+
+    def fused_flow(self, points: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~.flow.integrate` of this field in one autograd node; only where :meth:`fused`."""
+        return siren.siren_flow(points, n_steps, **self._fused_arguments())
 
     def hyperparameters(self) -> dict:
         """Everything needed, with the state dict, to rebuild this network."""
