@@ -135,9 +135,10 @@ fold(const net_t *s, const float *params, float *packed)
 }
 
 /* The module's gradient from the kernels' (fold()'s chain rule); layer 0's weight arrives
- * transposed, (IN, width), as the tiles sum it. */
+ * transposed, (IN, width), as the tiles sum it, and the gradient of its time column is
+ * omega0 time_grad, time_grad the sum over calls of tau times layer 0's bias gradient. */
 static void
-unfold(const net_t *s, const float *kernel_grad, float *grad)
+unfold(const net_t *s, const float *kernel_grad, const float *time_grad, float *grad)
 {
     const int W = s->width;
     for (int l = 0; l < s->depth; l++) {
@@ -148,7 +149,7 @@ unfold(const net_t *s, const float *kernel_grad, float *grad)
             for (int k = 0; k < f; k++)
                 weight[o * f_raw + k] = s->omega0 * (l == 0 ? gw[k * W + o] : gw[o * f + k]);
             if (l == 0)
-                weight[o * f_raw + IN] = s->omega0 * s->tau * gb[o];
+                weight[o * f_raw + IN] = s->omega0 * time_grad[o];
             bias[o] = s->omega0 * gb[o];
         }
     }
@@ -357,24 +358,25 @@ narrow(int M, int width, int n_out, const float *h, const float *w, const float 
     }
 }
 
-/* q = (p - center) / half_extent for rows [i0, i0 + rows), as VelocityField.encode computes it. */
+/* q = (p - center) / half_extent for a tile's rows of points p, as VelocityField.encode computes it. */
 static void
-normalise(const net_t *s, const float *points, Py_ssize_t i0, int rows, float *q)
+normalise(const net_t *s, const float *p, int rows, float *q)
 {
     for (int i = 0; i < rows; i++)
         for (int k = 0; k < IN; k++)
-            q[i * IN + k] = (points[(i0 + i) * IN + k] - s->center[k]) / s->half_extent[k];
+            q[i * IN + k] = (p[i * IN + k] - s->center[k]) / s->half_extent[k];
 }
 
-/* Forward pass of rows [i0, i0 + rows) into v, saving the pre-activations into z (or not, where
- * NULL).  scratch: 2 TILE width + TILE IN floats. */
+/* Forward pass of a tile: rows points p (those from i0 on) to their velocities v, saving the
+ * pre-activations into z's rows from i0 on (or not, where z is NULL).  scratch: 2 TILE width +
+ * TILE IN floats. */
 static void
-forward_tile(const net_t *s, const float *points, const float *packed, float *v, float *z, Py_ssize_t i0, int rows,
+forward_tile(const net_t *s, const float *p, const float *packed, float *v, float *z, Py_ssize_t i0, int rows,
              float *scratch)
 {
     const int W = s->width;
     float *q = scratch + 2 * TILE * W;
-    normalise(s, points, i0, rows, q);
+    normalise(s, p, rows, q);
     const float *in = q;
     ptrdiff_t ld_in = IN;
     for (int l = 0; l < s->depth; l++) {
@@ -387,7 +389,7 @@ forward_tile(const net_t *s, const float *points, const float *packed, float *v,
         ld_in = W;
     }
     const float *w_out = packed + packed_offset(s, s->depth);
-    narrow(rows, W, s->out, in, w_out, w_out + (Py_ssize_t)s->out * W, v + i0 * s->out, s->out);
+    narrow(rows, W, s->out, in, w_out, w_out + (Py_ssize_t)s->out * W, v, s->out);
 }
 
 /* Sines into h and cosines into c of the count floats at z, asking for the as many at next (where
@@ -405,22 +407,23 @@ sincos_rows(const float *z, const float *next, float *h, float *c, Py_ssize_t co
     }
 }
 
-/* Backward pass of rows [i0, i0 + rows): adds their weight and bias gradients to grad (this
- * partition's sums in the kernels' layout, layer 0's weight transposed) and writes their points'
- * gradient to gp (or not, where NULL).  scratch: 4 TILE width + 2 TILE IN floats. */
+/* Backward pass of a tile: from the gradient g of the velocities of its rows points p (those from
+ * i0 on, whose pre-activations are z's rows from i0 on), adds their weight and bias gradients to
+ * grad (a partition's sums in the kernels' layout, layer 0's weight transposed) and writes their
+ * points' gradient to gp (or not, where NULL).  The pre-activations are in memory (streamed there),
+ * and this tile's computation gives time to bring into L2 those of the next tile to come, next's
+ * rows from next_i0 on (none where next is NULL).  Layer 0's bias gradient adds into bias0 instead,
+ * where that is not NULL.  scratch: 4 TILE width + 2 TILE IN floats. */
 static void
-backward_tile(const net_t *s, const float *points, const float *packed, const float *z, const float *gv, float *grad,
-              float *gp, Py_ssize_t i0, int rows, float *scratch)
+backward_tile(const net_t *s, const float *p, const float *packed, const float *z, Py_ssize_t i0, const float *next,
+              Py_ssize_t next_i0, const float *g, float *grad, float *bias0, float *gp, int rows, float *scratch)
 {
     const int W = s->width, L = s->depth, O = s->out;
     const Py_ssize_t cells = (Py_ssize_t)rows * W;
-    const float *g = gv + i0 * O;
     float *gz = scratch, *gh = scratch + TILE * W, *h = scratch + 2 * TILE * W, *c = scratch + 3 * TILE * W;
     float *q = scratch + 4 * TILE * W, *gq = q + TILE * IN;
 #define SAVED(l) (z + ((l) * s->n + i0) * W)
-    /* The pre-activations are in memory (streamed there), and this tile's computation gives time to
-     * bring in the next tile's: each layer's as this tile's are read. */
-#define NEXT(l) (i0 + TILE < s->n ? SAVED(l) + TILE * W : NULL)
+#define NEXT(l) (next ? next + ((l) * s->n + next_i0) * W : NULL)
 
     /* Output layer: its weight and bias gradients, then dL/dz of the last sine layer. */
     const float *w_out = packed + packed_offset(s, L);
@@ -431,7 +434,7 @@ backward_tile(const net_t *s, const float *points, const float *packed, const fl
     sincos_rows(SAVED(L - 1), NEXT(L - 1), h, c, cells);
     gemm(O, W, rows, g, 1, O, h, W, NULL, gw_out, NULL, NULL, NULL, W, ACCUMULATE);
     /* dL/dz of a sine layer, and its sums over the tile's points into that layer's bias gradient. */
-#define BIAS_GRAD(l) (grad + layer_offset(s, l, IN) + (Py_ssize_t)W * fan_in(s, l, IN))
+#define BIAS_GRAD(l) ((l) == 0 && bias0 ? bias0 : grad + layer_offset(s, l, IN) + (Py_ssize_t)W * fan_in(s, l, IN))
     gemm(rows, W, O, g, O, 1, w_out, W, NULL, gz, c, NULL, BIAS_GRAD(L - 1), W, COSINE_MUL);
 
     for (int l = L - 1; l >= 0; l--) {
@@ -445,13 +448,13 @@ backward_tile(const net_t *s, const float *points, const float *packed, const fl
             gz = gh;
             gh = swap;
         } else {
-            normalise(s, points, i0, rows, q);
+            normalise(s, p, rows, q);
             gemm(IN, W, rows, q, 1, IN, gz, W, NULL, gw, NULL, NULL, NULL, W, ACCUMULATE);
             if (gp) {
                 narrow(rows, W, IN, gz, weight + (Py_ssize_t)W * IN, NULL, gq, IN);
                 for (int i = 0; i < rows; i++)
                     for (int k = 0; k < IN; k++)
-                        gp[(i0 + i) * IN + k] = gq[i * IN + k] / s->half_extent[k];
+                        gp[i * IN + k] = gq[i * IN + k] / s->half_extent[k];
             }
         }
     }
@@ -500,7 +503,8 @@ run_forward(const net_t *s, const float *points, const float *params, float *v, 
         for (Py_ssize_t t = 0; t < tiles; t++) {
             if (scratch) {
                 const Py_ssize_t i0 = t * TILE;
-                forward_tile(s, points, packed, v, z, i0, (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
+                forward_tile(s, points + i0 * IN, packed, v + i0 * s->out, z, i0,
+                             (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
             }
         }
         /* The streamed stores are weakly ordered: make them visible before the backward pass reads. */
@@ -514,7 +518,7 @@ run_forward(const net_t *s, const float *points, const float *params, float *v, 
 #endif
 }
 
-/* partial: PARTS times the kernels' gradient size of workspace, for the partitions' sums. */
+/* partial: workspace_size() floats, of which the partitions' sums take PARTS times the kernels' gradient. */
 static int
 run_backward(const net_t *s, const float *points, const float *params, const float *z, const float *gv, float *grad,
              float *gp, float *partial)
@@ -522,7 +526,7 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
 #if HAVE_KERNELS
     const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, size = params_size(s, IN);
     const int parts = tiles < PARTS ? (int)tiles : PARTS;
-    float *packed = malloc(packed_size(s) * sizeof(float)), *kernel_grad = calloc(size, sizeof(float));
+    float *packed = malloc(packed_size(s) * sizeof(float)), *kernel_grad = calloc(size + s->width, sizeof(float));
     int failed = !packed || !kernel_grad;
     if (!failed)
         fold(s, params, packed);
@@ -536,7 +540,8 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
             memset(partial + p * size, 0, size * sizeof(float));
             for (Py_ssize_t t = p * tiles / parts; scratch && t < (p + 1) * tiles / parts; t++) {
                 const Py_ssize_t i0 = t * TILE;
-                backward_tile(s, points, packed, z, gv, partial + p * size, gp, i0,
+                backward_tile(s, points + i0 * IN, packed, z, i0, i0 + TILE < s->n ? z : NULL, i0 + TILE,
+                              gv + i0 * s->out, partial + p * size, NULL, gp ? gp + i0 * IN : NULL,
                               (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
             }
         }
@@ -546,7 +551,162 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
         for (int p = 0; p < parts; p++)
             for (Py_ssize_t j = 0; j < size; j++)
                 kernel_grad[j] += partial[p * size + j];
-        unfold(s, kernel_grad, grad);
+        float *time_grad = kernel_grad + size; /* calloc'd one width further */
+        const float *bias0 = kernel_grad + (Py_ssize_t)s->width * IN;
+        for (int o = 0; o < s->width; o++)
+            time_grad[o] = s->tau * bias0[o];
+        unfold(s, kernel_grad, time_grad, grad);
+    }
+    free(packed);
+    free(kernel_grad);
+    return failed ? -1 : 0;
+#else
+    return -1;
+#endif
+}
+
+/* The kernels' weights of each Euler step: they differ in layer 0's bias, where the time is. */
+static float *
+fold_steps(const net_t *s, int n_steps, const float *params)
+{
+    float *packed = malloc((size_t)n_steps * packed_size(s) * sizeof(float));
+    for (int step = 0; packed && step < n_steps; step++) {
+        net_t at = *s;
+        at.tau = 2.0f * step / n_steps - 1.0f;
+        fold(&at, params, packed + step * packed_size(s));
+    }
+    return packed;
+}
+
+/* The Euler flow p <- p + v(p, t_i) dt, i = 0 .. n_steps - 1, of every tile of points through all its
+ * steps while it is in cache: the displacement, the sum over steps and points of |v|^2 into
+ * kinetic, and where z is not NULL what the backward pass needs: each step's pre-activations
+ * (n_steps, depth, n, width), positions and velocities (n_steps, n, 3). */
+static int
+run_flow_forward(const net_t *s, int n_steps, const float *points, const float *params, float *displacement,
+                 double *kinetic, float *z, float *positions, float *velocities)
+{
+#if HAVE_KERNELS
+    const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, step_z = (Py_ssize_t)s->depth * s->n * s->width;
+    const float dt = 1.0f / n_steps;
+    float *packed = fold_steps(s, n_steps, params);
+    double *tile_kinetic = malloc((size_t)(tiles > 0 ? tiles : 1) * sizeof(double));
+    int failed = !packed || !tile_kinetic;
+#pragma omp parallel reduction(| : failed) if (tiles > 1 && !failed)
+    {
+        float *scratch = failed ? NULL : scratch_alloc((2 * (Py_ssize_t)s->width + 3 * IN) * TILE);
+        if (!scratch)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (Py_ssize_t t = 0; t < tiles; t++) {
+            if (!scratch)
+                continue;
+            const Py_ssize_t i0 = t * TILE;
+            const int rows = (int)(s->n - i0 < TILE ? s->n - i0 : TILE);
+            float *p = scratch + (2 * (Py_ssize_t)s->width + IN) * TILE, *v = p + TILE * IN;
+            memcpy(p, points + i0 * IN, rows * IN * sizeof(float));
+            double sum = 0.0;
+            for (int step = 0; step < n_steps; step++) {
+                if (positions)
+                    memcpy(positions + (step * s->n + i0) * IN, p, rows * IN * sizeof(float));
+                forward_tile(s, p, packed + step * packed_size(s), v, z ? z + step * step_z : NULL, i0, rows, scratch);
+                if (velocities)
+                    memcpy(velocities + (step * s->n + i0) * IN, v, rows * IN * sizeof(float));
+                for (int j = 0; j < rows * IN; j++) {
+                    sum += (double)v[j] * v[j];
+                    p[j] = p[j] + v[j] * dt;
+                }
+            }
+            for (int j = 0; j < rows * IN; j++)
+                displacement[i0 * IN + j] = p[j] - points[i0 * IN + j];
+            tile_kinetic[t] = sum;
+        }
+        /* The streamed stores are weakly ordered: make them visible before the backward pass reads. */
+        _mm_sfence();
+        free(scratch);
+    }
+    if (!failed) {
+        *kinetic = 0.0;
+        for (Py_ssize_t t = 0; t < tiles; t++)
+            *kinetic += tile_kinetic[t];
+    }
+    free(packed);
+    free(tile_kinetic);
+    return failed ? -1 : 0;
+#else
+    return -1;
+#endif
+}
+
+/* Back through run_flow_forward: from the gradients of the displacement (g_displacement) and of
+ * kinetic, the mean over steps and points of |v|^2 (g_kinetic), each tile through all its steps in
+ * reverse.  The weight gradients of every step add into its partition's sums (partial:
+ * workspace_size() floats); the points' gradient into g_points (or not, where NULL). */
+static int
+run_flow_backward(const net_t *s, int n_steps, const float *params, const float *z, const float *positions,
+                  const float *velocities, const float *g_displacement, float g_kinetic, float *grad, float *g_points,
+                  float *partial)
+{
+#if HAVE_KERNELS
+    const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, size = params_size(s, IN);
+    const Py_ssize_t step_z = (Py_ssize_t)s->depth * s->n * s->width;
+    const int parts = tiles < PARTS ? (int)tiles : PARTS;
+    const float dt = 1.0f / n_steps, kinetic_scale = 2.0f / (n_steps * (float)(s->n > 0 ? s->n : 1)) * g_kinetic;
+    /* Each partition's sums: the kernels' gradient, then the time column's (unfold()). */
+    const Py_ssize_t part_size = size + s->width;
+    float *packed = fold_steps(s, n_steps, params), *kernel_grad = calloc(part_size, sizeof(float));
+    int failed = !packed || !kernel_grad;
+#pragma omp parallel reduction(| : failed) if (parts > 1 && !failed)
+    {
+        float *scratch = failed ? NULL : scratch_alloc((4 * (Py_ssize_t)s->width + 5 * IN) * TILE + s->width);
+        if (!scratch)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int part = 0; part < parts; part++) {
+            float *sums = partial + part * part_size, *bias0 = sums + (Py_ssize_t)s->width * IN,
+                  *time_grad = sums + size;
+            memset(sums, 0, part_size * sizeof(float));
+            const Py_ssize_t last = (part + 1) * tiles / parts;
+            for (Py_ssize_t t = part * tiles / parts; scratch && t < last; t++) {
+                const Py_ssize_t i0 = t * TILE;
+                const int rows = (int)(s->n - i0 < TILE ? s->n - i0 : TILE);
+                float *gp = scratch + (4 * (Py_ssize_t)s->width + 2 * IN) * TILE, *gv = gp + TILE * IN,
+                      *g_in = gv + TILE * IN, *step_bias0 = g_in + TILE * IN;
+                memcpy(gp, g_displacement + i0 * IN, rows * IN * sizeof(float));
+                for (int step = n_steps - 1; step >= 0; step--) {
+                    const float *v = velocities + (step * s->n + i0) * IN;
+                    for (int j = 0; j < rows * IN; j++)
+                        gv[j] = gp[j] * dt + v[j] * kinetic_scale;
+                    /* Next come this tile's earlier step, or the next tile's last one. */
+                    const float *next = step > 0 ? z + (step - 1) * step_z : t + 1 < last ? z + (n_steps - 1) * step_z
+                                                                                          : NULL;
+                    const int input = step > 0 || g_points;
+                    /* Layer 0's bias gradient of this step alone, for the time column's (tau differs). */
+                    memset(step_bias0, 0, s->width * sizeof(float));
+                    backward_tile(s, positions + (step * s->n + i0) * IN, packed + step * packed_size(s),
+                                  z + step * step_z, i0, next, step > 0 ? i0 : i0 + TILE, gv, sums, step_bias0,
+                                  input ? g_in : NULL, rows, scratch);
+                    const float tau = 2.0f * step / n_steps - 1.0f;
+                    for (int o = 0; o < s->width; o++) {
+                        bias0[o] += step_bias0[o];
+                        time_grad[o] += tau * step_bias0[o];
+                    }
+                    if (input)
+                        for (int j = 0; j < rows * IN; j++)
+                            gp[j] += g_in[j];
+                }
+                if (g_points)
+                    for (int j = 0; j < rows * IN; j++)
+                        g_points[i0 * IN + j] = gp[j] - g_displacement[i0 * IN + j];
+            }
+        }
+        free(scratch);
+    }
+    if (!failed) {
+        for (int part = 0; part < parts; part++)
+            for (Py_ssize_t j = 0; j < part_size; j++)
+                kernel_grad[j] += partial[part * part_size + j];
+        unfold(s, kernel_grad, kernel_grad + size, grad);
     }
     free(packed);
     free(kernel_grad);
@@ -557,6 +717,13 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
 }
 
 /* Python: buffers by the buffer protocol, checked against the shape before any pointer is used. */
+
+/* Floats of the backward passes' workspace: per partition the kernels' gradient and a time column. */
+static Py_ssize_t
+workspace_size(const net_t *s)
+{
+    return PARTS * (params_size(s, IN) + s->width);
+}
 
 static int
 check(Py_buffer *buffer, Py_ssize_t floats, const char *name)
@@ -639,7 +806,7 @@ py_backward(PyObject *Py_UNUSED(self), PyObject *args)
     if (!valid(&s) || !check(&points, s.n * IN, "points") || !check(&params, params_size(&s, 4), "params") ||
         !check(&z, (Py_ssize_t)s.depth * s.n * s.width, "z") || !check(&gv, s.n * s.out, "grad of v") ||
         !check(&grad, params_size(&s, 4), "grad") || (gp.obj && !check(&gp, s.n * IN, "grad of points")) ||
-        !check(&workspace, PARTS * params_size(&s, IN), "workspace"))
+        !check(&workspace, workspace_size(&s), "workspace"))
         goto done;
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -662,13 +829,123 @@ done:
     return result;
 }
 
+#define FLOW_FORMAT "(niii)(fff)(fff)iff"
+#define FLOW_ARGS(s, n_steps)                                                                                     \
+    &(s).n, &(s).width, &(s).depth, &(s).out, &(s).center[0], &(s).center[1], &(s).center[2], &(s).half_extent[0],  \
+        &(s).half_extent[1], &(s).half_extent[2], &(n_steps), &(s).omega0, &(s).scale
+
+static int
+valid_flow(const net_t *s, int n_steps)
+{
+    if (!valid(s))
+        return 0;
+    if (n_steps < 1 || s->out != IN) {
+        PyErr_SetString(PyExc_ValueError, "a flow needs n_steps >= 1 and a velocity of 3 components");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+py_flow_forward(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    net_t s = {0};
+    int n_steps;
+    Py_buffer points, params, displacement, z = {0}, positions = {0}, velocities = {0};
+    PyObject *z_obj, *positions_obj, *velocities_obj;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "y*y*w*OOO", FLOW_ARGS(s, n_steps), &points, &params, &displacement,
+                          &z_obj, &positions_obj, &velocities_obj))
+        return NULL;
+    PyObject *result = NULL;
+    const int save = z_obj != Py_None;
+    if (save && (PyObject_GetBuffer(z_obj, &z, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) ||
+                 PyObject_GetBuffer(positions_obj, &positions, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) ||
+                 PyObject_GetBuffer(velocities_obj, &velocities, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)))
+        goto done;
+    if (!valid_flow(&s, n_steps) || !check(&points, s.n * IN, "points") ||
+        !check(&params, params_size(&s, 4), "params") || !check(&displacement, s.n * IN, "displacement") ||
+        (save && (!check(&z, (Py_ssize_t)n_steps * s.depth * s.n * s.width, "z") ||
+                  !check(&positions, (Py_ssize_t)n_steps * s.n * IN, "positions") ||
+                  !check(&velocities, (Py_ssize_t)n_steps * s.n * IN, "velocities"))))
+        goto done;
+    if (save && (uintptr_t)z.buf % 64) {
+        PyErr_SetString(PyExc_ValueError, "z must be 64-byte aligned");
+        goto done;
+    }
+    int status;
+    double kinetic = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_flow_forward(&s, n_steps, points.buf, params.buf, displacement.buf, &kinetic,
+                              save ? z.buf : NULL, save ? positions.buf : NULL, save ? velocities.buf : NULL);
+    Py_END_ALLOW_THREADS
+    if (status)
+        PyErr_NoMemory();
+    else
+        result = PyFloat_FromDouble(kinetic);
+done:
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&displacement);
+    if (z.obj)
+        PyBuffer_Release(&z);
+    if (positions.obj)
+        PyBuffer_Release(&positions);
+    if (velocities.obj)
+        PyBuffer_Release(&velocities);
+    return result;
+}
+
+static PyObject *
+py_flow_backward(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    net_t s = {0};
+    int n_steps;
+    float g_kinetic;
+    Py_buffer params, z, positions, velocities, g_displacement, grad, workspace, g_points = {0};
+    PyObject *g_points_obj;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "y*y*y*y*y*fw*Ow*", FLOW_ARGS(s, n_steps), &params, &z, &positions,
+                          &velocities, &g_displacement, &g_kinetic, &grad, &g_points_obj, &workspace))
+        return NULL;
+    PyObject *result = NULL;
+    if (g_points_obj != Py_None && PyObject_GetBuffer(g_points_obj, &g_points, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
+        goto done;
+    if (!valid_flow(&s, n_steps) || !check(&params, params_size(&s, 4), "params") ||
+        !check(&z, (Py_ssize_t)n_steps * s.depth * s.n * s.width, "z") ||
+        !check(&positions, (Py_ssize_t)n_steps * s.n * IN, "positions") ||
+        !check(&velocities, (Py_ssize_t)n_steps * s.n * IN, "velocities") ||
+        !check(&g_displacement, s.n * IN, "grad of displacement") || !check(&grad, params_size(&s, 4), "grad") ||
+        (g_points.obj && !check(&g_points, s.n * IN, "grad of points")) ||
+        !check(&workspace, workspace_size(&s), "workspace"))
+        goto done;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_flow_backward(&s, n_steps, params.buf, z.buf, positions.buf, velocities.buf, g_displacement.buf,
+                               g_kinetic, grad.buf, g_points.obj ? g_points.buf : NULL, workspace.buf);
+    Py_END_ALLOW_THREADS
+    if (status)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&params);
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&positions);
+    PyBuffer_Release(&velocities);
+    PyBuffer_Release(&g_displacement);
+    PyBuffer_Release(&grad);
+    PyBuffer_Release(&workspace);
+    if (g_points.obj)
+        PyBuffer_Release(&g_points);
+    return result;
+}
+
 static PyObject *
 py_workspace_size(PyObject *Py_UNUSED(self), PyObject *args)
 {
     net_t s = {0};
     if (!PyArg_ParseTuple(args, "(niii)", &s.n, &s.width, &s.depth, &s.out))
         return NULL;
-    return PyLong_FromSsize_t(PARTS * params_size(&s, IN));
+    return PyLong_FromSsize_t(workspace_size(&s));
 }
 
 static PyObject *
@@ -687,6 +964,15 @@ static PyMethodDef methods[] = {
      "backward((n, width, depth, out), center, half_extent, tau, omega0, scale, points, params, z, grad_v, grad, "
      "grad_points, workspace): the gradient of params into grad and that of the points into grad_points (or not, "
      "where None), from forward's z; workspace of workspace_size((n, width, depth, out)) floats."},
+    {"flow_forward", py_flow_forward, METH_VARARGS,
+     "flow_forward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, points, params, displacement, "
+     "z, positions, velocities) -> sum over steps and points of |v|^2: the Euler flow's displacement; what its "
+     "backward pass needs into z (n_steps, depth, n, width; 64-byte aligned), positions and velocities (n_steps, n, "
+     "3), or nowhere where they are None."},
+    {"flow_backward", py_flow_backward, METH_VARARGS,
+     "flow_backward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, params, z, positions, "
+     "velocities, grad_displacement, grad_kinetic, grad, grad_points, workspace): back through flow_forward, "
+     "whose kinetic output is the mean over steps and points of |v|^2."},
     {"workspace_size", py_workspace_size, METH_VARARGS,
      "workspace_size((n, width, depth, out)): the float32 values backward's workspace holds."},
     {NULL, NULL, 0, NULL},

@@ -15,8 +15,9 @@ are those of the layer-by-layer path up to float rounding (sums in another
 order) and do not depend on the thread count.
 
 :func:`siren_flow` takes the Euler integration of :func:`~.flow.integrate`
-through those kernels as one autograd node too, so that no step adds graph
-nodes of its own.
+through those kernels as one autograd node too: each tile of points goes
+through every Euler step while in cache, forwards and then backwards, so no
+step adds graph nodes, calls or sums of its own.
 
 Where the kernels cannot run (no AVX-512F, CUDA, float64, a width that is not
 a multiple of 16, an install without the extension) :func:`applies` says no,
@@ -159,47 +160,30 @@ class _SirenFlow(torch.autograd.Function):
         params_flat = torch.cat([p.reshape(-1) for p in params])
         shapes = [p.shape for p in params]
         n, width, depth = len(points), params[0].shape[0], len(params) // 2 - 1
-        dt = 1.0 / n_steps
-        position, kinetic = points, points.new_zeros(())
-        positions, velocities, saved = [], [], []
-        for step in range(n_steps):
-            velocity = points.new_empty(n, params[-1].shape[0])
-            z = _POOL.take(depth, n, width) if save else None
-            _siren.forward(*_constants(n, step * dt, shapes, fixed), _array(position), _array(params_flat),
-                           _array(velocity), None if z is None else _array(z))
-            kinetic = kinetic + velocity.square().sum(dim=1).mean()
-            positions.append(position)
-            velocities.append(velocity)
-            saved.append(z)
-            position = position + velocity * dt
+        shape, center, half_extent, _, omega0, scale = _constants(n, 0.0, shapes, fixed)
+        displacement = torch.empty_like(points)
+        saved = [_POOL.take(n_steps, depth, n, width), _POOL.take(n_steps, n, 3), _POOL.take(n_steps, n, 3)] \
+            if save else [None] * 3
+        squares = _siren.flow_forward(shape, center, half_extent, n_steps, omega0, scale, _array(points),
+                                      _array(params_flat), _array(displacement),
+                                      *(None if t is None else _array(t) for t in saved))
         if save:
-            ctx.save_for_backward(params_flat, *positions, *velocities, *saved)
+            ctx.save_for_backward(params_flat, *saved)
             ctx.n_steps, ctx.fixed, ctx.shapes = n_steps, fixed, shapes
-        return position - points, kinetic / n_steps
+        return displacement, points.new_tensor(squares / (n_steps * max(n, 1)))
 
     @staticmethod
     def backward(ctx, grad_displacement, grad_kinetic):
         _refuse_second_derivative()
-        n_steps, dt = ctx.n_steps, 1.0 / ctx.n_steps
-        params_flat, *saved = ctx.saved_tensors
-        positions, velocities, pre_activations = (saved[i * n_steps:(i + 1) * n_steps] for i in range(3))
-        n = len(positions[0])
-        workspace = _POOL.take(_siren.workspace_size(_constants(n, 0.0, ctx.shapes, ctx.fixed)[0]))
-        grad, step_grad = torch.zeros_like(params_flat), torch.empty_like(params_flat)
-        # p_{i+1} = p_i + v(p_i, t_i) dt, kinetic = (1/n) sum_i mean ||v_i||^2: back from p_n.
-        grad_position = grad_displacement
-        for step in reversed(range(n_steps)):
-            grad_velocity = grad_position * dt + velocities[step] * (2.0 / (n_steps * max(n, 1)) * grad_kinetic)
-            needs_input = step > 0 or ctx.needs_input_grad[1]
-            grad_input = torch.empty_like(positions[step]) if needs_input else None
-            _siren.backward(*_constants(n, step * dt, ctx.shapes, ctx.fixed), _array(positions[step]),
-                            _array(params_flat), _array(pre_activations[step]), _array(grad_velocity),
-                            _array(step_grad), None if grad_input is None else _array(grad_input),
-                            _array(workspace))
-            grad += step_grad
-            if needs_input:
-                grad_position = grad_position + grad_input
-        grad_points = grad_position - grad_displacement if ctx.needs_input_grad[1] else None
+        params_flat, z, positions, velocities = ctx.saved_tensors
+        shape, center, half_extent, _, omega0, scale = _constants(positions.shape[1], 0.0, ctx.shapes, ctx.fixed)
+        grad = torch.empty_like(params_flat)
+        grad_points = positions.new_empty(positions.shape[1:]) if ctx.needs_input_grad[1] else None
+        workspace = _POOL.take(_siren.workspace_size(shape))
+        _siren.flow_backward(shape, center, half_extent, ctx.n_steps, omega0, scale, _array(params_flat), _array(z),
+                             _array(positions), _array(velocities), _array(grad_displacement.contiguous()),
+                             float(grad_kinetic), _array(grad), None if grad_points is None else _array(grad_points),
+                             _array(workspace))
         return None, grad_points, None, None, *_grads(grad, ctx.shapes)
 
 
@@ -236,12 +220,12 @@ def siren_flow(points: torch.Tensor, n_steps: int, *, layers, output, omega0: fl
                half_extent: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~.flow.integrate` of :func:`siren_velocity`'s field: ``(displacement, kinetic)``.
 
-    The same Euler steps and kinetic energy, as one autograd node: per step
-    the kernels run and nothing enters the graph.  At the fine stage's 16,464
-    points and 4 steps, forward and backward took 36.1-36.5 ms against
-    37.3-37.7 ms with a node per step (alternating in one process, 2
-    threads).  Arguments as :func:`siren_velocity`; ``(N, 3)`` points in,
-    ``(N, 3)`` mm and a scalar mm^2 out.
+    The same Euler steps and kinetic energy (summed in float64), as one
+    autograd node and one kernel call each way.  At the fine stage's 16,464
+    points and 4 steps, forward and backward took 36.0 and 36.5 ms against
+    36.6 and 37.3 ms with a node per step (two runs, each alternating the
+    two in one process, 2 threads).  Arguments as :func:`siren_velocity`;
+    ``(N, 3)`` points in, ``(N, 3)`` mm and a scalar mm^2 out.
     """
     save, points, fixed, params = _inputs(points, layers, output, omega0, center, half_extent, scale)
     return _SirenFlow.apply(save, points, int(n_steps), fixed, *params)
