@@ -29,7 +29,7 @@ setup(
             optional=True,
         ),
         # The whole SIREN velocity network fused over tiles of points (engine/siren.py), on CPUs with
-        # AVX-512F: the network alone 1.7 x as fast as layer by layer (README, issue 5).  Optional as
+        # AVX-512F: the network alone 1.8-1.9 x as fast as layer by layer (README, issue 5).  Optional as
         # the one above: without it (or on other CPUs) the layers run one by one through PyTorch.
         Extension(
             "nipype_inrlddmm.engine._siren",

@@ -10,7 +10,10 @@
  * applied to the accumulators before they are stored (forwards), the multiplication by the cosine
  * and the bias gradient's sums as they are stored (backwards).  Only the sine layers'
  * pre-activations are saved for the backward pass, streamed past the caches; it takes their sines
- * and cosines again tile by tile, which costs less than writing and reading both.
+ * and cosines again tile by tile, which costs less than writing and reading both.  forward() and
+ * backward() evaluate the network once; flow_forward() and flow_backward() take each tile through
+ * every Euler step of flow.integrate (the positions, velocities and kinetic energy too), so a
+ * training iteration makes one call each way.
  *
  * The network (velocity.py's VelocityField, SIREN encoding): with q = (p - center) / half_extent
  * and tau = 2 t - 1, h_0 = sin(omega0 (W_0 [q, tau] + b_0)), h_l = sin(omega0 (W_l h_{l-1} + b_l)),
