@@ -485,6 +485,31 @@ scratch_alloc(Py_ssize_t floats)
     return aligned_alloc(64, ((size_t)floats * sizeof(float) + 63) / 64 * 64);
 }
 
+/* Points of the tile that starts at point i0: TILE, or what is left of the n. */
+static int
+tile_rows(const net_t *s, Py_ssize_t i0)
+{
+    return (int)(s->n - i0 < TILE ? s->n - i0 : TILE);
+}
+
+/* tau = 2 t - 1 of Euler step `step`: fold_steps() puts it into the weights, run_flow_backward()
+ * into the time column's gradient, and the two must agree. */
+static float
+step_tau(int step, int n_steps)
+{
+    return 2.0f * step / n_steps - 1.0f;
+}
+
+/* sums[j] += the partitions' partial[p size + j] in partition order, j < size: the same sums
+ * whichever threads made the partials. */
+static void
+reduce_partitions(const float *partial, int parts, Py_ssize_t size, float *sums)
+{
+    for (int p = 0; p < parts; p++)
+        for (Py_ssize_t j = 0; j < size; j++)
+            sums[j] += partial[p * size + j];
+}
+
 /* Both passes share their points out by tiles; the OpenMP threads are PyTorch's (the extension links
  * the same libgomp), as many as torch.set_num_threads set. */
 static int
@@ -506,8 +531,7 @@ run_forward(const net_t *s, const float *points, const float *params, float *v, 
         for (Py_ssize_t t = 0; t < tiles; t++) {
             if (scratch) {
                 const Py_ssize_t i0 = t * TILE;
-                forward_tile(s, points + i0 * IN, packed, v + i0 * s->out, z, i0,
-                             (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
+                forward_tile(s, points + i0 * IN, packed, v + i0 * s->out, z, i0, tile_rows(s, i0), scratch);
             }
         }
         /* The streamed stores are weakly ordered: make them visible before the backward pass reads. */
@@ -544,16 +568,14 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
             for (Py_ssize_t t = p * tiles / parts; scratch && t < (p + 1) * tiles / parts; t++) {
                 const Py_ssize_t i0 = t * TILE;
                 backward_tile(s, points + i0 * IN, packed, z, i0, i0 + TILE < s->n ? z : NULL, i0 + TILE,
-                              gv + i0 * s->out, partial + p * size, NULL, gp ? gp + i0 * IN : NULL,
-                              (int)(s->n - i0 < TILE ? s->n - i0 : TILE), scratch);
+                              gv + i0 * s->out, partial + p * size, NULL, gp ? gp + i0 * IN : NULL, tile_rows(s, i0),
+                              scratch);
             }
         }
         free(scratch);
     }
     if (!failed) {
-        for (int p = 0; p < parts; p++)
-            for (Py_ssize_t j = 0; j < size; j++)
-                kernel_grad[j] += partial[p * size + j];
+        reduce_partitions(partial, parts, size, kernel_grad);
         float *time_grad = kernel_grad + size; /* calloc'd one width further */
         const float *bias0 = kernel_grad + (Py_ssize_t)s->width * IN;
         for (int o = 0; o < s->width; o++)
@@ -575,7 +597,7 @@ fold_steps(const net_t *s, int n_steps, const float *params)
     float *packed = malloc((size_t)n_steps * packed_size(s) * sizeof(float));
     for (int step = 0; packed && step < n_steps; step++) {
         net_t at = *s;
-        at.tau = 2.0f * step / n_steps - 1.0f;
+        at.tau = step_tau(step, n_steps);
         fold(&at, params, packed + step * packed_size(s));
     }
     return packed;
@@ -605,7 +627,7 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
             if (!scratch)
                 continue;
             const Py_ssize_t i0 = t * TILE;
-            const int rows = (int)(s->n - i0 < TILE ? s->n - i0 : TILE);
+            const int rows = tile_rows(s, i0);
             float *p = scratch + (2 * (Py_ssize_t)s->width + IN) * TILE, *v = p + TILE * IN;
             memcpy(p, points + i0 * IN, rows * IN * sizeof(float));
             double sum = 0.0;
@@ -672,7 +694,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
             const Py_ssize_t last = (part + 1) * tiles / parts;
             for (Py_ssize_t t = part * tiles / parts; scratch && t < last; t++) {
                 const Py_ssize_t i0 = t * TILE;
-                const int rows = (int)(s->n - i0 < TILE ? s->n - i0 : TILE);
+                const int rows = tile_rows(s, i0);
                 float *gp = scratch + (4 * (Py_ssize_t)s->width + 2 * IN) * TILE, *gv = gp + TILE * IN,
                       *g_in = gv + TILE * IN, *step_bias0 = g_in + TILE * IN;
                 memcpy(gp, g_displacement + i0 * IN, rows * IN * sizeof(float));
@@ -689,7 +711,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
                     backward_tile(s, positions + (step * s->n + i0) * IN, packed + step * packed_size(s),
                                   z + step * step_z, i0, next, step > 0 ? i0 : i0 + TILE, gv, sums, step_bias0,
                                   input ? g_in : NULL, rows, scratch);
-                    const float tau = 2.0f * step / n_steps - 1.0f;
+                    const float tau = step_tau(step, n_steps);
                     for (int o = 0; o < s->width; o++) {
                         bias0[o] += step_bias0[o];
                         time_grad[o] += tau * step_bias0[o];
@@ -706,9 +728,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
         free(scratch);
     }
     if (!failed) {
-        for (int part = 0; part < parts; part++)
-            for (Py_ssize_t j = 0; j < part_size; j++)
-                kernel_grad[j] += partial[part * part_size + j];
+        reduce_partitions(partial, parts, part_size, kernel_grad);
         unfold(s, kernel_grad, kernel_grad + size, grad);
     }
     free(packed);

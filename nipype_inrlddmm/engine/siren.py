@@ -103,11 +103,9 @@ def _array(tensor: torch.Tensor):
     return tensor.detach().numpy()
 
 
-def _constants(n: int, t: float, shapes, fixed) -> tuple:
-    """The kernels' description of one call at time ``t``: (points, width, depth, out), then center,
-    half-extent, tau, omega_0, scale."""
-    center, half_extent, omega0, scale = fixed
-    return (n, shapes[0][0], len(shapes) // 2 - 1, shapes[-1][0]), center, half_extent, 2.0 * t - 1.0, omega0, scale
+def _shape(n: int, shapes) -> tuple[int, int, int, int]:
+    """The kernels' (points, width, depth, out) from the parameters' shapes."""
+    return n, shapes[0][0], len(shapes) // 2 - 1, shapes[-1][0]
 
 
 def _refuse_second_derivative():
@@ -128,15 +126,17 @@ class _SirenVelocity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, save, points, t, fixed, *params):
         params_flat = torch.cat([p.reshape(-1) for p in params])
-        constants = _constants(len(points), t, [p.shape for p in params], fixed)
-        velocity = points.new_empty(len(points), params[-1].shape[0])
-        z = _POOL.take(len(params) // 2 - 1, len(points), params[0].shape[0]) if save else None
+        shapes = [p.shape for p in params]
+        n, width, depth, out = shape = _shape(len(points), shapes)
+        center, half_extent, omega0, scale = fixed
+        constants = (shape, center, half_extent, 2.0 * t - 1.0, omega0, scale)
+        velocity = points.new_empty(n, out)
+        z = _POOL.take(depth, n, width) if save else None
         _siren.forward(*constants, _array(points), _array(params_flat), _array(velocity),
                        None if z is None else _array(z))
         if save:
             ctx.save_for_backward(points, params_flat, z)
-            ctx.constants = constants
-            ctx.param_shapes = [p.shape for p in params]
+            ctx.constants, ctx.shapes = constants, shapes
         return velocity
 
     @staticmethod
@@ -149,7 +149,7 @@ class _SirenVelocity(torch.autograd.Function):
         _siren.backward(*ctx.constants, _array(points), _array(params_flat), _array(z),
                         _array(grad_velocity.contiguous()), _array(grad),
                         None if grad_points is None else _array(grad_points), _array(workspace))
-        return None, grad_points, None, None, *_grads(grad, ctx.param_shapes)
+        return None, grad_points, None, None, *_grads(grad, ctx.shapes)
 
 
 class _SirenFlow(torch.autograd.Function):
@@ -159,8 +159,8 @@ class _SirenFlow(torch.autograd.Function):
     def forward(ctx, save, points, n_steps, fixed, *params):
         params_flat = torch.cat([p.reshape(-1) for p in params])
         shapes = [p.shape for p in params]
-        n, width, depth = len(points), params[0].shape[0], len(params) // 2 - 1
-        shape, center, half_extent, _, omega0, scale = _constants(n, 0.0, shapes, fixed)
+        n, width, depth, _ = shape = _shape(len(points), shapes)
+        center, half_extent, omega0, scale = fixed
         displacement = torch.empty_like(points)
         saved = [_POOL.take(n_steps, depth, n, width), _POOL.take(n_steps, n, 3), _POOL.take(n_steps, n, 3)] \
             if save else [None] * 3
@@ -176,7 +176,8 @@ class _SirenFlow(torch.autograd.Function):
     def backward(ctx, grad_displacement, grad_kinetic):
         _refuse_second_derivative()
         params_flat, z, positions, velocities = ctx.saved_tensors
-        shape, center, half_extent, _, omega0, scale = _constants(positions.shape[1], 0.0, ctx.shapes, ctx.fixed)
+        shape = _shape(positions.shape[1], ctx.shapes)
+        center, half_extent, omega0, scale = ctx.fixed
         grad = torch.empty_like(params_flat)
         grad_points = positions.new_empty(positions.shape[1:]) if ctx.needs_input_grad[1] else None
         workspace = _POOL.take(_siren.workspace_size(shape))
