@@ -632,14 +632,18 @@ def test_register_has_the_same_memory_guard_and_an_escape_hatch(good, monkeypatc
 
 
 def test_the_fine_estimate_counts_the_patches_its_sampling_fraction_draws():
-    """A tenth of a 96x96x48 grid is 26 patches of 12^3 voxels: the guard budgets and names those, not all 48."""
+    """A tenth of a 96x96x48 grid is 26 patches of 12^3 voxels: the guard budgets and names those, not all 48
+    (with the regularity patches on top)."""
     shape = (96, 96, 48)
     tenth = engine.estimate_memory("fine", shape, CONFIG)
-    assert tenth["training"] < 0.6 * engine.estimate_memory("fine", shape, ALL_PATCHES)["training"]
+    regularity = CONFIG.fine.regularity_patches
+    assert tenth["training"] == pytest.approx(
+        engine.estimate_memory("fine", shape, ALL_PATCHES)["training"] * (26 + regularity) / (48 + regularity))
     with pytest.raises(engine.InsufficientMemoryError) as caught:
         engine.check_memory("fine", shape, CONFIG, available=tenth["total"] - 1)
     message = str(caught.value)
-    assert "(26 patches of 12^3 voxels" in message and "lower sampling_fraction, n_patches" in message
+    assert f"(26 patches of 12^3 voxels and {regularity} regularity patches" in message
+    assert "lower sampling_fraction, n_patches, regularity_patches" in message
 
 
 def test_a_huge_fixed_grid_is_refused_by_its_estimate():

@@ -110,8 +110,10 @@ def test_the_automatic_lattice_stride_is_closest_to_4_mm_and_at_least_2_voxels()
     assert (lattice[-1, -1, -1] == 11).all()
     config = engine.StageConfig()
     # Without the voxel size (the memory estimate) the count is the automatic stride's largest.
-    assert config.flow_points((64, 64, 64), (1.366, 1.366, 2.5)) == 48 * 5 * 5 * 7 < config.flow_points((64, 64, 64))
-    assert config.flow_points((64, 64, 64)) == 48 * 7**3
+    patches = 48 + config.regularity_patches  # the regularity patches share the lattice
+    lung = config.flow_points((64, 64, 64), (1.366, 1.366, 2.5))
+    assert lung == patches * 5 * 5 * 7 < config.flow_points((64, 64, 64))
+    assert config.flow_points((64, 64, 64)) == patches * 7**3
     assert engine.StageConfig(patch_stride=[3, 3, 2]).patch_stride == (3, 3, 2)
     for bad in (0, (2, 2), (2, 0, 2)):
         with pytest.raises(ValueError, match="patch_stride"):
@@ -134,7 +136,7 @@ def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(
         config = engine.StageConfig(iterations=1, n_patches=3, patch_stride=stride)
         velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
         stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
-        assert counts.pop() == 3 * lattice
+        assert counts.pop() == (3 + config.regularity_patches) * lattice
 
 
 def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(monkeypatch):
@@ -160,7 +162,7 @@ def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(m
     config = engine.StageConfig(iterations=1, sampling_fraction=0.5)
     velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
     stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
-    assert drawn == [5]
+    assert drawn == [5, config.regularity_patches]  # then the regularity patches, anywhere
 
 
 def test_patches_are_gathered_from_their_corners_inside_the_grid():

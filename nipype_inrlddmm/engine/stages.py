@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import siren
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
+from .regularity import lattice_jacobian_determinants, log_jacobian_spread
 from .sampling import (
     MIN_AUTOMATIC_STRIDE, checked_stride, gather_patches, interpolate_patches, lattice_shape, lattice_strides,
     patch_lattice, patch_shape, per_axis_strides, random_patch_corners, random_voxels,
@@ -44,6 +45,17 @@ class StageConfig:
     is computed on every voxel.  ``batch_points`` random
     voxels are drawn at each distillation iteration.  The learning rate
     decays along a cosine to a tenth of ``learning_rate``.
+
+    ``jacobian_weight`` adds that much of the spread of ``log det J`` of
+    the displacement at the corners of the lattice cells, measured where the
+    field is computed (:func:`~.regularity.log_jacobian_spread`): SDlogJ
+    squared for deviations under ``jacobian_scale``, linear beyond, so the
+    field stays smooth and does not fold, while the few large volume changes
+    anatomy asks for remain affordable; a uniform volume change is free.
+    The image patches lie where the mask allows, so ``regularity_patches``
+    more are drawn anywhere in the grid, for the penalties alone (velocity
+    and Jacobian): a SIREN's sine features span the whole image, and a field
+    left unconstrained away from the anatomy is rough there.
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
@@ -105,6 +117,9 @@ class StageConfig:
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
+    jacobian_weight: float = 4.0
+    jacobian_scale: float = 0.1
+    regularity_patches: int = 24
     convergence_window: int = 0
     convergence_threshold: float = 0.0
     patch_stride: int | tuple[int, int, int] | None = None
@@ -112,11 +127,15 @@ class StageConfig:
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {self.similarity!r}")
-        if self.iterations < 0 or self.learning_rate <= 0 or self.reg_weight < 0 or self.mi_weight < 0:
-            raise ValueError("iterations must be >= 0, learning_rate > 0, reg_weight >= 0 and mi_weight >= 0")
+        if self.iterations < 0 or self.learning_rate <= 0 or min(self.reg_weight, self.mi_weight,
+                                                                self.jacobian_weight) < 0:
+            raise ValueError("iterations must be >= 0, learning_rate > 0, and reg_weight, mi_weight and "
+                             "jacobian_weight >= 0")
         object.__setattr__(self, "patch_stride", checked_stride(self.patch_stride, "patch_stride"))
         if self.n_patches < 1 or self.sampling_fraction is not None and not 0 < self.sampling_fraction <= 1:
             raise ValueError("n_patches must be >= 1, sampling_fraction None or in (0, 1]")
+        if self.regularity_patches < 0 or self.jacobian_scale <= 0:
+            raise ValueError("regularity_patches must be >= 0 and jacobian_scale > 0")
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
             raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
 
@@ -130,7 +149,8 @@ class StageConfig:
         return min(self.n_patches, max(1, covering))
 
     def flow_points(self, grid, voxel_mm=None) -> int:
-        """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice.
+        """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice,
+        the regularity patches' included.
 
         ``voxel_mm`` : the grid's voxel size per axis, for an automatic
         ``patch_stride``; without it, the automatic stride's smallest
@@ -140,7 +160,8 @@ class StageConfig:
             strides = per_axis_strides(self.patch_stride or MIN_AUTOMATIC_STRIDE)
         else:
             strides = lattice_strides(self.patch_stride, voxel_mm)
-        return self.patches(grid) * math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
+        lattice = math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
+        return (self.patches(grid) + self.regularity_patches) * lattice
 
 
 def relative_decrease(losses, window: int) -> float:
@@ -244,6 +265,7 @@ def fit_images(
     to_moving = grid_coordinates(moving.shape, moving_affine)
     voxel_to_moving = to_moving @ fixed_affine
     patch_grid = apply_affine(voxel_to_moving, voxel_indices(edge, device=device, dtype=dtype))
+    knot_spacing = [(n - 1) / max(q - 1, 1) for n, q in zip(edge, lattice.shape[:3])]
 
     n_patches = config.patches(fixed.shape)
 
@@ -251,14 +273,23 @@ def fit_images(
         corners = random_patch_corners(
             fixed.shape, n_patches, config.patch_size, candidates=candidates, generator=generator
         ).to(device)
-        target = gather_patches(fixed, corners, edge)
+        if config.regularity_patches:
+            corners = torch.cat([corners, random_patch_corners(fixed.shape, config.regularity_patches,
+                                                               config.patch_size, generator=generator).to(device)])
+        target = gather_patches(fixed, corners[:n_patches], edge)
         corner_voxels = corners.to(dtype)[:, None, None, None]
         displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, corner_voxels + lattice).reshape(-1, 3),
                                           n_steps)
-        shift = (displacement @ to_moving[:3, :3].T).reshape(len(corners), *lattice.shape)
-        grid = patch_grid + corner_voxels @ voxel_to_moving[:3, :3].T + interpolate_patches(shift, edge)
+        displacement = displacement.reshape(len(corners), *lattice.shape)
+        shift = displacement[:n_patches] @ to_moving[:3, :3].T
+        grid = patch_grid + corner_voxels[:n_patches] @ voxel_to_moving[:3, :3].T + interpolate_patches(shift, edge)
         sim = similarity(sample_grid(moving, grid), target)
-        return sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
+        loss, terms = sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
+        if config.jacobian_weight:
+            determinants = lattice_jacobian_determinants(displacement, knot_spacing, fixed_affine[:3, :3])
+            terms["log_jacobian_spread"] = log_jacobian_spread(determinants, config.jacobian_scale)
+            loss = loss + config.jacobian_weight * terms["log_jacobian_spread"]
+        return loss, terms
 
     return _optimise(velocity, objective, config, stage=stage, progress=progress)
 
