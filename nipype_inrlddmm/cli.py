@@ -29,6 +29,9 @@ _OPTIONS = {
     "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)"),
     "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
+    "jacobian_weight": (float, "weight of the spread of log det J on the patch lattices (SDlogJ squared for small "
+                               "deviations), which keeps the field smooth and fold-free (0: off)"),
+    "jacobian_scale": (float, "deviation of log det J past which that penalty grows linearly, not by its square"),
     "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest in ratio to 3 mm "
                           "voxels, at least 2)"),
     "coarse_iterations": (int, "iterations of the coarse stage"),

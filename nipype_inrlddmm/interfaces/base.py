@@ -17,8 +17,8 @@ _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
 IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mi_weight", "n_patches",
-                      "sampling_fraction", "patch_size", "patch_stride", "reg_weight", "convergence_window",
-                      "convergence_threshold")
+                      "sampling_fraction", "patch_size", "patch_stride", "reg_weight", "jacobian_weight",
+                      "jacobian_scale", "regularity_patches", "convergence_window", "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -175,6 +175,17 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="patches of the fixed grid drawn at each iteration (with sampling_fraction: at "
                              "most)")
     sampling_fraction = sampling_fraction_trait(DEFAULTS.coarse.sampling_fraction)
+    jacobian_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.jacobian_weight, usedefault=True,
+                                   desc="weight of the spread of log det J of the displacement on the patch lattices "
+                                   "(SDlogJ squared for deviations under jacobian_scale, linear beyond): smooth, "
+                                   "fold-free fields; 0 turns it off")
+    jacobian_scale = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.jacobian_scale, usedefault=True,
+                                  desc="deviation of log det J from its mean past which the Jacobian penalty grows "
+                                  "linearly rather than by its square, so large anatomical volume changes stay "
+                                  "affordable")
+    regularity_patches = traits.Range(low=0, value=DEFAULTS.coarse.regularity_patches, usedefault=True,
+                                      desc="patches drawn anywhere in the grid, ignoring the mask, at each iteration "
+                                      "for the penalties alone, so the field stays smooth away from the anatomy")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
                               desc="patch edge in voxels")
 
