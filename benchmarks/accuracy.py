@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--sets brain brain-pair lung-ct phantom] [--threads 2]
                                   [--methods inr-lddmm ants-syn no-distill no-coarse paper-plain]
-                                  [--seeds 0 1 2] [--out accuracy.md]
+                                  [--seeds 0 1 2] [--inr-options JSON [JSON ...]] [--out accuracy.md]
 
 Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 
@@ -26,6 +26,11 @@ and distillation iterations added to it so the budget is the same) and
 ``--seeds 0 1 2`` runs ours (and each ablation) once per seed, a row each:
 a seed fixes the result (patch draws and initial weights), and changing the
 seed moves it as much as many of the settings tried in the README did.
+``--inr-options`` takes one or more settings (JSON registration options),
+each run with every seed.  After each set's table comes its Dice vs SDlogJ
+table: one row per method and setting, over its seeds, with the mean Dice
+(and TRE), the mean and worst SDlogJ, the worst share of folded voxels and
+the mean wall time, so accuracy is read beside regularity.
 
 Every method gets the same torch and ITK thread count.  Wall time covers the
 registration (pre-alignment, stages and the dense field), not the
@@ -270,6 +275,27 @@ def markdown(case: Case, rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting_name(setting: dict) -> str:
+    return json.dumps(setting) if setting else "package defaults"
+
+
+def front(case: Case, groups: dict[str, list[dict]]) -> str:
+    """Accuracy against regularity, one row per method and setting over its seeds: the mean Dice (and TRE),
+    the mean and worst SDlogJ, the worst share of folded voxels, the mean wall time."""
+    head = ["method / setting", "runs", "mean Dice"] + (["TRE (mm)"] if case.landmarks else [])
+    head += ["SDlogJ (mean)", "SDlogJ (worst)", "% det J <= 0 (worst)", "wall (s)"]
+    lines = [f"#### {case.name}: Dice vs SDlogJ", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, results in groups.items():
+        def mean(key):
+            return float(np.mean([r[key] for r in results]))
+        cells = [group, str(len(results)), f"{mean('mean_dice'):.4f}"]
+        cells += [f"{mean('tre_mm'):.3f}"] if case.landmarks else []
+        cells += [f"{mean('sdlogj'):.3f}", f"{max(r['sdlogj'] for r in results):.3f}",
+                  f"{max(r['jacobian_nonpositive_percent'] for r in results):.4f}", f"{mean('seconds'):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["phantom", "lung-ct", "brain-pair", "brain"],
@@ -277,9 +303,10 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the Markdown tables here (and a .json beside it)")
-    parser.add_argument("--inr-options", type=json.loads, default={},
+    parser.add_argument("--inr-options", type=json.loads, nargs="+", default=[{}],
                         help='registration options for inr-lddmm and its ablations, as JSON, e.g. '
-                        '\'{"fine_iterations": 400}\' (default: the package defaults)')
+                        '\'{"fine_iterations": 400}\' (default: the package defaults); several settings run '
+                        'one after the other, and each set gets a Dice vs SDlogJ table over them')
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="run inr-lddmm and its ablations once per seed, one row each (default: the "
                         "seed of --inr-options, else 0); a seed fixes the result, and changing it moves the "
@@ -288,28 +315,34 @@ def main():
     torch.set_num_threads(args.threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
 
-    seeds = args.seeds or [args.inr_options.get("seed", engine.RegistrationConfig().seed)]
-    options = json.dumps(args.inr_options) if args.inr_options else "package defaults"
+    settings = args.inr_options
+    seeds = args.seeds or [settings[0].get("seed", engine.RegistrationConfig().seed)]
+    options = "; ".join(_setting_name(setting) for setting in settings)
     header = (f"# INR-LDDMM {__version__} vs ANTs SyN: {args.threads} threads, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}\n\ninr-lddmm options: {options}\n")
     print(header, flush=True)
     report, everything = [header], {}
+    runs = [(method, None, None) if method == "ants-syn" else (method, setting, seed)
+            for method in args.methods for setting in ([None] if method == "ants-syn" else settings)
+            for seed in ([None] if method == "ants-syn" else seeds)]
     with tempfile.TemporaryDirectory() as scratch:
         for case in cases(args.sets, Path(scratch)):
-            rows = {"none (headers only)": unregistered(case)}
-            for method, seed in [(m, s) for m in args.methods for s in ([None] if m == "ants-syn" else seeds)]:
-                name = method if seed is None or len(seeds) == 1 else f"{method} (seed {seed})"
+            rows, groups = {"none (headers only)": unregistered(case)}, {}
+            for method, setting, seed in runs:
+                group = method if setting is None or len(settings) == 1 else f"{method} {_setting_name(setting)}"
+                name = group if seed is None or len(seeds) == 1 else f"{group} (seed {seed})"
                 with PeakMemory() as memory:
                     start = time.perf_counter()
                     if method == "ants-syn":
                         out = run_syn(case)
                     else:
-                        out = run_inr(case, method, {**args.inr_options, "seed": seed})
+                        out = run_inr(case, method, {**setting, "seed": seed})
                     seconds = time.perf_counter() - start
                 result = evaluate_syn(case, out) if method == "ants-syn" else evaluate_inr(case, out)
                 rows[name] = dict(result, seconds=seconds, peak_gib=memory.gib)
+                groups.setdefault(group, []).append(rows[name])
                 print(f"<!-- {case.name} {name}: {json.dumps(rows[name])} -->", flush=True)
-            table = markdown(case, rows)
+            table = markdown(case, rows) + "\n" + front(case, groups)
             print(table, flush=True)
             report.append(table)
             everything[case.name] = rows
