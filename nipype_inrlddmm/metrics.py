@@ -83,11 +83,14 @@ def label_overlap(
 
 def jacobian_determinant(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """det of d(x + u(x))/dx at every voxel, by central differences, ``(X, Y, Z)``."""
-    # du/dijk (per voxel index) then chain rule through the inverse of the
-    # affine's linear part, so oblique and anisotropic grids are handled.
-    grads = np.stack(np.gradient(displacement, axis=(0, 1, 2)), axis=-1)  # (..., 3 comp, 3 ijk)
-    jac = grads @ np.linalg.inv(affine[:3, :3]) + np.eye(3)
-    return np.linalg.det(jac)
+    # du/dijk (per voxel index) then chain rule through the inverse of the affine's linear part, so oblique
+    # and anisotropic grids are handled; the nine entries as whole volumes and the determinant by cofactors,
+    # several times faster than a batched LU of (X, Y, Z, 3, 3) matrices.
+    inverse = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
+    per_index = np.gradient(displacement, axis=(0, 1, 2))  # per array axis k: (X, Y, Z, component)
+    (a, b, c), (d, e, f), (g, h, i) = [[sum(per_index[k][..., row] * inverse[k, column] for k in range(3))
+                                        + (row == column) for column in range(3)] for row in range(3)]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def jacobian_summary(displacement: np.ndarray, affine: np.ndarray, border: int = 2) -> dict:

@@ -94,3 +94,19 @@ def test_the_penalty_enters_the_image_loss_with_its_weight(monkeypatch):
         engine.StageConfig(jacobian_weight=-1.0)
     with pytest.raises(ValueError, match="jacobian_scale"):
         engine.StageConfig(jacobian_scale=0.0)
+
+
+def test_the_dense_jacobian_determinant_is_exact_for_an_affine_field_and_matches_a_batched_determinant():
+    """metrics.jacobian_determinant (what dice.csv and the QC figure report), on an oblique grid."""
+    from nipype_inrlddmm import metrics
+
+    affine = oblique_affine()
+    world = engine.world_grid((9, 8, 7), torch.tensor(affine)).numpy()
+    matrix = np.array([[0.1, -0.2, 0.05], [0.3, 0.0, -0.1], [0.02, 0.15, -0.25]])
+    det = metrics.jacobian_determinant(world @ matrix.T, affine)
+    np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + matrix), rtol=1e-10)
+
+    field = np.random.default_rng(0).standard_normal((9, 8, 7, 3))
+    per_index = np.stack(np.gradient(field, axis=(0, 1, 2)), axis=-1)  # (..., component, array axis)
+    expected = np.linalg.det(per_index @ np.linalg.inv(affine[:3, :3]) + np.eye(3))
+    np.testing.assert_allclose(metrics.jacobian_determinant(field, affine), expected, rtol=1e-10, atol=1e-12)
