@@ -191,6 +191,28 @@ def test_label_warp_keeps_only_existing_labels(interpolation):
     assert (out == 3).sum() > 0 and (out == 7).sum() > 0
 
 
+def test_label_sampling_is_the_arg_max_of_each_label_s_interpolated_indicator():
+    """One vote of eight neighbours per point == one trilinear pass per label (ANTs' GenericLabel), on oblique
+    grids; float rounding of the weights may flip an exact tie, nothing else."""
+    from nipype_inrlddmm.engine.grid import sample_labels
+
+    rng = np.random.default_rng(0)
+    labels = torch.tensor(ndimage.zoom(rng.integers(0, 6, (8, 8, 6)), 5, order=0), dtype=torch.float32)
+    affine = torch.tensor(oblique_affine(), dtype=torch.float32)
+    points = engine.world_grid((45, 44, 33), torch.tensor(oblique_affine((1.2, 1.1, 1.7), 0.1, (-15, 12, 3)),
+                                                          dtype=torch.float32))
+    points = points + torch.tensor(rng.normal(0, 0.7, points.shape), dtype=torch.float32)
+    best = torch.full(points.shape[:3], -1.0)
+    expected = torch.zeros_like(best)
+    for label in torch.unique(labels):
+        weight = engine.sample((labels == label).float(), affine, points)
+        expected = torch.where(weight > best, label, expected)
+        best = torch.maximum(weight, best)
+    got = sample_labels(labels, affine, points)
+    assert len(got.unique()) == 6 and (got != labels.flatten()[0]).any()
+    assert (got != expected).float().mean() <= 1e-4
+
+
 @pytest.mark.parametrize("spacing, coarse, fine", [
     ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
     ((1.366, 1.366, 2.5), (2, 2, 2), (2, 2, 1)),  # chest CT: 2.73 mm is nearer 2 mm in ratio than 1.37 mm

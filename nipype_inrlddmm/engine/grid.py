@@ -144,3 +144,49 @@ def matching_factors(affine: torch.Tensor, target_affine: torch.Tensor) -> tuple
     cosines = (affine[:3, :3] / size).T @ (target_affine[:3, :3] / target_size)
     partner = cosines.abs().argmax(dim=1)
     return tuple(max(1, int(torch.round(target_size[j] / size[i]))) for i, j in enumerate(partner.tolist()))
+
+
+def sample_labels(labels: torch.Tensor, affine: torch.Tensor, points: torch.Tensor, *,
+                  chunk_size: int = 1 << 20) -> torch.Tensor:
+    """The label of largest trilinear weight at ``(..., 3)`` world points, as ANTs' GenericLabel.
+
+    Equal to interpolating each label's indicator trilinearly and taking the
+    arg-max (the lowest label on a tie), without one pass over the points
+    per label: each point's eight neighbouring voxels vote with their
+    trilinear weights, and only points whose neighbours disagree (the
+    boundaries) count the votes.  Points outside the grid read its edge.
+
+    Parameters
+    ----------
+    labels : ``(X, Y, Z)`` label map on its own grid, voxel -> world ``affine``.
+    points : ``(..., 3)`` world points (mm, RAS).
+
+    Returns
+    -------
+    ``(...)`` labels, the dtype of ``labels``.
+    """
+    shape = torch.tensor(labels.shape, device=points.device)
+    ijk = apply_affine(torch.linalg.inv(affine.to(points.dtype)), points).reshape(-1, 3)
+    ijk = torch.minimum(ijk.clamp(min=0), (shape - 1).to(ijk.dtype))
+    flat = labels.reshape(-1)
+    strides = torch.tensor([labels.shape[1] * labels.shape[2], labels.shape[2], 1], device=points.device)
+    out = torch.empty(len(ijk), dtype=labels.dtype, device=labels.device)
+    corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=points.device)
+    for start in range(0, len(ijk), chunk_size):
+        position = ijk[start:start + chunk_size]
+        low = position.floor().long()
+        fraction = position - low
+        index = torch.minimum(low[:, None] + corners, shape - 1)  # (N, 8, 3)
+        neighbours = flat[(index * strides).sum(dim=-1)]  # (N, 8)
+        weight = torch.where(corners.bool(), fraction[:, None], 1 - fraction[:, None]).prod(dim=-1)  # (N, 8)
+        chosen = neighbours[:, 0].clone()
+        boundary = (neighbours != neighbours[:, :1]).any(dim=1)
+        if boundary.any():
+            votes, weights = neighbours[boundary], weight[boundary]
+            # Each neighbour's label's total weight; the heaviest label, the lowest among equals.
+            totals = ((votes[:, :, None] == votes[:, None, :]) * weights[:, None, :]).sum(dim=-1)
+            heaviest = totals == totals.max(dim=1, keepdim=True).values
+            largest = torch.iinfo(torch.int64).max
+            chosen[boundary] = torch.where(heaviest, votes.long(), largest).min(dim=1).values.to(labels.dtype)
+        out[start:start + chunk_size] = chosen
+    return out.reshape(points.shape[:-1])

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .flow import dense_displacement
-from .grid import apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, spacing, world_grid
+from .grid import (
+    apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, sample_labels, spacing, world_grid,
+)
 from .memory import check_memory
 from .sampling import checked_stride
 from .stages import StageConfig, fit_field, fit_images
@@ -275,13 +277,7 @@ def warp(
     elif interpolation == "nearest":
         out = sample(source, volume_affine, points, mode="nearest")
     elif interpolation == "label":
-        best = torch.full(points.shape[:3], -1.0, dtype=points.dtype, device=points.device)
-        out = torch.zeros_like(best)
-        for label in torch.unique(source):
-            weight = sample((source == label).to(points.dtype), volume_affine, points)
-            better = weight > best
-            best = torch.where(better, weight, best)
-            out = torch.where(better, label, out)
+        out = sample_labels(source, volume_affine, points)
     else:
         raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
     if interpolation != "linear":
