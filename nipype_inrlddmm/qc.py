@@ -48,8 +48,11 @@ def _slice_axis(affine, plane: str) -> int:
 
 
 def _cut(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """A 2-D slice, transposed so that the first remaining array axis is horizontal."""
-    return np.take(volume, index, axis=axis).T
+    """A 2-D slice, transposed so that the first remaining array axis is horizontal.
+
+    A view (basic indexing): ``np.take`` copies through a generic gather, 14 ms a slice of a 1 mm brain.
+    """
+    return volume[(slice(None),) * axis + (index,)].T
 
 
 def _aspect(affine, axis: int) -> float:
