@@ -228,6 +228,19 @@ def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):
         engine.stage_factors((2, 0, 2), affine, "fine")
 
 
+def test_automatic_stage_factors_leave_small_fields_of_view_two_patch_edges_per_axis():
+    """Prostate ultrasound at 0.4 mm: 3 mm and 2 mm voxels would leave grids of 5-11 voxels, one patch."""
+    affine = torch.tensor(oblique_affine((0.4, 0.4, 0.4)), dtype=torch.float32)
+    shape = (44, 59, 41)
+    assert engine.stage_factors(None, affine, "coarse") == (8, 8, 8)  # by the voxel size alone
+    assert engine.stage_factors(None, affine, "coarse", shape) == (2, 2, 2)  # the stage's minimum
+    assert engine.stage_factors(None, affine, "fine", shape) == (1, 2, 1)  # at least 24 voxels per axis
+    assert engine.stage_factors(5, affine, "fine", shape) == (5, 5, 5)  # a factor given is kept
+    brain = (160, 192, 224)  # large grids keep the factors of their voxel size
+    one_mm = torch.tensor(oblique_affine((1.0, 1.0, 1.0)), dtype=torch.float32)
+    assert engine.stage_factors(None, one_mm, "coarse", brain) == engine.stage_factors(None, one_mm, "coarse")
+
+
 def test_block_grid_is_the_downsampled_grid():
     affine = torch.tensor(oblique_affine(), dtype=torch.float32)
     volume = torch.rand(13, 10, 7)

@@ -134,9 +134,11 @@ def _generator(seed: int) -> torch.Generator:
 #: Voxel sizes (mm) the coarse and the fine stage aim at when their factors are None.
 COARSE_SPACING_MM = 3.0
 FINE_SPACING_MM = 2.0
+#: Voxels per axis an automatic factor leaves a stage's grid (unless the factor's minimum takes more).
+MIN_STAGE_VOXELS = 24
 
 
-def stage_factors(factor, fixed_affine: torch.Tensor, stage: str) -> tuple[int, int, int]:
+def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape=None) -> tuple[int, int, int]:
     """Block sizes (per fixed-grid axis) by which a stage averages the fixed image.
 
     ``factor`` is one int, three ints, or None: then, per axis, the block
@@ -154,12 +156,23 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str) -> tuple[int, 
     the fine patches cover 4 x the volume: lung Dice 0.9895 against 0.9865
     at 48 patches (benchmarks/accuracy.py, 2 threads, on an Intel Xeon with
     AVX-512; the README).
+
+    With the fixed grid's ``shape``, an automatic factor also leaves at
+    least :data:`MIN_STAGE_VOXELS` voxels per axis (two patch edges, unless
+    the stage's minimum factor takes more): on a field of view a few
+    centimetres across (prostate ultrasound at 0.4 mm, 44 voxels) 2 mm
+    voxels leave a grid no larger than one patch, whose lattice then sits on
+    the same few knots at every iteration, and the field between them, never
+    seen, folded.
     """
     if factor is None:
         target, minimum = (COARSE_SPACING_MM, 2) if stage == "coarse" else (FINE_SPACING_MM, 1)
-        return tuple(max(minimum, min(range(1, math.ceil(target / size) + 1),
-                                      key=lambda f: abs(math.log(f * size / target))))
-                     for size in spacing(fixed_affine).tolist())
+        closest = [max(minimum, min(range(1, math.ceil(target / size) + 1),
+                                    key=lambda f: abs(math.log(f * size / target))))
+                   for size in spacing(fixed_affine).tolist()]
+        if shape is None:
+            return tuple(closest)
+        return tuple(min(f, max(minimum, int(n) // MIN_STAGE_VOXELS)) for f, n in zip(closest, shape))
     factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
     if len(factors) != 3 or any(int(f) < 1 for f in factors):
         raise ValueError(f"{stage}_factor must be None, a positive int or three of them, got {factor!r}")
@@ -186,7 +199,7 @@ def coarse_stage(
     the factors that bring it closest to the same physical resolution, so a
     fine CT and a coarse CBCT are compared at one scale.
     """
-    factors = stage_factors(config.coarse_factor, fixed_affine, "coarse")
+    factors = stage_factors(config.coarse_factor, fixed_affine, "coarse", fixed.shape)
     coarse_moving, coarse_moving_affine, coarse_fixed, coarse_fixed_affine, coarse_mask = _stage_images(
         moving, moving_affine, fixed, fixed_affine, fixed_mask, factors)
     velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
@@ -212,8 +225,8 @@ def distill_stage(coarse: StageResult, fixed_shape, fixed_affine, config: Regist
     """
     velocity = new_velocity_field(fixed_shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(coarse.velocity.state_dict())
-    fine_shape, fine_affine = block_grid(fixed_shape, fixed_affine, stage_factors(config.fine_factor, fixed_affine,
-                                                                                  "fine"))
+    fine_shape, fine_affine = block_grid(fixed_shape, fixed_affine,
+                                         stage_factors(config.fine_factor, fixed_affine, "fine", fixed_shape))
     log = fit_field(
         velocity, coarse.displacement, coarse.affine, fine_shape, fine_affine, config.distill,
         n_steps=config.model.n_steps, generator=_generator(config.seed + 2), progress=progress,
@@ -233,7 +246,7 @@ def fine_stage(
     """
     velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(initial.state_dict())
-    factors = stage_factors(config.fine_factor, fixed_affine, "fine")
+    factors = stage_factors(config.fine_factor, fixed_affine, "fine", fixed.shape)
     fine_moving, fine_moving_affine, fine_fixed, fine_fixed_affine, fine_mask = _stage_images(
         moving, moving_affine, fixed, fixed_affine, fixed_mask, factors)
     log = fit_images(
