@@ -141,7 +141,7 @@ def main():
     peak_matmul = matmul_gflops()
 
     # The fine stage's automatic lattice stride follows its grid's voxel size (mm).
-    fine_factors = engine.stage_factors(config.fine_factor, affine, "fine")
+    fine_factors = engine.stage_factors(config.fine_factor, affine, "fine", pair.cbct.shape)
     spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
     fine_mm = (spacing * fine_factors).tolist()
     fine_points = config.fine.flow_points(pair.ct.shape, fine_mm)

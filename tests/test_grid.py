@@ -213,6 +213,10 @@ def test_label_sampling_is_the_arg_max_of_each_label_s_interpolated_indicator():
     assert (got != expected).float().mean() <= 1e-4
 
 
+#: A grid large enough that the voxel size alone sets the automatic stage factors.
+LARGE_GRID = (512, 512, 512)
+
+
 @pytest.mark.parametrize("spacing, coarse, fine", [
     ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
     ((1.366, 1.366, 2.5), (2, 2, 2), (2, 2, 1)),  # chest CT: 2.73 mm is nearer 2 mm in ratio than 1.37 mm
@@ -221,24 +225,25 @@ def test_label_sampling_is_the_arg_max_of_each_label_s_interpolated_indicator():
 ])
 def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):
     affine = torch.tensor(oblique_affine(spacing), dtype=torch.float32)
-    assert engine.stage_factors(None, affine, "coarse") == coarse
-    assert engine.stage_factors(None, affine, "fine") == fine
-    assert engine.stage_factors(4, affine, "coarse") == (4, 4, 4)
+    assert engine.stage_factors(None, affine, "coarse", LARGE_GRID) == coarse
+    assert engine.stage_factors(None, affine, "fine", LARGE_GRID) == fine
+    assert engine.stage_factors(4, affine, "coarse", LARGE_GRID) == (4, 4, 4)
     with pytest.raises(ValueError, match="fine_factor"):
-        engine.stage_factors((2, 0, 2), affine, "fine")
+        engine.stage_factors((2, 0, 2), affine, "fine", LARGE_GRID)
 
 
 def test_automatic_stage_factors_leave_small_fields_of_view_two_patch_edges_per_axis():
     """Prostate ultrasound at 0.4 mm: 3 mm and 2 mm voxels would leave grids of 5-11 voxels, one patch."""
     affine = torch.tensor(oblique_affine((0.4, 0.4, 0.4)), dtype=torch.float32)
     shape = (44, 59, 41)
-    assert engine.stage_factors(None, affine, "coarse") == (8, 8, 8)  # by the voxel size alone
+    assert engine.stage_factors(None, affine, "coarse", LARGE_GRID) == (8, 8, 8)  # by the voxel size alone
     assert engine.stage_factors(None, affine, "coarse", shape) == (2, 2, 2)  # the stage's minimum
     assert engine.stage_factors(None, affine, "fine", shape) == (1, 2, 1)  # at least 24 voxels per axis
     assert engine.stage_factors(5, affine, "fine", shape) == (5, 5, 5)  # a factor given is kept
     brain = (160, 192, 224)  # large grids keep the factors of their voxel size
     one_mm = torch.tensor(oblique_affine((1.0, 1.0, 1.0)), dtype=torch.float32)
-    assert engine.stage_factors(None, one_mm, "coarse", brain) == engine.stage_factors(None, one_mm, "coarse")
+    assert engine.stage_factors(None, one_mm, "coarse", brain) == engine.stage_factors(None, one_mm, "coarse",
+                                                                                       LARGE_GRID)
 
 
 def test_block_grid_is_the_downsampled_grid():

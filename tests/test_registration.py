@@ -95,13 +95,13 @@ def test_same_seed_gives_the_same_field_and_another_seed_does_not():
 
 def test_a_block_averaged_fine_stage_still_gives_the_field_on_every_fixed_voxel():
     """On a 1 mm grid the fine stage runs at 2 mm; the result is the network integrated at full resolution."""
-    pair = make_pair((48, 40, 20), seed=2)
+    pair = make_pair((48, 48, 48), seed=2)  # 2 mm blocks leave 24 voxels per axis: the automatic factors stand
     one_mm = pair.affine @ np.diag([1 / pair.affine[0, 0], 1 / pair.affine[1, 1], 1 / pair.affine[2, 2], 1.0])
-    assert engine.stage_factors(None, torch.tensor(one_mm), "fine") == (2, 2, 2)
+    assert engine.stage_factors(None, torch.tensor(one_mm), "fine", pair.cbct.shape) == (2, 2, 2)
     result = register((pair.ct, one_mm), (pair.cbct, one_mm), coarse_iterations=5, distill_iterations=3,
                       fine_iterations=5, field_stride=1, num_threads=2)
-    assert result.displacement.shape == (48, 40, 20, 3)
-    full = engine.dense_displacement(result.model, (48, 40, 20), torch.tensor(one_mm, dtype=torch.float32),
+    assert result.displacement.shape == (*pair.cbct.shape, 3)
+    full = engine.dense_displacement(result.model, pair.cbct.shape, torch.tensor(one_mm, dtype=torch.float32),
                                      result.model.config.n_steps)
     np.testing.assert_allclose(result.displacement, full.numpy(), atol=1e-5)
     assert np.abs(result.displacement).max() > 0.05

@@ -138,8 +138,8 @@ FINE_SPACING_MM = 2.0
 MIN_STAGE_VOXELS = 24
 
 
-def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape=None) -> tuple[int, int, int]:
-    """Block sizes (per fixed-grid axis) by which a stage averages the fixed image.
+def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tuple[int, int, int]:
+    """Block sizes (per fixed-grid axis) by which a stage averages the fixed image of ``shape``.
 
     ``factor`` is one int, three ints, or None: then, per axis, the block
     size that brings the voxel closest in ratio (``|log(f * voxel /
@@ -157,8 +157,8 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape=None) ->
     at 48 patches (benchmarks/accuracy.py, 2 threads, on an Intel Xeon with
     AVX-512; the README).
 
-    With the fixed grid's ``shape``, an automatic factor also leaves at
-    least :data:`MIN_STAGE_VOXELS` voxels per axis (two patch edges, unless
+    An automatic factor also leaves the stage's grid at least
+    :data:`MIN_STAGE_VOXELS` voxels per axis (two patch edges, unless
     the stage's minimum factor takes more): on a field of view a few
     centimetres across (prostate ultrasound at 0.4 mm, 44 voxels) 2 mm
     voxels leave a grid no larger than one patch, whose lattice then sits on
@@ -170,8 +170,6 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape=None) ->
         closest = [max(minimum, min(range(1, math.ceil(target / size) + 1),
                                     key=lambda f: abs(math.log(f * size / target))))
                    for size in spacing(fixed_affine).tolist()]
-        if shape is None:
-            return tuple(closest)
         return tuple(min(f, max(minimum, int(n) // MIN_STAGE_VOXELS)) for f, n in zip(closest, shape))
     factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
     if len(factors) != 3 or any(int(f) < 1 for f in factors):
