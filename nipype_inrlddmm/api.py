@@ -32,13 +32,14 @@ class Registration:
         """Carry another moving-space image (or label map, with ``"nearest"``/``"label"``) to the fixed grid."""
         data, affine = _as_volume(image, "image to warp", check=False)
         out = engine.warp(
-            _tensor(data), _tensor(affine), _tensor(self.displacement), _tensor(self.affine),
+            as_tensor(data), as_tensor(affine), as_tensor(self.displacement), as_tensor(self.affine),
             interpolation=interpolation,
         )
         return out.numpy()
 
 
-def _tensor(array, device="cpu") -> torch.Tensor:
+def as_tensor(array, device="cpu") -> torch.Tensor:
+    """A float32 tensor of an array (a volume, a field or an affine) on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
 
@@ -108,7 +109,7 @@ def register(
         mask = torch.from_numpy(mask_data > 0).to(device)
 
     result = engine.register_volumes(
-        *(_tensor(a, device) for a in (moving_data, moving_affine, fixed_data, fixed_affine)), config,
+        *(as_tensor(a, device) for a in (moving_data, moving_affine, fixed_data, fixed_affine)), config,
         fixed_mask=mask, progress=progress,
     )
     return Registration(

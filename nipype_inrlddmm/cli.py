@@ -8,17 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from . import __version__, engine, io, qc, steps
-from .api import register
-from .engine.affine import TRANSFORMS, AffineConfig
-from .evaluate import evaluate_files
+from . import __version__, io
+from .engine.affine import TRANSFORMS
+from .pipeline import register_files
 
 #: CLI flag -> registration option, for the hyper-parameters users tune most.
 _OPTIONS = {
@@ -68,75 +66,6 @@ def _registration_options(args) -> dict:
     return {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
 
 
-def register_files(
-    moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
-    affine=None, device="auto", num_threads=None, progress=True, trajectory=0, **options,
-) -> dict:
-    """Register two NIfTI files and write every output into ``out_dir``.
-
-    Writes ``warped.nii.gz``, ``displacement.nii.gz`` (ITK/ANTs),
-    ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
-    with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
-    ``dice.json``; with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
-    ``trajectory.gif``, the moving image at K times of the flow.  With
-    ``affine`` (``"rigid"`` or ``"affine"``) the moving image is first
-    pre-aligned, as ANTs does before SyN (:func:`~nipype_inrlddmm.steps.affine_init`:
-    ``affine.txt``, and ``moving_aligned.nii.gz`` with its header rewritten,
-    voxels untouched), and registered from there; ``antsApplyTransforms ... -t
-    displacement.nii.gz -t affine.txt`` applies both to the original moving
-    image.  All inputs are validated before any optimisation starts.
-    Returns the written paths.
-    """
-    if trajectory and trajectory < 2:
-        raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
-    config = engine.config_from_options(**options)
-    out_dir, title = Path(out_dir), Path(moving).name
-    pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
-                           fixed_mask=fixed_mask)
-    moving_affine, fixed_data, fixed_affine = pair.moving_affine, pair.fixed, pair.fixed_affine
-    mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
-    outputs = {}
-    if affine:
-        with steps.torch_threads(num_threads):
-            aligned = steps.affine_init(moving, fixed, out_dir, moving_labels=moving_labels, fixed_mask=fixed_mask,
-                                        config=AffineConfig(transform=affine),
-                                        seed=config.seed, device=device)
-        outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
-        moving, moving_labels = aligned["aligned_image"], aligned.get("aligned_labels")
-        moving_affine = io.load_volume(moving, what="pre-aligned moving image")[1]
-
-    result = register((pair.moving, moving_affine), (fixed_data, fixed_affine), fixed_mask=mask,
-                      device=device, num_threads=num_threads, progress=progress, **options)
-    outputs |= {
-        "warped": io.save_image(out_dir / "warped.nii.gz", result.warped, fixed_affine),
-        "displacement": io.save_displacement(out_dir / "displacement.nii.gz", result.displacement, fixed_affine),
-        "model": io.save_checkpoint(out_dir / "model.pt", result.model, shape=fixed_data.shape, affine=fixed_affine),
-        "log": io.write_csv(out_dir / "log.csv", result.log),
-    }
-    if moving_labels and fixed_labels:
-        labels, _ = io.load_labels(moving_labels)
-        warped_labels = result.apply((labels, moving_affine), interpolation="label").astype(np.int32)
-        outputs["warped_labels"] = io.save_image(out_dir / "warped_labels.nii.gz", warped_labels, fixed_affine)
-        rows, summary = evaluate_files(
-            outputs["warped_labels"], fixed_labels, out_dir / "dice.csv", out_dir / "dice.json",
-            label_names=label_names, displacement=outputs["displacement"], mask=fixed_mask,
-        )
-        outputs.update(dice=out_dir / "dice.csv", rows=rows, summary=summary)
-    outputs["qc"] = qc.write_qc_figure(
-        out_dir / "qc.png", fixed_image=fixed, moving_image=moving, warped_image=outputs["warped"],
-        fixed_labels=fixed_labels if "warped_labels" in outputs else None,
-        moving_labels=moving_labels if "warped_labels" in outputs else None,
-        warped_labels=outputs.get("warped_labels"), displacement=outputs["displacement"], fixed_mask=fixed_mask,
-        label_names=label_names, title=title,
-    )
-    if trajectory:
-        frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, fixed_data.shape,
-                                                fixed_affine, trajectory,
-                                                field_stride=config.field_stride)
-        outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
-    return outputs
-
-
 def _print_dice(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     print(f"{'label':>6}  {'name':<28} {'Dice':>6} {'HD95 mm':>8}")
@@ -153,6 +82,9 @@ def _cmd_register(args) -> int:
     )
     if "rows" in outputs:
         _print_dice(outputs["rows"], f"Dice in {outputs['dice']}")
+    if args.timings:
+        with io.atomic_path(args.timings) as temporary:
+            Path(temporary).write_text(json.dumps(outputs["timings"], indent=2))
     print(f"outputs in {args.out_dir}")
     return 0
 
@@ -299,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "
                      "(4-D) and trajectory.gif (the axial centre slice); t = 0 is the moving image, t = 1 the "
                      "warped one (default: none)")
+    reg.add_argument("--timings", metavar="FILE", help="also write the wall seconds of each phase (read, "
+                     "pre-align, stages, dense field and warp, write, labels, evaluation, QC, trajectory) "
+                     "as JSON to FILE")
     _add_affine_option(reg, "the moving image")
     _add_registration_options(reg)
     reg.set_defaults(func=_cmd_register)

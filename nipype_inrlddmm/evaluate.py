@@ -10,6 +10,37 @@ import numpy as np
 from . import io, metrics
 
 
+def evaluate_labels(
+    warped: np.ndarray, fixed: np.ndarray, affine: np.ndarray, *, names: dict[int, str] | None = None,
+    mask: np.ndarray | None = None, jacobian: np.ndarray | None = None,
+) -> tuple[list[dict], dict]:
+    """Per-label Dice/HD95 rows and their summary, from arrays on one grid.
+
+    ``names`` (``{id: name}``), when given, are exactly the labels evaluated,
+    otherwise every label present; ``mask`` (bool) restricts the evaluation
+    to a region; ``jacobian`` (det J of the field on the grid) adds its
+    statistics (:func:`~nipype_inrlddmm.metrics.determinant_summary`).
+    """
+    rows = metrics.label_overlap(warped, fixed, affine, sorted(names) if names else None, names=names, mask=mask)
+    found = [r["dice"] for r in rows if not r["missing"]]
+    summary = {
+        "mean_dice": float(np.mean(found)) if found else float("nan"),
+        "labels": len(rows),
+        "missing_labels": [r["label"] for r in rows if r["missing"]],
+    }
+    if jacobian is not None:
+        summary.update(metrics.determinant_summary(jacobian))
+    return rows, summary
+
+
+def write_evaluation(rows: list[dict], summary: dict, out_csv, out_json) -> tuple[Path, Path]:
+    """Write the rows as CSV and the summary as JSON, each atomically."""
+    io.write_csv(out_csv, rows)
+    with io.atomic_path(out_json) as temporary:
+        Path(temporary).write_text(json.dumps(summary, indent=2))
+    return Path(out_csv), Path(out_json)
+
+
 def evaluate_files(
     warped_labels, fixed_labels, out_csv, out_json, *, label_names=None, displacement=None, mask=None
 ) -> tuple[list[dict], dict]:
@@ -30,19 +61,12 @@ def evaluate_files(
     warped, _ = io.load_labels(warped_labels, reference=(fixed_labels, fixed, affine))
     names = io.load_label_names(label_names) if label_names else None
     region = io.load_mask(mask, fixed.shape, affine, reference=f"the fixed labels {fixed_labels}") if mask else None
-    rows = metrics.label_overlap(warped, fixed, affine, sorted(names) if names else None, names=names, mask=region)
-    found = [r["dice"] for r in rows if not r["missing"]]
-    summary = {
-        "mean_dice": float(np.mean(found)) if found else float("nan"),
-        "labels": len(rows),
-        "missing_labels": [r["label"] for r in rows if r["missing"]],
-    }
+    jacobian = None
     if displacement:
         field, field_affine = io.load_displacement(displacement)
-        summary.update(metrics.jacobian_summary(field, field_affine))
-    io.write_csv(out_csv, rows)
-    with io.atomic_path(out_json) as temporary:
-        Path(temporary).write_text(json.dumps(summary, indent=2))
+        jacobian = metrics.jacobian_determinant(field, field_affine)
+    rows, summary = evaluate_labels(warped, fixed, affine, names=names, mask=region, jacobian=jacobian)
+    write_evaluation(rows, summary, out_csv, out_json)
     return rows, summary
 
 
@@ -75,7 +99,5 @@ def evaluate_landmarks(
              "mapped_z_lps": float(m[2])} for i, (e, m) in enumerate(zip(errors, mapped))]
     summary = {"landmarks": len(rows), "tre_mean_mm": float(errors.mean()), "tre_std_mm": float(errors.std()),
                "tre_median_mm": float(np.median(errors)), "tre_max_mm": float(errors.max())}
-    io.write_csv(out_csv, rows)
-    with io.atomic_path(out_json) as temporary:
-        Path(temporary).write_text(json.dumps(summary, indent=2))
+    write_evaluation(rows, summary, out_csv, out_json)
     return rows, summary

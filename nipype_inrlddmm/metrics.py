@@ -21,6 +21,34 @@ def _dice_masks(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+def dice_scores(warped: np.ndarray, fixed: np.ndarray, labels, mask: np.ndarray | None = None) -> np.ndarray:
+    """Dice of each of ``labels`` (NaN where absent from both maps), in one pass over the maps.
+
+    Equal to :func:`dice` label by label, restricted to ``mask`` (bool, same
+    grid) when given; each voxel is looked up once among the sorted labels,
+    rather than each label compared with every voxel.
+    """
+    labels = np.asarray(labels)
+    order = np.argsort(labels)
+    ranked = labels[order]
+    if mask is not None:
+        warped, fixed = warped[mask], fixed[mask]
+
+    def rank(values):  # position among `ranked`, or len(labels) for a label not asked for
+        position = np.searchsorted(ranked, values.ravel()).clip(max=len(ranked) - 1)
+        return np.where(ranked[position] == values.ravel(), position, len(ranked))
+
+    warped_rank, fixed_rank = rank(warped), rank(fixed)
+    size = len(ranked) + 1
+    both = np.bincount(warped_rank[warped_rank == fixed_rank], minlength=size)[:-1]
+    total = np.bincount(warped_rank, minlength=size)[:-1] + np.bincount(fixed_rank, minlength=size)[:-1]
+    with np.errstate(invalid="ignore"):
+        scores = 2.0 * both / total
+    out = np.empty(len(labels))
+    out[order] = scores
+    return out
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 

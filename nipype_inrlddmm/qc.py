@@ -105,27 +105,35 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where((rows[:, None] + columns[None, :]) % 2 == 0, a, b)
 
 
-def _moving_on_fixed_grid(moving, moving_affine, fixed_shape, fixed_affine, *, labels=False) -> np.ndarray:
-    """The moving image (or labels) resampled onto the fixed grid without any deformation: 'before'."""
+def _before(moving, moving_affine, shape, affine, *, labels=False) -> np.ndarray:
+    """The moving image (or labels) on the grid of ``shape`` and ``affine`` without any deformation: 'before'."""
     import torch
 
-    from .api import _tensor
+    from .api import as_tensor
     from .engine import warp
 
-    zero = torch.zeros((*fixed_shape, 3))
-    out = warp(_tensor(moving), _tensor(moving_affine), zero, _tensor(fixed_affine),
+    zero = torch.zeros((*shape, 3))
+    out = warp(as_tensor(moving), as_tensor(moving_affine), zero, as_tensor(affine),
                interpolation="label" if labels else "linear")
     return out.numpy().astype(np.int32) if labels else out.numpy()
 
 
-def _centroid_index(labels: np.ndarray, label: int, axis: int) -> int:
-    return int(round(ndimage.center_of_mass(labels == label)[axis]))
+def _moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis: int, index: int) -> np.ndarray:
+    """:func:`_cut` of the moving image resampled onto the fixed grid, undeformed: only that slice is resampled.
+
+    A figure shows a few slices, and the whole volume costs seconds on a 1 mm grid.
+    """
+    slice_affine = np.array(fixed_affine, np.float64)
+    slice_affine[:3, 3] += slice_affine[:3, axis] * index
+    shape = [1 if a == axis else n for a, n in enumerate(fixed_shape)]
+    return _cut(_before(moving, moving_affine, shape, slice_affine), axis, 0)
 
 
-def _dice(a, b, label, mask) -> float:
-    if mask is not None:
-        a, b = np.where(mask, a, 0), np.where(mask, b, 0)
-    return metrics.dice(a, b, label)
+def _labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarray:
+    """The moving labels on the whole fixed grid, undeformed (for the Dice before); as they are on a shared grid."""
+    if labels.shape == tuple(fixed_shape) and np.allclose(moving_affine, fixed_affine, atol=1e-4):
+        return labels
+    return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True)
 
 
 def _show(axis, image, aspect, *, title="", cmap="gray", vmin=None, vmax=None, overlay=None):
@@ -150,7 +158,7 @@ def qc_figure(
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
     warped_labels: np.ndarray | None = None,
-    displacement: np.ndarray | None = None,
+    jacobian: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     label_names: dict[int, str] | None = None,
     title: str = "",
@@ -166,26 +174,30 @@ def qc_figure(
     fixed_labels, moving_labels, warped_labels : optional label maps (on
         the fixed, moving and fixed grid); contours before need the first
         two, contours after the first and the last.
-    displacement : optional ``(X, Y, Z, 3)`` mm RAS field on the fixed grid:
-        the Jacobian determinant column (folded voxels, det J <= 0, marked
-        magenta).
+    jacobian : optional ``(X, Y, Z)`` determinant of the field's Jacobian on
+        the fixed grid (:func:`~nipype_inrlddmm.metrics.jacobian_determinant`):
+        its column, with folded voxels (det J <= 0) marked magenta.
     mask : optional bool region of the fixed grid where the Dice in the
         titles is counted (as in ``dice.csv``).
     label_names : ``{id: name}`` for the per-label rows.
     """
     shape = fixed.shape
-    moving_before = _moving_on_fixed_grid(moving, moving_affine, shape, fixed_affine)
     labels_before = None
     if fixed_labels is not None and moving_labels is not None:
-        labels_before = _moving_on_fixed_grid(moving_labels, moving_affine, shape, fixed_affine, labels=True)
-    det = None if displacement is None else metrics.jacobian_determinant(displacement, fixed_affine)
-    fixed_window, moving_window = _window(fixed), _window(moving_before)
+        labels_before = _labels_before(moving_labels, moving_affine, shape, fixed_affine)
+    moving_cut = partial(_moving_cut, moving, moving_affine, shape, fixed_affine)
+    fixed_window, moving_window = _window(fixed), _window(moving)
 
     # Panels of each plane's row: fixed, moving, warped, checkerboard, [contours before, after], [det J].
-    n_panels = 4 + 2 * (fixed_labels is not None) + (det is not None)
+    n_panels = 4 + 2 * (fixed_labels is not None) + (jacobian is not None)
     label_ids = [] if fixed_labels is None else [int(v) for v in np.unique(fixed_labels) if v != 0]
     if label_names:  # the evaluated labels, as in dice.csv
         label_ids = [v for v in label_ids if v in label_names]
+    dice_before = dice_after = None
+    if label_ids and labels_before is not None:
+        dice_before = metrics.dice_scores(labels_before, fixed_labels, label_ids, mask)
+    if label_ids and warped_labels is not None:
+        dice_after = metrics.dice_scores(warped_labels, fixed_labels, label_ids, mask)
     per_label_rows = (len(label_ids) + 1) // 2
     n_rows, n_columns = 3 + per_label_rows, max(n_panels, 6)
     figure = Figure(figsize=(2.1 * n_columns, 2.2 * n_rows + 0.6), dpi=_DPI)
@@ -194,16 +206,13 @@ def qc_figure(
                                top=1.0 - 0.9 / (2.2 * n_rows + 0.6))
 
     summary = [title] if title else []
-    if fixed_labels is not None and warped_labels is not None:
-        after = [_dice(warped_labels, fixed_labels, v, mask) for v in label_ids]
-        text = f"mean Dice after {np.nanmean(after):.3f}" if after else ""
-        if labels_before is not None and label_ids:
-            before = [_dice(labels_before, fixed_labels, v, mask) for v in label_ids]
-            text = f"mean Dice before {np.nanmean(before):.3f}, after {np.nanmean(after):.3f}"
-        summary.append(text)
-    if det is not None:
-        folded = int((det <= 0).sum())
-        summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / det.size:.3f} %), min {det.min():.3f}")
+    if dice_after is not None:
+        before = "" if dice_before is None else f"before {np.nanmean(dice_before):.3f}, "
+        summary.append(f"mean Dice {before}after {np.nanmean(dice_after):.3f}")
+    if jacobian is not None:
+        folded = int((jacobian <= 0).sum())
+        summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / jacobian.size:.3f} %), "
+                       f"min {jacobian.min():.3f}")
     summary.append("contours: fixed green, moving/warped red, overlap yellow")
     figure.suptitle("   |   ".join(s for s in summary if s), fontsize=10)
 
@@ -216,8 +225,8 @@ def qc_figure(
         label = f"{plane} {index}"
         _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
               vmax=fixed_window[1], title=f"fixed ({label})")
-        _show(figure.add_subplot(grid[row, next(panels)]), cut(moving_before), aspect, vmin=moving_window[0],
-              vmax=moving_window[1], title="moving (before)")
+        _show(figure.add_subplot(grid[row, next(panels)]), moving_cut(axis_index, index), aspect,
+              vmin=moving_window[0], vmax=moving_window[1], title="moving (before)")
         _show(figure.add_subplot(grid[row, next(panels)]), cut(warped), aspect, vmin=moving_window[0],
               vmax=moving_window[1], title="warped (after)")
         _show(figure.add_subplot(grid[row, next(panels)]), checkerboard(cut(fixed), cut(warped)), aspect,
@@ -232,8 +241,8 @@ def qc_figure(
             _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
                   vmax=fixed_window[1], overlay=contour_overlay(fixed_cut, after),
                   title="contours after")
-        if det is not None:
-            det_cut = cut(det)
+        if jacobian is not None:
+            det_cut = cut(jacobian)
             folded = np.zeros((*det_cut.shape, 4))
             folded[det_cut <= 0] = (1.0, 0.0, 1.0, 1.0)
             axis = figure.add_subplot(grid[row, next(panels)])
@@ -245,21 +254,22 @@ def qc_figure(
     # contour, the moving image with the contours before, the warped image with the contours after.
     axial = _slice_axis(fixed_affine, "axial")
     aspect = _aspect(fixed_affine, axial)
+    centroids = ndimage.center_of_mass(np.ones(shape, np.uint8), fixed_labels, label_ids) if label_ids else []
     for position, label in enumerate(label_ids):
         row, first = 3 + position // 2, 3 * (position % 2)
-        index = _centroid_index(fixed_labels, label, axial)
+        index = int(round(centroids[position][axial]))
         name = (label_names or {}).get(label, str(label))
         fixed_cut = (_cut(fixed_labels, axial, index) == label).astype(np.int32)
-        panels = [(fixed, fixed_window, None, f"{name}: fixed, axial {index}")]
+        panels = [(_cut(fixed, axial, index), fixed_window, None, f"{name}: fixed, axial {index}")]
         if labels_before is not None:
-            panels.append((moving_before, moving_window, labels_before,
-                           f"before: Dice {_dice(labels_before, fixed_labels, label, mask):.3f}"))
+            panels.append((moving_cut(axial, index), moving_window, labels_before,
+                           f"before: Dice {dice_before[position]:.3f}"))
         if warped_labels is not None:
-            panels.append((warped, moving_window, warped_labels,
-                           f"after: Dice {_dice(warped_labels, fixed_labels, label, mask):.3f}"))
-        for offset, (volume, window, other, text) in enumerate(panels):
+            panels.append((_cut(warped, axial, index), moving_window, warped_labels,
+                           f"after: Dice {dice_after[position]:.3f}"))
+        for offset, (image, window, other, text) in enumerate(panels):
             other_cut = None if other is None else (_cut(other, axial, index) == label).astype(np.int32)
-            _show(figure.add_subplot(grid[row, first + offset]), _cut(volume, axial, index), aspect, vmin=window[0],
+            _show(figure.add_subplot(grid[row, first + offset]), image, aspect, vmin=window[0],
                   vmax=window[1], overlay=contour_overlay(fixed_cut, other_cut), title=text)
 
     with io.atomic_path(out_png) as temporary:
@@ -290,14 +300,15 @@ def write_qc_figure(
                           if moving_labels else None),
         "warped_labels": io.load_labels(warped_labels, reference=reference)[0] if warped_labels else None,
     }
-    field = None
+    det = None
     if displacement:
         field, field_affine = io.load_displacement(displacement)
         io.require_grid(displacement, field.shape[:3], field_affine, fixed.shape, fixed_affine, what="displacement",
                         reference=on_fixed_grid)
+        det = metrics.jacobian_determinant(field, fixed_affine)
     mask = io.load_mask(fixed_mask, fixed.shape, fixed_affine, reference=on_fixed_grid) if fixed_mask else None
     names = io.load_label_names(label_names) if label_names else None
-    return qc_figure(out_png, fixed, fixed_affine, moving, moving_affine, warped, displacement=field, mask=mask,
+    return qc_figure(out_png, fixed, fixed_affine, moving, moving_affine, warped, jacobian=det, mask=mask,
                      label_names=names, title=title, **maps)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import engine, io
-from .api import _tensor
+from .api import as_tensor
 from .engine.affine import AffineConfig, affine_register
 
 #: File names of each step's outputs (the study's DataSink keeps them in out_dir/<patient>/).
@@ -57,13 +57,15 @@ def torch_threads(n_threads: int | None):
 
 @dataclass
 class Pair:
-    """A validated moving/fixed pair (float32 data, float64 affines); ``fixed_mask`` is bool or None."""
+    """A validated moving/fixed pair (float32 data, float64 affines); ``fixed_mask`` is bool, labels int32, or None."""
 
     moving: np.ndarray
     moving_affine: np.ndarray
     fixed: np.ndarray
     fixed_affine: np.ndarray
     fixed_mask: np.ndarray | None = None
+    moving_labels: np.ndarray | None = None
+    fixed_labels: np.ndarray | None = None
 
 
 def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None) -> Pair:
@@ -74,16 +76,15 @@ def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mas
     """
     moving_data, moving_affine = io.load_image(moving)
     fixed_data, fixed_affine = io.load_image(fixed)
-    if moving_labels:
-        io.load_labels(moving_labels, reference=(moving, moving_data, moving_affine))
-    if fixed_labels:
-        io.load_labels(fixed_labels, reference=(fixed, fixed_data, fixed_affine))
+    labels = [io.load_labels(path, reference=(image, data, affine))[0] if path else None
+              for path, image, data, affine in ((moving_labels, moving, moving_data, moving_affine),
+                                                (fixed_labels, fixed, fixed_data, fixed_affine))]
     mask = None
     if fixed_mask:
         mask = io.load_mask(fixed_mask, fixed_data.shape, fixed_affine, reference=f"the fixed image {fixed}")
         if not mask.any():
             raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
-    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask)
+    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask, *labels)
 
 
 def check_labels(moving, fixed, *, moving_labels=None, fixed_labels=None) -> None:
@@ -129,7 +130,7 @@ def _normalised(volume: torch.Tensor, path) -> torch.Tensor:
 def _tensors(pair: Pair, device: torch.device):
     mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
     arrays = (pair.moving, pair.moving_affine, pair.fixed, pair.fixed_affine)
-    return (*(_tensor(a, device) for a in arrays), mask)
+    return (*(as_tensor(a, device) for a in arrays), mask)
 
 
 def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
@@ -170,8 +171,8 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
     field, field_affine = io.load_displacement(coarse_displacement)
     device = engine.resolve_device(device)
     check_memory("distill", fixed_data.shape, replace(config, model=velocity.config), device=device, source=fixed)
-    coarse = engine.StageResult(velocity.to(device), _tensor(field, device), _tensor(field_affine, device), log=[])
-    result = engine.distill_stage(coarse, fixed_data.shape, _tensor(fixed_affine, device),
+    coarse = engine.StageResult(velocity.to(device), as_tensor(field, device), as_tensor(field_affine, device), log=[])
+    result = engine.distill_stage(coarse, fixed_data.shape, as_tensor(fixed_affine, device),
                                   replace(config, model=velocity.config), progress=progress)
     out = Path(out_dir)
     return {
@@ -227,7 +228,7 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
                     what="displacement", reference=f"the reference {reference}")
     if interpolation != "linear" and not np.array_equal(data, np.round(data)):
         raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
-    out = engine.warp(_tensor(data), _tensor(affine), _tensor(field), _tensor(field_affine),
+    out = engine.warp(as_tensor(data), as_tensor(affine), as_tensor(field), as_tensor(field_affine),
                       interpolation=interpolation).numpy()
     return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
 
@@ -262,9 +263,10 @@ def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, int
                             f"was fitted on ({mismatch})")
     velocity = io.load_checkpoint(velocity_checkpoint)
     ref_shape, ref_affine = _reference_grid(reference)
-    inverse = engine.dense_displacement(velocity, ref_shape, _tensor(ref_affine), velocity.config.n_steps,
+    inverse = engine.dense_displacement(velocity, ref_shape, as_tensor(ref_affine), velocity.config.n_steps,
                                         stride=field_stride, backward=True)
-    out = engine.warp(_tensor(data), _tensor(affine), inverse, _tensor(ref_affine), interpolation=interpolation).numpy()
+    out = engine.warp(as_tensor(data), as_tensor(affine), inverse, as_tensor(ref_affine),
+                      interpolation=interpolation).numpy()
     return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
 
 
@@ -285,11 +287,11 @@ def trajectory_frames(velocity, moving: np.ndarray, moving_affine: np.ndarray, f
     if n_times < 2:
         raise ValueError(f"a trajectory needs at least 2 times (t = 0 and t = 1), got {n_times}")
     times = np.linspace(0.0, 1.0, n_times)
-    fixed_affine_t = _tensor(fixed_affine)
+    fixed_affine_t = as_tensor(fixed_affine)
     with torch.no_grad():
         fields = engine.dense_path(velocity, tuple(fixed_shape), fixed_affine_t, velocity.config.n_steps,
                                    times.tolist(), stride=field_stride)
-        moving_t, moving_affine_t = _tensor(moving), _tensor(moving_affine)
+        moving_t, moving_affine_t = as_tensor(moving), as_tensor(moving_affine)
         frames = [engine.warp(moving_t, moving_affine_t, field, fixed_affine_t) for field in fields]
     return torch.stack(frames, dim=-1).numpy(), times
 
@@ -327,15 +329,50 @@ def run_trajectory(model, moving, fixed, out_dir, *, n_times: int,
     return write_trajectory(frames, times, fixed_affine, out_dir, title=title)
 
 
+def estimate_affine(pair: Pair, moving, fixed, config: AffineConfig = AffineConfig(), *, seed=0,
+                    device="auto") -> np.ndarray:
+    """The affine ``A`` (fixed world -> moving world, RAS mm, float64 ``(4, 4)``) that pre-aligns a pair.
+
+    :func:`~nipype_inrlddmm.engine.affine.affine_register` on the
+    normalised images, inside the fixed mask when the pair has one;
+    ``moving`` and ``fixed`` (the paths) name the image in any error.
+    """
+    device = engine.resolve_device(device)
+    moving_t, fixed_t = (_normalised(as_tensor(a, device), path) for a, path in ((pair.moving, moving),
+                                                                               (pair.fixed, fixed)))
+    # float64 geometry: the transform is what this step returns, keep it exact.
+    moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
+    mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
+    return affine_register(moving_t, moving_affine, fixed_t, fixed_affine, config, fixed_mask=mask,
+                           seed=seed).cpu().numpy()
+
+
+def write_aligned(pair: Pair, matrix: np.ndarray, out_dir) -> dict[str, Path]:
+    """Write the pair's moving image (and labels) with the header ``inv(A) @ moving_affine``, and ``A``.
+
+    Keys as :data:`AFFINE_OUTPUTS` (``aligned_labels`` only when the pair has moving labels).
+    """
+    aligned = np.linalg.inv(matrix) @ pair.moving_affine
+    out = Path(out_dir)
+    outputs = {
+        "aligned_image": io.save_image(out / AFFINE_OUTPUTS["aligned_image"], pair.moving, aligned),
+        "transform": io.save_itk_affine(out / AFFINE_OUTPUTS["transform"], matrix),
+    }
+    if pair.moving_labels is not None:
+        outputs["aligned_labels"] = io.save_image(out / AFFINE_OUTPUTS["aligned_labels"], pair.moving_labels,
+                                                  aligned)
+    return outputs
+
+
 def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, transform_file=None,
                 config: AffineConfig = AffineConfig(), seed=0, device="auto") -> dict[str, Path]:
     """Pre-align the moving image by rewriting its header, never its voxels.
 
     The affine ``A`` (fixed world -> moving world, RAS mm) is estimated by
-    :func:`~nipype_inrlddmm.engine.affine.affine_register`, or read from
-    ``transform_file`` (ITK ``.txt``/ANTs ``.mat``) instead.  The moving
-    image (and its labels) are written with the voxel -> world matrix
-    ``inv(A) @ moving_affine``: in that header the moving image lies on the
+    :func:`estimate_affine`, or read from ``transform_file`` (ITK
+    ``.txt``/ANTs ``.mat``) instead.  The moving image (and its labels) are
+    written with the voxel -> world matrix ``inv(A) @ moving_affine``
+    (:func:`write_aligned`): in that header the moving image lies on the
     fixed image in world space, so the deformable stages start aligned, and
     no resampling blurs it.  ``A`` is also written as an ITK text transform.
     Keys as :data:`AFFINE_OUTPUTS` (``aligned_labels`` only when given).
@@ -344,24 +381,8 @@ def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, 
     if transform_file:
         matrix = io.load_itk_affine(transform_file)
     else:
-        device = engine.resolve_device(device)
-        moving_t, fixed_t = (_normalised(_tensor(a, device), path) for a, path in ((pair.moving, moving),
-                                                                                   (pair.fixed, fixed)))
-        # float64 geometry: the transform is what this step returns, keep it exact.
-        moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
-        mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
-        matrix = affine_register(moving_t, moving_affine, fixed_t, fixed_affine, config,
-                                 fixed_mask=mask, seed=seed).cpu().numpy()
-    aligned = np.linalg.inv(matrix) @ pair.moving_affine
-    out = Path(out_dir)
-    outputs = {
-        "aligned_image": io.save_image(out / AFFINE_OUTPUTS["aligned_image"], pair.moving, aligned),
-        "transform": io.save_itk_affine(out / AFFINE_OUTPUTS["transform"], matrix),
-    }
-    if moving_labels:
-        labels, _ = io.load_labels(moving_labels)
-        outputs["aligned_labels"] = io.save_image(out / AFFINE_OUTPUTS["aligned_labels"], labels, aligned)
-    return outputs
+        matrix = estimate_affine(pair, moving, fixed, config, seed=seed, device=device)
+    return write_aligned(pair, matrix, out_dir)
 
 
 # --- study tables -------------------------------------------------------------

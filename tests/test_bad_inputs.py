@@ -48,9 +48,9 @@ from nipype_inrlddmm.workflows import init_study_wf, run_study
 SHAPE = (32, 28, 16)
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 CONFIG = engine.config_from_options(**FEW)
-#: The fine stage drawing all its 48 patches, as on a patient-sized grid; on this small one its default
-#: tenth of the grid is a single patch, whose memory no faked limit above the overhead refuses.
-ALL_PATCHES = engine.config_from_options(**FEW, fine_sampling_fraction=None)
+#: The image stages drawing all their 48 patches, as on a patient-sized grid; on this small one their
+#: default fractions of the grid are a few patches, whose memory no faked limit above the overhead refuses.
+ALL_PATCHES = engine.config_from_options(**FEW, sampling_fraction=None)
 #: Smaller training batches for the runs whose result does not matter, only that they run (a busy 2-core box).
 TINY = dict(coarse_iterations=3, distill_iterations=2, fine_iterations=3, n_patches=4, patch_size=8, batch_points=1024)
 FILE_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "fixed_mask")
@@ -604,7 +604,7 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(good, tmp_pat
     monkeypatch.setattr(engine.memory, "available_memory", lambda device="cpu": 200_000_000)
     out = tmp_path / "out"
     calls = {
-        "coarse": lambda: steps.run_coarse(good["moving"], good["fixed"], out, CONFIG),
+        "coarse": lambda: steps.run_coarse(good["moving"], good["fixed"], out, ALL_PATCHES),
         "distill": lambda: steps.run_distill(good["model"], good["coarse_displacement"], good["fixed"], out, CONFIG),
         "fine": lambda: steps.run_fine(good["moving"], good["fixed"], good["model"], out, ALL_PATCHES),
     }
@@ -622,23 +622,24 @@ def test_register_has_the_same_memory_guard_and_an_escape_hatch(good, monkeypatc
     from nipype_inrlddmm import register
 
     monkeypatch.setattr(engine.memory, "available_memory", lambda device="cpu": 200_000_000)
-    monkeypatch.setattr(engine.pipeline, "coarse_stage", _tripwire)
+    monkeypatch.setattr(engine.stages, "coarse_stage", _tripwire)
     moving = (_data_of(good["moving"]).astype(np.float32), _affine_of(good["moving"]))
     fixed = (_data_of(good["fixed"]).astype(np.float32), _affine_of(good["fixed"]))
     with pytest.raises(engine.InsufficientMemoryError, match="the coarse stage on a 32x28x16 fixed grid"):
-        register(moving, fixed, **FEW)
+        register(moving, fixed, **FEW, sampling_fraction=None)
     monkeypatch.setenv("INRLDDMM_NO_MEMORY_CHECK", "1")
     assert engine.check_memory("fine", SHAPE, ALL_PATCHES)["total"] > 200_000_000  # passes: the check is off
 
 
 def test_the_fine_estimate_counts_the_patches_its_sampling_fraction_draws():
     """A tenth of a 96x96x48 grid is 26 patches of 12^3 voxels: the guard budgets and names those, not all 48
-    (with the regularity patches on top)."""
+    (with the regularity patches on top, 13 at 26 against 24 at 48)."""
     shape = (96, 96, 48)
     tenth = engine.estimate_memory("fine", shape, CONFIG)
-    regularity = CONFIG.fine.regularity_patches
+    regularity, all_regularity = CONFIG.fine.regularity_patch_count(shape), ALL_PATCHES.fine.regularity_patches
+    assert (regularity, all_regularity) == (13, 24)
     assert tenth["training"] == pytest.approx(
-        engine.estimate_memory("fine", shape, ALL_PATCHES)["training"] * (26 + regularity) / (48 + regularity))
+        engine.estimate_memory("fine", shape, ALL_PATCHES)["training"] * (26 + regularity) / (48 + all_regularity))
     with pytest.raises(engine.InsufficientMemoryError) as caught:
         engine.check_memory("fine", shape, CONFIG, available=tenth["total"] - 1)
     message = str(caught.value)

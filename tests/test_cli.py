@@ -12,6 +12,7 @@ from conftest import assert_report_renders
 from PIL import Image
 
 from nipype_inrlddmm import cli
+from nipype_inrlddmm.evaluate import evaluate_files
 from nipype_inrlddmm.phantom import write_cohort
 
 FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
@@ -28,7 +29,7 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
         "register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
         "--moving-labels", str(patient / "ct_labels.nii.gz"), "--fixed-labels", str(patient / "cbct_labels.nii.gz"),
         "--fixed-mask", str(patient / "cbct_fov.nii.gz"), "--label-names", str(cohort.parent / "labels.tsv"),
-        "--out-dir", str(tmp_path), "--trajectory", "3", *FEW,
+        "--out-dir", str(tmp_path), "--trajectory", "3", "--timings", str(tmp_path / "timings.json"), *FEW,
     ])
     assert code == 0
     for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "log.csv", "warped_labels.nii.gz",
@@ -43,10 +44,24 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
     assert {"mean_dice", "jacobian_min", "jacobian_nonpositive_percent", "sdlogj"} <= summary.keys()
     log = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [row["stage"] for row in log].count("fine") == 10
+    # Evaluated in memory, as the files written say: the evaluation of those files gives the same tables.
+    again = evaluate_files(tmp_path / "warped_labels.nii.gz", patient / "cbct_labels.nii.gz", tmp_path / "again.csv",
+                           tmp_path / "again.json", label_names=cohort.parent / "labels.tsv",
+                           displacement=tmp_path / "displacement.nii.gz", mask=patient / "cbct_fov.nii.gz")
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / "dice.csv").read_text()
+    assert again[1] == summary
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings) == {"read", "stages", "dense field and warp", "write", "labels", "evaluation", "QC",
+                            "trajectory"}
+    assert timings["stages"] == pytest.approx(sum(float(log[-1]["seconds"]) for log in _stage_logs(log)))
     captured = capsys.readouterr()
     assert "spinal_cord" in captured.out
     assert "loss=" not in captured.err  # --quiet: no progress bars
     assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
+
+
+def _stage_logs(log):
+    return [[row for row in log if row["stage"] == stage] for stage in ("coarse", "distill", "fine")]
 
 
 def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_reproduces_the_warp(cohort, tmp_path):

@@ -121,7 +121,7 @@ def test_the_automatic_lattice_stride_is_closest_to_4_mm_and_at_least_2_voxels()
 
 
 def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(monkeypatch):
-    from nipype_inrlddmm.engine import stages
+    from nipype_inrlddmm.engine import optimise
 
     counts = []
 
@@ -129,18 +129,18 @@ def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(
         counts.append(len(points))
         return engine.integrate(velocity, points, n_steps)
 
-    monkeypatch.setattr(stages, "integrate", counting)
+    monkeypatch.setattr(optimise, "integrate", counting)
     affine = torch.diag(torch.tensor([1.366, 1.366, 2.5, 1.0]))
     volume = torch.rand(30, 30, 20, generator=torch.Generator().manual_seed(0))
     for stride, lattice in ((None, 5 * 5 * 7), (2, 7 * 7 * 7)):
         config = engine.StageConfig(iterations=1, n_patches=3, patch_stride=stride)
         velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
-        stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
+        optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
         assert counts.pop() == (3 + config.regularity_patches) * lattice
 
 
 def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(monkeypatch):
-    from nipype_inrlddmm.engine import stages
+    from nipype_inrlddmm.engine import optimise
 
     grid = (30, 30, 20)  # 18,000 voxels: half of them is 5.2 patches of 12^3
     assert engine.StageConfig(n_patches=48, sampling_fraction=0.5).patches(grid) == 5
@@ -150,19 +150,22 @@ def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(m
     with pytest.raises(ValueError, match="sampling_fraction"):
         engine.StageConfig(sampling_fraction=1.5)
 
-    drawn, draw = [], stages.random_patch_corners
+    drawn, draw = [], optimise.random_patch_corners
 
     def counting(shape, n_patches, patch_size, **kwargs):
         drawn.append(n_patches)
         return draw(shape, n_patches, patch_size, **kwargs)
 
-    monkeypatch.setattr(stages, "random_patch_corners", counting)
+    monkeypatch.setattr(optimise, "random_patch_corners", counting)
     affine = torch.eye(4)
     volume = torch.rand(*grid, generator=torch.Generator().manual_seed(0))
     config = engine.StageConfig(iterations=1, sampling_fraction=0.5)
     velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
-    stages.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
-    assert drawn == [5, config.regularity_patches]  # then the regularity patches, anywhere
+    optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
+    # then the regularity patches, anywhere: as many fewer as the image patches (24 at 48, 2 at 5)
+    assert drawn == [5, round(config.regularity_patches * 5 / config.n_patches)] == [5, 2]
+    assert engine.StageConfig(n_patches=48, sampling_fraction=1e-6).regularity_patch_count(grid) == 1
+    assert engine.StageConfig(regularity_patches=0).regularity_patch_count(grid) == 0
 
 
 def test_patches_are_gathered_from_their_corners_inside_the_grid():
@@ -220,8 +223,9 @@ LARGE_GRID = (512, 512, 512)
 @pytest.mark.parametrize("spacing, coarse, fine", [
     ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
     ((1.366, 1.366, 2.5), (2, 2, 2), (2, 2, 1)),  # chest CT: 2.73 mm is nearer 2 mm in ratio than 1.37 mm
-    ((1.5, 1.5, 1.5), (2, 2, 2), (1, 1, 1)),  # 1.5 mm is nearer 2 mm in ratio than 3 mm
-    ((2.8, 2.7, 5.0), (2, 2, 2), (1, 1, 1)),  # CBCT-like: never coarser than half, never finer than full
+    ((1.5, 1.5, 1.5), (2, 2, 2), (2, 2, 2)),  # fine at half resolution at least, as ANTs' SyN stops
+    ((2.8, 2.7, 5.0), (2, 2, 2), (2, 2, 1)),  # CBCT-like: half the finest resolution, 5.6 x 5.4 x 5 mm
+    ((3.0, 3.0, 3.0), (2, 2, 2), (2, 2, 2)),  # a CT at 3 mm: coarse stage and fine stage at 6 mm
 ])
 def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):
     affine = torch.tensor(oblique_affine(spacing), dtype=torch.float32)

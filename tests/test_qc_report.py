@@ -163,6 +163,25 @@ def test_qc_figure_of_a_registration(registered, tmp_path):
                            warped_image=bad)
 
 
+def test_the_figure_resamples_only_the_slices_it_shows_and_they_are_the_whole_volume_s():
+    """A moving image on its own oblique grid: each 'before' slice equals that slice of the whole volume
+    resampled onto the fixed grid; labels on the fixed grid are taken as they are."""
+    rng = np.random.default_rng(0)
+    moving = ndimage.gaussian_filter(rng.random((30, 26, 22)), 2).astype(np.float32)
+    angle = np.deg2rad(10.0)
+    moving_affine = np.array([[1.2 * np.cos(angle), -np.sin(angle), 0, -15],
+                              [1.2 * np.sin(angle), np.cos(angle), 0, -12], [0, 0, 1.5, -14], [0, 0, 0, 1]])
+    fixed_shape, fixed_affine = (28, 24, 20), np.diag([1.1, 1.0, 1.4, 1.0])
+    fixed_affine[:3, 3] = -14
+    whole = qc._before(moving, moving_affine, fixed_shape, fixed_affine)
+    for axis in range(3):
+        for index in (0, fixed_shape[axis] // 2, fixed_shape[axis] - 1):
+            np.testing.assert_allclose(qc._moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis, index),
+                                       qc._cut(whole, axis, index), atol=1e-6)
+    labels = rng.integers(0, 4, fixed_shape).astype(np.int32)
+    assert qc._labels_before(labels, fixed_affine, fixed_shape, fixed_affine) is labels
+
+
 def test_contour_overlay_colours():
     square = np.zeros((10, 10), np.int32)
     square[2:7, 2:7] = 1

@@ -3,7 +3,7 @@
 from .flow import dense_displacement, dense_path, integrate, integrate_backward, path_at_times, resample_field
 from .grid import apply_affine, block_grid, downsample, sample, world_grid
 from .memory import InsufficientMemoryError, available_memory, check_memory, estimate_memory
-from .pipeline import (
+from .stages import (
     RegistrationConfig,
     RegistrationResult,
     StageResult,
@@ -18,7 +18,7 @@ from .pipeline import (
     stage_factors,
     warp,
 )
-from .stages import StageConfig, fit_field, fit_images, relative_decrease
+from .optimise import StageConfig, fit_field, fit_images, relative_decrease
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [

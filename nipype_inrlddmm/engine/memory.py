@@ -207,11 +207,11 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
         batch = ("batch_points" if stage == "distill" else
                  ("sampling_fraction, " if stage_config.sampling_fraction is not None else "")
                  + "n_patches, regularity_patches or patch_size (or raise patch_stride)")
-        stride = stage_config.patch_stride
+        stride, grid = stage_config.patch_stride, _training_grid(stage, fixed_shape, config)
         lattice = f"the flow every {stride} voxels" if stride else "the flow on a lattice about 4 mm apart"
         points = (f"{stage_config.batch_points} points" if stage == "distill" else
-                  f"{stage_config.patches(_training_grid(stage, fixed_shape, config))} patches of "
-                  f"{stage_config.patch_size}^3 voxels and {stage_config.regularity_patches} regularity patches, "
+                  f"{stage_config.patches(grid)} patches of {stage_config.patch_size}^3 voxels and "
+                  f"{stage_config.regularity_patch_count(grid)} regularity patches, "
                   f"{lattice}")
         culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
         advice = (f"lower {batch} of the {stage} stage, or the network's width ({config.model.width}) or "

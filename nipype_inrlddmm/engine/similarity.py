@@ -75,14 +75,14 @@ def _cubic_bspline_weights(fraction: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def mutual_information(warped: torch.Tensor, fixed: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Negative mutual information (nats) of all samples, as ANTs' Mattes metric.
 
-    Intensities must lie in [0, 1] (:func:`~.pipeline.normalise_intensity`).
+    Intensities must lie in [0, 1] (:func:`~.stages.normalise_intensity`).
     The joint histogram has ``bins`` bins per image: each warped sample
     spreads over four of them by a cubic B-spline, which makes the measure
     differentiable in it; each fixed sample falls in one (Mattes et al.,
     IEEE TMI 2003).  A global measure of how well intensity classes
     overlap: added to :func:`lncc` it anchors low-contrast tissue that a
     local correlation normalises away (``mi_weight`` of
-    :class:`~.stages.StageConfig`).
+    :class:`~.optimise.StageConfig`).
     """
     size = bins + 3  # a tap of padding below the intensity range and two above it
     position = warped.reshape(-1).clamp(0, 1) * (bins - 1) + 1

@@ -1,0 +1,227 @@
+"""What the user waits for: ``inrlddmm register`` end to end against the ANTs command line, in one run.
+
+    python benchmarks/end_to_end.py [--sets brain brain-pair lung-ct phantom small-ct] [--threads 2]
+                                    [--out end_to_end.md]
+
+Each method runs as its own process, timed from start to exit, the way a
+user runs it:
+
+* ours: ``inrlddmm register`` with both label maps, writing every output
+  (warped image, field, model, log, warped labels, dice.csv, qc.png), with
+  ``--timings`` for the seconds of each phase;
+* ANTs: antspyx (the ``benchmarks`` extra), as ``antsRegistration`` SyN
+  followed by ``antsApplyTransforms`` of the image and of the labels
+  (GenericLabel) and ``CreateJacobianDeterminantImage``: ``registration``,
+  ``apply_transforms`` twice and ``create_jacobian_determinant_image``, the
+  three results written as NIfTI.
+
+Both get the same thread count (torch and ITK).  Afterwards, outside the
+timing, both are scored the same way from the label maps they wrote: mean
+Dice over the set's labels (inside the field of view for the CBCT cases),
+SDlogJ and the share of voxels with det J <= 0.
+
+Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
+``brain`` (subject -> MNI152, ``--affine affine``), ``brain-pair``,
+``lung-ct`` (follow-up -> baseline, ``--affine affine``, HU clipped at
+-1024 for both methods), ``phantom`` (the cohort generator's 128 x 112 x 48
+CT -> CBCT, ``--fixed-mask`` its field of view) and ``small-ct`` (the same
+generator at 3 mm isotropic, 128 x 112 x 96).  Prints a Markdown table of
+the wall times and one of our phase shares, and writes both to ``--out``
+with a JSON copy of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nipype_inrlddmm import __version__, io, metrics
+from nipype_inrlddmm.phantom import LABELS as PHANTOM_LABELS
+from nipype_inrlddmm.phantom import make_pair
+
+DATA = Path(os.environ.get("INRLDDMM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SETS = ("brain", "brain-pair", "lung-ct", "phantom", "small-ct")
+PHASES = ("read", "pre-align", "stages", "dense field and warp", "write", "labels", "evaluation", "QC")
+
+
+@dataclass
+class Case:
+    """One registration problem as the files a user would pass."""
+
+    name: str
+    moving: Path
+    fixed: Path
+    moving_labels: Path
+    fixed_labels: Path
+    label_names: Path  # TSV of the evaluated labels
+    affine: str | None = None
+    fixed_mask: Path | None = None  # sampled by ours, and the evaluation region of both
+
+
+def _label_table(path: Path, labels: dict[int, str]) -> Path:
+    return io.write_csv(path, [{"index": k, "name": v} for k, v in labels.items()], delimiter="\t")
+
+
+def _clipped(source: Path, target: Path, low: float) -> Path:
+    data, affine = io.load_volume(source)
+    return io.save_image(target, np.maximum(data, low).astype(np.float32), affine)
+
+
+def _phantom_case(name: str, scratch: Path, shape, field_of_view, seed: int) -> Case:
+    pair = make_pair(shape, seed=seed, field_of_view=field_of_view)
+    files = {key: io.save_image(scratch / f"{name}_{key}.nii.gz", data, pair.affine) for key, data in (
+        ("ct", pair.ct), ("cbct", pair.cbct), ("ct_labels", pair.ct_labels.astype(np.int32)),
+        ("cbct_labels", pair.cbct_labels.astype(np.int32)), ("fov", pair.cbct_fov.astype(np.uint8)))}
+    labels = _label_table(scratch / f"{name}_labels.tsv", {k: v for k, v in PHANTOM_LABELS.items() if k})
+    return Case(name, files["ct"], files["cbct"], files["ct_labels"], files["cbct_labels"], labels,
+                fixed_mask=files["fov"])
+
+
+def cases(names, scratch: Path) -> list[Case]:
+    out = []
+    if "brain" in names:
+        d = DATA / "brain"
+        out.append(Case("brain", d / "subject_T1w.nii.gz", d / "mni152_T1w.nii.gz", d / "subject_tissue.nii.gz",
+                        d / "mni152_tissue.nii.gz", _label_table(scratch / "brain.tsv", {1: "GM", 2: "WM"}),
+                        affine="affine"))
+    if "brain-pair" in names:
+        d = DATA / "brain-pair"
+        out.append(Case("brain-pair", d / "subjectA_T1w.nii.gz", d / "subjectB_T1w.nii.gz",
+                        d / "subjectA_aseg.nii.gz", d / "subjectB_aseg.nii.gz", d / "labels.tsv"))
+    if "lung-ct" in names:
+        d = DATA / "lung-ct"
+        out.append(Case("lung-ct", _clipped(d / "followup_ct.nii.gz", scratch / "followup_ct.nii.gz", -1024.0),
+                        _clipped(d / "baseline_ct.nii.gz", scratch / "baseline_ct.nii.gz", -1024.0),
+                        d / "followup_lung.nii.gz", d / "baseline_lung.nii.gz",
+                        _label_table(scratch / "lung.tsv", {1: "lung"}), affine="affine"))
+    if "phantom" in names:
+        out.append(_phantom_case("phantom", scratch, (128, 112, 48), (360.0, 300.0, 240.0), seed=1))
+    if "small-ct" in names:
+        out.append(_phantom_case("small-ct", scratch, (128, 112, 96), (384.0, 336.0, 288.0), seed=2))
+    return out
+
+
+def _timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def run_ours(case: Case, out: Path, threads: int, env: dict) -> dict:
+    command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"), "register",
+               "--moving", str(case.moving), "--fixed", str(case.fixed),
+               "--moving-labels", str(case.moving_labels), "--fixed-labels", str(case.fixed_labels),
+               "--label-names", str(case.label_names), "--out-dir", str(out), "--num-threads", str(threads),
+               "--quiet", "--timings", str(out / "timings.json")]
+    command += ["--affine", case.affine] if case.affine else []
+    command += ["--fixed-mask", str(case.fixed_mask)] if case.fixed_mask else []
+    seconds = _timed(command, env)
+    field, affine = io.load_displacement(out / "displacement.nii.gz")
+    return {"wall": seconds, "timings": json.loads((out / "timings.json").read_text()),
+            "labels": out / "warped_labels.nii.gz", "jacobian": metrics.jacobian_determinant(field, affine)}
+
+
+def run_ants(case: Case, out: Path, threads: int, env: dict) -> dict:
+    command = [sys.executable, __file__, "--ants-worker", str(case.moving), str(case.fixed), str(case.moving_labels),
+               str(out)]
+    seconds = _timed(command, dict(env, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads)))
+    jacobian, _ = io.load_volume(out / "jacobian.nii.gz")
+    return {"wall": seconds, "labels": out / "warped_labels.nii.gz", "jacobian": jacobian}
+
+
+def ants_worker(moving: str, fixed: str, moving_labels: str, out: str) -> None:
+    """The ANTs command line's work in one process: SyN, the image and the labels carried over, det J."""
+    import ants
+
+    fixed_image, moving_image = ants.image_read(fixed), ants.image_read(moving)
+    registration = ants.registration(fixed_image, moving_image, "SyN")
+    transforms = registration["fwdtransforms"]
+    ants.image_write(ants.apply_transforms(fixed_image, moving_image, transforms), f"{out}/warped.nii.gz")
+    labels = ants.apply_transforms(fixed_image, ants.image_read(moving_labels), transforms,
+                                   interpolator="genericLabel")
+    ants.image_write(labels, f"{out}/warped_labels.nii.gz")
+    ants.image_write(ants.create_jacobian_determinant_image(fixed_image, transforms[0]), f"{out}/jacobian.nii.gz")
+
+
+def score(case: Case, run: dict) -> dict:
+    fixed, affine = io.load_labels(case.fixed_labels)
+    warped = np.rint(io.load_volume(run["labels"])[0]).astype(np.int32)
+    mask = io.load_volume(case.fixed_mask)[0] > 0 if case.fixed_mask else None
+    names = io.load_label_names(case.label_names)
+    dice = metrics.dice_scores(warped, fixed, sorted(names), mask)
+    return {"wall": run["wall"], "mean_dice": float(np.nanmean(dice)), **metrics.determinant_summary(run["jacobian"])}
+
+
+def tables(results: dict) -> str:
+    head = ["set", "ours: wall (s)", "register() (s)", "wall / register()", "ANTs: wall (s)", "ours / ANTs",
+            "Dice ours / ANTs", "SDlogJ ours / ANTs", "% det J <= 0 ours / ANTs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        ours, ants = r["ours"], r["ants"]
+        registration = ours["timings"]["stages"] + ours["timings"]["dense field and warp"]
+        lines.append("| " + " | ".join([
+            name, f"{ours['wall']:.1f}", f"{registration:.1f}", f"{ours['wall'] / registration:.2f}",
+            f"{ants['wall']:.1f}", f"{ours['wall'] / ants['wall']:.2f}",
+            f"{ours['mean_dice']:.3f} / {ants['mean_dice']:.3f}", f"{ours['sdlogj']:.3f} / {ants['sdlogj']:.3f}",
+            f"{ours['jacobian_nonpositive_percent']:.4f} / {ants['jacobian_nonpositive_percent']:.4f}"]) + " |")
+    head = ["set", *PHASES, "start-up and other"]
+    lines += ["", "Share of our wall time per phase (%):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        timings, wall = r["ours"]["timings"], r["ours"]["wall"]
+        shares = [100.0 * timings.get(phase, 0.0) / wall for phase in PHASES]
+        lines.append("| " + " | ".join([name, *(f"{s:.1f}" for s in shares), f"{100.0 - sum(shares):.1f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the Markdown tables here (and a .json beside it)")
+    parser.add_argument("--ants-worker", nargs=4, metavar=("MOVING", "FIXED", "MOVING_LABELS", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ants_worker:
+        ants_worker(*args.ants_worker)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    header = (f"# inrlddmm register {__version__} vs the ANTs command line, end to end: {args.threads} threads, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(header, flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for case in cases(args.sets, scratch):
+            row = {}
+            for method, run in (("ours", run_ours), ("ants", run_ants)):
+                out = scratch / case.name / method
+                out.mkdir(parents=True)
+                measured = run(case, out, args.threads, env)
+                row[method] = dict(score(case, measured), **({"timings": measured["timings"]} if method == "ours"
+                                                              else {}))
+            results[case.name] = row
+            print(f"<!-- {case.name}: {json.dumps(row)} -->", flush=True)
+    table = tables(results)
+    print(table)
+    if args.out:
+        with io.atomic_path(args.out) as temporary:
+            Path(temporary).write_text(header + "\n" + table)
+        with io.atomic_path(args.out.with_suffix(".json")) as temporary:
+            Path(temporary).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""The optimisers behind the stages of coarse-to-fine INR-LDDMM (:mod:`.stages` chains them).
+
+* :func:`fit_images` is Algorithm 1: minimise
+  ``Sim(moving o S, fixed) + reg_weight * (1/n) sum_i ||v_i||^2`` over the
+  network weights, on random patches of the fixed grid.  It serves both the
+  coarse stage (on downsampled images) and the fine stage.
+* :func:`fit_field` is the distillation stage: minimise
+  ``||S - S1'||^2 + reg_weight * (1/n) sum_i ||v_i||^2`` where ``S1'`` is a
+  given displacement (the coarse result) interpolated trilinearly at random
+  points of the fine grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import siren
+from .flow import integrate, resample_field
+from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
+from .regularity import lattice_jacobian_determinants, log_jacobian_spread
+from .sampling import (
+    MIN_AUTOMATIC_STRIDE, checked_stride, gather_patches, interpolate_patches, lattice_shape, lattice_strides,
+    patch_lattice, patch_shape, per_axis_strides, random_patch_corners, random_voxels,
+)
+from .similarity import SIMILARITIES, lncc, mutual_information
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimisation settings of one stage.
+
+    ``n_patches`` patches of ``patch_size``^3 fixed-grid voxels are drawn at
+    each image-matching iteration (with a ``sampling_fraction``, at most
+    that many: as many as cover that fraction of the stage's grid,
+    :meth:`patches`); the flow is integrated on a lattice at
+    most ``patch_stride`` voxels apart in each patch (one int, one per axis,
+    or None: per axis, the stride closest to 4 mm and at least 2,
+    :func:`~.sampling.lattice_strides`) and interpolated trilinearly to
+    every voxel (as the dense field, ``field_stride``), and the similarity
+    is computed on every voxel.  ``batch_points`` random
+    voxels are drawn at each distillation iteration.  The learning rate
+    decays along a cosine to a tenth of ``learning_rate``.
+
+    ``jacobian_weight`` adds that much of the spread of ``log det J`` of
+    the displacement at the corners of the lattice cells, measured where the
+    field is computed (:func:`~.regularity.log_jacobian_spread`): SDlogJ
+    squared for deviations under ``jacobian_scale``, linear beyond, so the
+    field stays smooth and does not fold, while the few large volume changes
+    anatomy asks for remain affordable; a uniform volume change is free.
+    The image patches lie where the mask allows, so ``regularity_patches``
+    more (at ``n_patches`` image patches; proportionally fewer with fewer,
+    :meth:`regularity_patch_count`) are drawn anywhere in the grid, for the
+    penalties alone (velocity and Jacobian): a SIREN's sine features span
+    the whole image, and a field left unconstrained away from the anatomy is
+    rough there.
+
+    ``mi_weight`` adds that much of a Mattes mutual information
+    (:func:`~.similarity.mutual_information`, over all the iteration's patch
+    voxels) to ``similarity`` (unless that is ``"mi"`` already), as ANTs
+    combines two metrics.  The local correlation normalises each window's
+    contrast away, so low-contrast tissue (deep grey matter, soft tissue
+    around the lungs) was matched by its edges alone; the global term asks
+    that intensity classes overlap.
+    Measured with benchmarks/accuracy.py (1 thread, two runs at once;
+    LNCC alone in brackets): brain-pair 0.733 / 0.734 / 0.735 for seeds 0 /
+    1 / 2 (0.722 / 0.731 / 0.725), lung-ct Dice 0.9873 / 0.9872 and TRE
+    1.55 / 1.51 mm for seeds 0 / 1 (0.9840 / 0.9838, 1.55 / 1.53 mm), but
+    brain -> MNI152 0.800 (0.803) and the CT -> CBCT phantom 0.971 (0.975),
+    whose cupping no global intensity mapping describes.  A weight of 1
+    gave brain-pair 0.736 with 0.10 % det J <= 0, brain -> MNI152 0.795,
+    phantom 0.968; the term in the coarse stage only, brain-pair 0.722; in
+    the fine stage only, 0.727.
+
+    Points per iteration were the strongest lever measured
+    (benchmarks/accuracy.py, brain-pair mean Dice over 30 labels): with the
+    flow on every voxel, 16 / 24 / 32 patches gave 0.714 / 0.722 / 0.723 (8
+    patches: 0.674).  A lattice of stride 2 makes a fine-stage iteration of
+    48 patches take 0.39 x the time of one of 24 patches on every voxel (2
+    threads), because the network, not the image sampling, is most of the
+    work.  At stride 2 with 48 patches (and omega_0 20, see
+    :class:`~nipype_inrlddmm.engine.ModelConfig`): brain-pair 0.721 (0.721
+    before), brain -> MNI152 0.798 (0.797), phantom 0.974 (0.972), lung-ct
+    landmark TRE 1.53 mm (1.79) and lung Dice 0.983 (0.977).  Stride 2
+    alone, with 24 patches and omega_0 25, lost brain-pair Dice (0.711) and
+    lung-ct TRE (1.86 mm); 48 patches at omega_0 25 folded 0.23 % of
+    brain-pair voxels.  Stride 2 on the brains' 2 mm fine grids is a 4 mm
+    lattice, and the automatic stride keeps about that on finer grids: on
+    lung-ct's 1.37 x 1.37 x 2.5 mm fine grid stride 3 x 3 x
+    2 (0.51 x the network points of stride 2) gave lung Dice 0.9836 /
+    0.9839 / 0.9835 and TRE 1.63 / 1.56 / 1.70 mm for seeds 0 / 1 / 2,
+    against 0.9840 / 0.9837 / 0.9837 and 1.50 / 1.61 / 1.68 mm, in 0.57 x
+    the fine stage's time (1 thread).  On 2 mm grids stride 3 lost Dice
+    (brain-pair 0.714 with 96 patches, 0.12 % det J <= 0).
+
+    ``convergence_window`` > 0 stops a stage early once the loss fell by less
+    than ``convergence_threshold`` of its magnitude over that many iterations
+    (:func:`relative_decrease`), as ANTs' convergence test.  Off by default,
+    by measurement (24 patches, flow on every voxel): the fine-stage loss
+    still fell by 6-11 % per 100 iterations up to iteration 300 on the
+    phantom and on brain-pair
+    (1-2 % over the last 100), while on lung-ct and brain -> MNI152 the
+    same 100-iteration trend swung between -6 % and +24 % with the patches
+    drawn.  No threshold stops the smooth cases early without stopping the
+    noisy ones at random.
+    """
+
+    iterations: int = 200
+    learning_rate: float = 2e-3
+    similarity: str = "lncc"
+    lncc_window: int = 5
+    mi_weight: float = 0.5
+    n_patches: int = 48
+    sampling_fraction: float | None = None
+    patch_size: int = 12
+    batch_points: int = 8192
+    reg_weight: float = 1e-4
+    jacobian_weight: float = 4.0
+    jacobian_scale: float = 0.1
+    regularity_patches: int = 24
+    convergence_window: int = 0
+    convergence_threshold: float = 0.0
+    patch_stride: int | tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {self.similarity!r}")
+        if self.iterations < 0 or self.learning_rate <= 0 or min(self.reg_weight, self.mi_weight,
+                                                                self.jacobian_weight) < 0:
+            raise ValueError("iterations must be >= 0, learning_rate > 0, and reg_weight, mi_weight and "
+                             "jacobian_weight >= 0")
+        object.__setattr__(self, "patch_stride", checked_stride(self.patch_stride, "patch_stride"))
+        if self.n_patches < 1 or self.sampling_fraction is not None and not 0 < self.sampling_fraction <= 1:
+            raise ValueError("n_patches must be >= 1, sampling_fraction None or in (0, 1]")
+        if self.regularity_patches < 0 or self.jacobian_scale <= 0:
+            raise ValueError("regularity_patches must be >= 0 and jacobian_scale > 0")
+        if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
+            raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
+
+    def patches(self, grid) -> int:
+        """Patches drawn per image-matching iteration on ``grid``: ``n_patches``, or with a
+        ``sampling_fraction`` as many as cover that fraction of the grid's voxels (as ANTs' metric
+        sampling percentage is a fraction of the image), at least 1 and at most ``n_patches``."""
+        if self.sampling_fraction is None:
+            return self.n_patches
+        covering = round(self.sampling_fraction * math.prod(grid) / math.prod(patch_shape(grid, self.patch_size)))
+        return min(self.n_patches, max(1, covering))
+
+    def regularity_patch_count(self, grid) -> int:
+        """Regularity patches drawn per iteration on ``grid``: ``regularity_patches`` at ``n_patches``
+        image patches, as many fewer as :meth:`patches` draws fewer (at least 1, unless 0), so a small
+        grid is not regularised many times over."""
+        if not self.regularity_patches:
+            return 0
+        return max(1, round(self.regularity_patches * self.patches(grid) / self.n_patches))
+
+    def flow_points(self, grid, voxel_mm=None) -> int:
+        """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice,
+        the regularity patches' included.
+
+        ``voxel_mm`` : the grid's voxel size per axis, for an automatic
+        ``patch_stride``; without it, the automatic stride's smallest
+        (:data:`~.sampling.MIN_AUTOMATIC_STRIDE`), so the count is an upper bound.
+        """
+        if voxel_mm is None:
+            strides = per_axis_strides(self.patch_stride or MIN_AUTOMATIC_STRIDE)
+        else:
+            strides = lattice_strides(self.patch_stride, voxel_mm)
+        lattice = math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
+        return (self.patches(grid) + self.regularity_patch_count(grid)) * lattice
+
+
+def relative_decrease(losses, window: int) -> float:
+    """How much the loss fell over its last ``window`` values, relative to its magnitude.
+
+    A least-squares line through the last ``window`` losses, its drop across
+    the window divided by their mean absolute value: a trend estimate that
+    the iteration-to-iteration noise of random patches averages out of.
+    """
+    recent = torch.tensor(losses[-window:], dtype=torch.float64)
+    steps = torch.arange(len(recent), dtype=torch.float64)
+    steps = steps - steps.mean()
+    slope = (steps * (recent - recent.mean())).sum() / steps.square().sum()
+    return float(-slope * (len(recent) - 1) / recent.abs().mean().clamp(min=1e-12))
+
+
+def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress: bool) -> list[dict]:
+    """Adam on ``objective(iteration) -> (loss, {term: value})``; returns the log rows.
+
+    Stops before ``config.iterations`` once the loss fell by less than
+    ``config.convergence_threshold`` (relative) over the last
+    ``config.convergence_window`` iterations, as ANTs' convergence test.
+    """
+    optimiser = torch.optim.Adam(velocity.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=max(config.iterations, 1), eta_min=config.learning_rate / 10
+    )
+    log = []
+    start = time.perf_counter()
+    losses, window = [], config.convergence_window
+    bar = tqdm(range(config.iterations), desc=stage, disable=not progress, leave=False)
+    for iteration in bar:
+        optimiser.zero_grad(set_to_none=True)
+        loss, terms = objective(iteration)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        row = {"stage": stage, "iteration": iteration, "loss": loss.item()}
+        row.update({name: value.item() for name, value in terms.items()})
+        row["seconds"] = time.perf_counter() - start
+        log.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        losses.append(row["loss"])
+        if window and len(losses) >= window and relative_decrease(losses, window) < config.convergence_threshold:
+            break
+    bar.close()
+    siren.release_buffers()
+    return log
+
+
+def fit_images(
+    velocity,
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    config: StageConfig,
+    *,
+    n_steps: int,
+    fixed_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stage: str = "fit",
+    progress: bool = False,
+) -> list[dict]:
+    """Train ``velocity`` in place so that ``moving o S`` matches ``fixed``.
+
+    Parameters
+    ----------
+    moving, fixed : ``(X, Y, Z)`` intensity volumes on their own grids,
+        already normalised to comparable ranges.
+    moving_affine, fixed_affine : their ``(4, 4)`` voxel -> world affines.
+    fixed_mask : optional ``(X, Y, Z)`` bool volume on the fixed grid; patch
+        centres are drawn inside it (body, lungs, CBCT field of view).
+    generator : CPU generator for the patch draws (reproducibility).
+
+    Returns
+    -------
+    One log row per iteration (loss, similarity, regularisation, seconds).
+    """
+    candidates = None if fixed_mask is None else torch.nonzero(fixed_mask).cpu()
+    if candidates is not None and len(candidates) == 0:
+        raise ValueError("the fixed mask is empty: no voxel to sample")
+    device = fixed.device
+
+    def similarity(warped, target):
+        if config.similarity == "lncc":
+            value = lncc(warped, target, config.lncc_window)
+        else:
+            value = SIMILARITIES[config.similarity](warped, target)
+        if config.mi_weight and config.similarity != "mi":
+            value = value + config.mi_weight * mutual_information(warped, target)
+        return value
+
+    edge = patch_shape(fixed.shape, config.patch_size)
+    dtype = fixed_affine.dtype
+    lattice = patch_lattice(edge, lattice_strides(config.patch_stride, spacing(fixed_affine).tolist()), dtype=dtype,
+                            device=device)
+    # Fixed voxel v displaced by d mm is read from the moving image at to_moving @ (fixed_affine @ v + d),
+    # in its grid_sample coordinates.  Both terms are linear: a patch's sampling grid is one offset grid
+    # plus its corner's shift, and d is mapped on the lattice, before it is interpolated to every voxel.
+    to_moving = grid_coordinates(moving.shape, moving_affine)
+    voxel_to_moving = to_moving @ fixed_affine
+    patch_grid = apply_affine(voxel_to_moving, voxel_indices(edge, device=device, dtype=dtype))
+    knot_spacing = [(n - 1) / max(q - 1, 1) for n, q in zip(edge, lattice.shape[:3])]
+
+    n_patches, n_regularity = config.patches(fixed.shape), config.regularity_patch_count(fixed.shape)
+
+    def objective(iteration):
+        corners = random_patch_corners(
+            fixed.shape, n_patches, config.patch_size, candidates=candidates, generator=generator
+        ).to(device)
+        if n_regularity:
+            corners = torch.cat([corners, random_patch_corners(fixed.shape, n_regularity,
+                                                               config.patch_size, generator=generator).to(device)])
+        target = gather_patches(fixed, corners[:n_patches], edge)
+        corner_voxels = corners.to(dtype)[:, None, None, None]
+        displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, corner_voxels + lattice).reshape(-1, 3),
+                                          n_steps)
+        displacement = displacement.reshape(len(corners), *lattice.shape)
+        shift = displacement[:n_patches] @ to_moving[:3, :3].T
+        grid = patch_grid + corner_voxels[:n_patches] @ voxel_to_moving[:3, :3].T + interpolate_patches(shift, edge)
+        sim = similarity(sample_grid(moving, grid), target)
+        loss, terms = sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
+        if config.jacobian_weight:
+            determinants = lattice_jacobian_determinants(displacement, knot_spacing, fixed_affine[:3, :3])
+            terms["log_jacobian_spread"] = log_jacobian_spread(determinants, config.jacobian_scale)
+            loss = loss + config.jacobian_weight * terms["log_jacobian_spread"]
+        return loss, terms
+
+    return _optimise(velocity, objective, config, stage=stage, progress=progress)
+
+
+def fit_field(
+    velocity,
+    target: torch.Tensor,
+    target_affine: torch.Tensor,
+    shape,
+    affine: torch.Tensor,
+    config: StageConfig,
+    *,
+    n_steps: int,
+    generator: torch.Generator | None = None,
+    stage: str = "distill",
+    progress: bool = False,
+) -> list[dict]:
+    """Train ``velocity`` in place so that its flow reproduces a displacement.
+
+    Parameters
+    ----------
+    target : ``(x, y, z, 3)`` displacement (mm, RAS) on its own (coarse) grid
+        with affine ``target_affine``.
+    shape, affine : the (fine) grid whose voxels are sampled.
+
+    Returns
+    -------
+    One log row per iteration; ``field_error`` is the mean squared end-point
+    difference in mm^2.
+    """
+
+    def objective(iteration):
+        ijk = random_voxels(shape, config.batch_points, generator=generator).to(affine.device)
+        points = apply_affine(affine, ijk.to(affine.dtype))
+        wanted = resample_field(target, target_affine, points)
+        displacement, kinetic = integrate(velocity, points, n_steps)
+        error = (displacement - wanted).square().sum(dim=1).mean()
+        return error + config.reg_weight * kinetic, {"field_error": error, "regularisation": kinetic}
+
+    return _optimise(velocity, objective, config, stage=stage, progress=progress)

@@ -1,0 +1,138 @@
+"""One registration from files to every output: what ``inrlddmm register`` runs.
+
+:func:`register_files` reads and validates the inputs once, keeps every
+intermediate in memory (the field, the warped labels, the Jacobian
+determinant) and derives each output from it: the evaluation and the QC
+figure never read back what was just written.  :class:`PhaseClock` records
+where the time goes, phase by phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import engine, io, metrics, qc, steps
+from .api import register
+from .engine.affine import AffineConfig
+from .evaluate import evaluate_labels, write_evaluation
+
+#: File names of the outputs of :func:`register_files` beyond the stages' (:data:`~.steps.FINE_OUTPUTS`).
+REGISTER_OUTPUTS = {"log": "log.csv", "warped_labels": "warped_labels.nii.gz", "dice": "dice.csv",
+                    "dice_summary": "dice.json", "qc": "qc.png"}
+
+
+class PhaseClock:
+    """Wall seconds per named phase: ``with clock("write"): ...``; a phase entered twice adds up."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _stage_seconds(log: list[dict]) -> float:
+    """The optimisation's seconds in a registration log: each stage's last row holds its duration."""
+    last = {}
+    for row in log:
+        last[row["stage"]] = row["seconds"]
+    return sum(last.values())
+
+
+def register_files(
+    moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
+    affine=None, device="auto", num_threads=None, progress=True, trajectory=0, **options,
+) -> dict:
+    """Register two NIfTI files and write every output into ``out_dir``.
+
+    Writes ``warped.nii.gz``, ``displacement.nii.gz`` (ITK/ANTs),
+    ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
+    with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
+    ``dice.json``; with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
+    ``trajectory.gif``, the moving image at K times of the flow.  With
+    ``affine`` (``"rigid"`` or ``"affine"``) the moving image is first
+    pre-aligned, as ANTs does before SyN (:func:`~nipype_inrlddmm.steps.affine_init`:
+    ``affine.txt``, and ``moving_aligned.nii.gz`` with its header rewritten,
+    voxels untouched), and registered from there; ``antsApplyTransforms ... -t
+    displacement.nii.gz -t affine.txt`` applies both to the original moving
+    image.  All inputs are validated before any optimisation starts.
+
+    Returns the written paths; with labels also the Dice ``rows`` and
+    ``summary``; and ``timings``, the seconds of each phase (read,
+    pre-align, stages, dense field and warp, write, labels, evaluation, QC,
+    trajectory).
+    """
+    if trajectory and trajectory < 2:
+        raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
+    config = engine.config_from_options(**options)
+    clock, out_dir, title = PhaseClock(), Path(out_dir), Path(moving).name
+    with clock("read"):
+        pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
+                               fixed_mask=fixed_mask)
+        names = io.load_label_names(label_names) if label_names else None
+    evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
+    fixed_affine, moving_affine = pair.fixed_affine, pair.moving_affine
+    outputs = {}
+    with steps.torch_threads(num_threads):
+        if affine:
+            with clock("pre-align"):
+                matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine),
+                                               seed=config.seed, device=device)
+                aligned = steps.write_aligned(pair, matrix, out_dir)
+            outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
+            moving_affine = np.linalg.inv(matrix) @ pair.moving_affine
+
+        start = time.perf_counter()
+        mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
+        result = register((pair.moving, moving_affine), (pair.fixed, fixed_affine), fixed_mask=mask, device=device,
+                          progress=progress, **options)
+        clock.seconds["stages"] = _stage_seconds(result.log)
+        clock.seconds["dense field and warp"] = time.perf_counter() - start - clock.seconds["stages"]
+
+        with clock("write"):
+            outputs |= {
+                "warped": io.save_image(out_dir / steps.FINE_OUTPUTS["warped_image"], result.warped, fixed_affine),
+                "displacement": io.save_displacement(out_dir / steps.FINE_OUTPUTS["displacement"],
+                                                     result.displacement, fixed_affine),
+                "model": io.save_checkpoint(out_dir / steps.FINE_OUTPUTS["model"], result.model,
+                                            shape=pair.fixed.shape, affine=fixed_affine),
+                "log": io.write_csv(out_dir / REGISTER_OUTPUTS["log"], result.log),
+            }
+        warped_labels = None
+        if evaluate:
+            with clock("labels"):
+                warped_labels = result.apply((pair.moving_labels, moving_affine),
+                                             interpolation="label").astype(np.int32)
+                outputs["warped_labels"] = io.save_image(out_dir / REGISTER_OUTPUTS["warped_labels"], warped_labels,
+                                                         fixed_affine)
+        with clock("evaluation"):
+            jacobian = metrics.jacobian_determinant(result.displacement, fixed_affine)
+            if evaluate:
+                rows, summary = evaluate_labels(warped_labels, pair.fixed_labels, fixed_affine, names=names,
+                                                mask=pair.fixed_mask, jacobian=jacobian)
+                outputs["dice"], _ = write_evaluation(rows, summary, out_dir / REGISTER_OUTPUTS["dice"],
+                                                      out_dir / REGISTER_OUTPUTS["dice_summary"])
+                outputs.update(rows=rows, summary=summary)
+        with clock("QC"):
+            outputs["qc"] = qc.qc_figure(
+                out_dir / REGISTER_OUTPUTS["qc"], pair.fixed, fixed_affine, pair.moving, moving_affine, result.warped,
+                fixed_labels=pair.fixed_labels if evaluate else None,
+                moving_labels=pair.moving_labels if evaluate else None, warped_labels=warped_labels,
+                jacobian=jacobian, mask=pair.fixed_mask, label_names=names, title=title,
+            )
+        if trajectory:
+            with clock("trajectory"):
+                frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
+                                                        fixed_affine, trajectory, field_stride=config.field_stride)
+                outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
+    outputs["timings"] = clock.seconds
+    return outputs
