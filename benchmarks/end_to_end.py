@@ -15,10 +15,12 @@ user runs it:
   ``apply_transforms`` twice and ``create_jacobian_determinant_image``, the
   three results written as NIfTI.
 
-Both get the same thread count (torch and ITK).  Afterwards, outside the
-timing, both are scored the same way from the label maps they wrote: mean
-Dice over the set's labels (inside the field of view for the CBCT cases),
-SDlogJ and the share of voxels with det J <= 0.
+Both get the same inputs (with the same fixed mask, where the similarity
+is measured: the head for the brains, the CBCT's field of view for the
+phantoms) and the same thread count (torch and ITK).  Afterwards, outside
+the timing, both are scored the same way from the label maps they wrote:
+mean Dice over the set's labels (inside the field of view for the CBCT
+cases), SDlogJ and the share of voxels with det J <= 0.
 
 Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 ``brain`` (subject -> MNI152, ``--affine affine``), ``brain-pair``,
@@ -65,7 +67,8 @@ class Case:
     fixed_labels: Path
     label_names: Path  # TSV of the evaluated labels
     affine: str | None = None
-    fixed_mask: Path | None = None  # sampled by ours, and the evaluation region of both
+    fixed_mask: Path | None = None  # given to both methods: where their similarity is measured
+    eval_mask: Path | None = None  # where both are scored (None: the whole fixed grid)
 
 
 def _label_table(path: Path, labels: dict[int, str]) -> Path:
@@ -84,7 +87,14 @@ def _phantom_case(name: str, scratch: Path, shape, field_of_view, seed: int) -> 
         ("cbct_labels", pair.cbct_labels.astype(np.int32)), ("fov", pair.cbct_fov.astype(np.uint8)))}
     labels = _label_table(scratch / f"{name}_labels.tsv", {k: v for k, v in PHANTOM_LABELS.items() if k})
     return Case(name, files["ct"], files["cbct"], files["ct_labels"], files["cbct_labels"], labels,
-                fixed_mask=files["fov"])
+                fixed_mask=files["fov"], eval_mask=files["fov"])
+
+
+def _head_mask(image: Path, target: Path) -> Path:
+    """Where the fixed MR exceeds 5 % of its robust range: the head, as a user's brain or head mask."""
+    data, affine = io.load_volume(image)
+    low, high = np.percentile(data, [0.5, 99.5])
+    return io.save_image(target, ((data - low) / (high - low) > 0.05).astype(np.uint8), affine)
 
 
 def cases(names, scratch: Path) -> list[Case]:
@@ -93,11 +103,12 @@ def cases(names, scratch: Path) -> list[Case]:
         d = DATA / "brain"
         out.append(Case("brain", d / "subject_T1w.nii.gz", d / "mni152_T1w.nii.gz", d / "subject_tissue.nii.gz",
                         d / "mni152_tissue.nii.gz", _label_table(scratch / "brain.tsv", {1: "GM", 2: "WM"}),
-                        affine="affine"))
+                        affine="affine", fixed_mask=_head_mask(d / "mni152_T1w.nii.gz", scratch / "mni_head.nii.gz")))
     if "brain-pair" in names:
         d = DATA / "brain-pair"
         out.append(Case("brain-pair", d / "subjectA_T1w.nii.gz", d / "subjectB_T1w.nii.gz",
-                        d / "subjectA_aseg.nii.gz", d / "subjectB_aseg.nii.gz", d / "labels.tsv"))
+                        d / "subjectA_aseg.nii.gz", d / "subjectB_aseg.nii.gz", d / "labels.tsv",
+                        fixed_mask=_head_mask(d / "subjectB_T1w.nii.gz", scratch / "subjectB_head.nii.gz")))
     if "lung-ct" in names:
         d = DATA / "lung-ct"
         out.append(Case("lung-ct", _clipped(d / "followup_ct.nii.gz", scratch / "followup_ct.nii.gz", -1024.0),
@@ -136,18 +147,19 @@ def run_ours(case: Case, out: Path, threads: int, env: dict) -> dict:
 
 def run_ants(case: Case, out: Path, threads: int, env: dict) -> dict:
     command = [sys.executable, __file__, "--ants-worker", str(case.moving), str(case.fixed), str(case.moving_labels),
-               str(out)]
+               str(case.fixed_mask or ""), str(out)]
     seconds = _timed(command, dict(env, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads)))
     jacobian, _ = io.load_volume(out / "jacobian.nii.gz")
     return {"wall": seconds, "labels": out / "warped_labels.nii.gz", "jacobian": jacobian}
 
 
-def ants_worker(moving: str, fixed: str, moving_labels: str, out: str) -> None:
+def ants_worker(moving: str, fixed: str, moving_labels: str, fixed_mask: str, out: str) -> None:
     """The ANTs command line's work in one process: SyN, the image and the labels carried over, det J."""
     import ants
 
     fixed_image, moving_image = ants.image_read(fixed), ants.image_read(moving)
-    registration = ants.registration(fixed_image, moving_image, "SyN")
+    mask = ants.image_read(fixed_mask) if fixed_mask else None
+    registration = ants.registration(fixed_image, moving_image, "SyN", mask=mask)
     transforms = registration["fwdtransforms"]
     ants.image_write(ants.apply_transforms(fixed_image, moving_image, transforms), f"{out}/warped.nii.gz")
     labels = ants.apply_transforms(fixed_image, ants.image_read(moving_labels), transforms,
@@ -159,7 +171,7 @@ def ants_worker(moving: str, fixed: str, moving_labels: str, out: str) -> None:
 def score(case: Case, run: dict) -> dict:
     fixed, affine = io.load_labels(case.fixed_labels)
     warped = np.rint(io.load_volume(run["labels"])[0]).astype(np.int32)
-    mask = io.load_volume(case.fixed_mask)[0] > 0 if case.fixed_mask else None
+    mask = io.load_volume(case.eval_mask)[0] > 0 if case.eval_mask else None
     names = io.load_label_names(case.label_names)
     dice = metrics.dice_scores(warped, fixed, sorted(names), mask)
     return {"wall": run["wall"], "mean_dice": float(np.nanmean(dice)), **metrics.determinant_summary(run["jacobian"])}
@@ -191,7 +203,7 @@ def main():
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the Markdown tables here (and a .json beside it)")
-    parser.add_argument("--ants-worker", nargs=4, metavar=("MOVING", "FIXED", "MOVING_LABELS", "OUT"),
+    parser.add_argument("--ants-worker", nargs=5, metavar=("MOVING", "FIXED", "MOVING_LABELS", "FIXED_MASK", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ants_worker:

@@ -111,14 +111,17 @@ def label_overlap(
 
 def jacobian_determinant(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """det of d(x + u(x))/dx at every voxel, by central differences, ``(X, Y, Z)``."""
-    # du/dijk (per voxel index) then chain rule through the inverse of the affine's linear part, so oblique
-    # and anisotropic grids are handled; the nine entries as whole volumes and the determinant by cofactors,
-    # several times faster than a batched LU of (X, Y, Z, 3, 3) matrices.
-    inverse = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])
-    per_index = np.gradient(displacement, axis=(0, 1, 2))  # per array axis k: (X, Y, Z, component)
-    (a, b, c), (d, e, f), (g, h, i) = [[sum(per_index[k][..., row] * inverse[k, column] for k in range(3))
-                                        + (row == column) for column in range(3)] for row in range(3)]
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    import torch  # the metrics need no torch otherwise; its threads make this several times faster than NumPy
+
+    # du/dijk (per voxel index), then the chain rule through the inverse of the affine's linear part, so
+    # oblique and anisotropic grids are handled; the determinant by cofactors on whole volumes, several
+    # times faster than a batched LU of (X, Y, Z, 3, 3) matrices.
+    field = torch.from_numpy(np.ascontiguousarray(displacement))  # in its own precision, float32 or float64
+    inverse = torch.from_numpy(np.linalg.inv(np.asarray(affine, np.float64)[:3, :3])).to(field.dtype)
+    jacobian = torch.stack(torch.gradient(field, dim=(0, 1, 2)), dim=-1) @ inverse  # (X, Y, Z, component, axis)
+    jacobian.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    (a, b, c), (d, e, f), (g, h, i) = (row.unbind(-1) for row in jacobian.unbind(-2))
+    return (a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)).numpy()
 
 
 def jacobian_summary(displacement: np.ndarray, affine: np.ndarray, border: int = 2) -> dict:

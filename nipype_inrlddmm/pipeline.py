@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,9 @@ def register_files(
 
     Returns the written paths; with labels also the Dice ``rows`` and
     ``summary``; and ``timings``, the seconds of each phase (read,
-    pre-align, stages, dense field and warp, write, labels, evaluation, QC,
-    trajectory).
+    pre-align, stages, dense field and warp, labels, evaluation, QC,
+    trajectory, and write: the volumes are compressed by threads while the
+    phases after the registration run, so this is the wait left at the end).
     """
     if trajectory and trajectory < 2:
         raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
@@ -82,7 +84,8 @@ def register_files(
     evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
     fixed_affine, moving_affine = pair.fixed_affine, pair.moving_affine
     outputs = {}
-    with steps.torch_threads(num_threads):
+    # Compressing a volume takes a core for seconds: threads write while the phases after the registration run.
+    with steps.torch_threads(num_threads), ThreadPoolExecutor(max_workers=2) as writer:
         if affine:
             with clock("pre-align"):
                 matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine),
@@ -98,22 +101,22 @@ def register_files(
         clock.seconds["stages"] = _stage_seconds(result.log)
         clock.seconds["dense field and warp"] = time.perf_counter() - start - clock.seconds["stages"]
 
-        with clock("write"):
-            outputs |= {
-                "warped": io.save_image(out_dir / steps.FINE_OUTPUTS["warped_image"], result.warped, fixed_affine),
-                "displacement": io.save_displacement(out_dir / steps.FINE_OUTPUTS["displacement"],
-                                                     result.displacement, fixed_affine),
-                "model": io.save_checkpoint(out_dir / steps.FINE_OUTPUTS["model"], result.model,
-                                            shape=pair.fixed.shape, affine=fixed_affine),
-                "log": io.write_csv(out_dir / REGISTER_OUTPUTS["log"], result.log),
-            }
+        writes = {
+            "warped": writer.submit(io.save_image, out_dir / steps.FINE_OUTPUTS["warped_image"], result.warped,
+                                    fixed_affine),
+            "displacement": writer.submit(io.save_displacement, out_dir / steps.FINE_OUTPUTS["displacement"],
+                                          result.displacement, fixed_affine),
+            "model": writer.submit(io.save_checkpoint, out_dir / steps.FINE_OUTPUTS["model"], result.model,
+                                   shape=pair.fixed.shape, affine=fixed_affine),
+            "log": writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log),
+        }
         warped_labels = None
         if evaluate:
             with clock("labels"):
                 warped_labels = result.apply((pair.moving_labels, moving_affine),
                                              interpolation="label").astype(np.int32)
-                outputs["warped_labels"] = io.save_image(out_dir / REGISTER_OUTPUTS["warped_labels"], warped_labels,
-                                                         fixed_affine)
+                writes["warped_labels"] = writer.submit(io.save_image, out_dir / REGISTER_OUTPUTS["warped_labels"],
+                                                        warped_labels, fixed_affine)
         with clock("evaluation"):
             jacobian = metrics.jacobian_determinant(result.displacement, fixed_affine)
             if evaluate:
@@ -134,5 +137,7 @@ def register_files(
                 frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
                                                         fixed_affine, trajectory, field_stride=config.field_stride)
                 outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
+        with clock("write"):  # what is left of it once everything else is done
+            outputs |= {name: write.result() for name, write in writes.items()}
     outputs["timings"] = clock.seconds
     return outputs

@@ -146,15 +146,33 @@ def matching_factors(affine: torch.Tensor, target_affine: torch.Tensor) -> tuple
     return tuple(max(1, int(torch.round(target_size[j] / size[i]))) for i, j in enumerate(partner.tolist()))
 
 
+#: The eight corners of a lattice cell, as offsets from its lowest corner.
+_CELL_CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+
+
+def _uniform_cells(labels: torch.Tensor) -> torch.Tensor:
+    """``(X, Y, Z)`` bool: whether the cell whose lowest corner is each voxel has one label at its eight
+    corners (the far edges replicated, as the clamped lookup of :func:`sample_labels` reads them)."""
+    padded = labels
+    for axis in range(3):
+        padded = torch.cat([padded, padded.narrow(axis, padded.shape[axis] - 1, 1)], dim=axis)
+    x, y, z = labels.shape
+    uniform = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    for i, j, k in _CELL_CORNERS[1:]:
+        uniform &= padded[i:i + x, j:j + y, k:k + z] == labels
+    return uniform
+
+
 def sample_labels(labels: torch.Tensor, affine: torch.Tensor, points: torch.Tensor, *,
                   chunk_size: int = 1 << 20) -> torch.Tensor:
     """The label of largest trilinear weight at ``(..., 3)`` world points, as ANTs' GenericLabel.
 
     Equal to interpolating each label's indicator trilinearly and taking the
     arg-max (the lowest label on a tie), without one pass over the points
-    per label: each point's eight neighbouring voxels vote with their
-    trilinear weights, and only points whose neighbours disagree (the
-    boundaries) count the votes.  Points outside the grid read its edge.
+    per label: a point in a cell of one label reads it, and only points in
+    cells whose corners disagree (the boundaries) have the eight corners
+    vote with their trilinear weights.  Points outside the grid read its
+    edge.
 
     Parameters
     ----------
@@ -168,22 +186,22 @@ def sample_labels(labels: torch.Tensor, affine: torch.Tensor, points: torch.Tens
     shape = torch.tensor(labels.shape, device=points.device)
     ijk = apply_affine(torch.linalg.inv(affine.to(points.dtype)), points).reshape(-1, 3)
     ijk = torch.minimum(ijk.clamp(min=0), (shape - 1).to(ijk.dtype))
-    flat = labels.reshape(-1)
+    flat, uniform = labels.reshape(-1), _uniform_cells(labels).reshape(-1)
     strides = torch.tensor([labels.shape[1] * labels.shape[2], labels.shape[2], 1], device=points.device)
     out = torch.empty(len(ijk), dtype=labels.dtype, device=labels.device)
-    corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=points.device)
+    corners = torch.tensor(_CELL_CORNERS, device=points.device)
     for start in range(0, len(ijk), chunk_size):
         position = ijk[start:start + chunk_size]
         low = position.floor().long()
-        fraction = position - low
-        index = torch.minimum(low[:, None] + corners, shape - 1)  # (N, 8, 3)
-        neighbours = flat[(index * strides).sum(dim=-1)]  # (N, 8)
-        weight = torch.where(corners.bool(), fraction[:, None], 1 - fraction[:, None]).prod(dim=-1)  # (N, 8)
-        chosen = neighbours[:, 0].clone()
-        boundary = (neighbours != neighbours[:, :1]).any(dim=1)
+        cell = (low * strides).sum(dim=-1)
+        chosen = flat[cell]
+        boundary = ~uniform[cell]
         if boundary.any():
-            votes, weights = neighbours[boundary], weight[boundary]
-            # Each neighbour's label's total weight; the heaviest label, the lowest among equals.
+            low, fraction = low[boundary], position[boundary] - low[boundary]
+            index = torch.minimum(low[:, None] + corners, shape - 1)  # (N, 8, 3)
+            votes = flat[(index * strides).sum(dim=-1)]  # (N, 8)
+            weights = torch.where(corners.bool(), fraction[:, None], 1 - fraction[:, None]).prod(dim=-1)  # (N, 8)
+            # Each corner's label's total weight; the heaviest label, the lowest among equals.
             totals = ((votes[:, :, None] == votes[:, None, :]) * weights[:, None, :]).sum(dim=-1)
             heaviest = totals == totals.max(dim=1, keepdim=True).values
             largest = torch.iinfo(torch.int64).max
