@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adam import CosineAdam
 from .grid import apply_affine, bounding_box, downsample
 from .grid import sample as sample_volume
 from .similarity import ncc
@@ -157,10 +158,7 @@ def affine_register(
             raise ValueError("the fixed mask is empty: no voxel to compare")
         values = level_fixed.reshape(-1)
 
-        optimiser = torch.optim.Adam(parameters, lr=config.learning_rate)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimiser, T_max=max(iterations, 1), eta_min=config.learning_rate / 20
-        )
+        optimiser = CosineAdam(parameters, config.learning_rate, config.learning_rate / 20, iterations)
         for _ in range(iterations):
             if len(candidates) > config.max_points:
                 # Drawn with replacement: a permutation of every voxel at each step cost 0.1 s at 1 mm.
@@ -169,7 +167,7 @@ def affine_register(
                 flat = candidates
             ijk = torch.stack(torch.unravel_index(flat, level_fixed.shape), dim=-1)
             batch_points, batch_values = apply_affine(level_affine, ijk.to(dtype)), values[flat]
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             # Zero padding: moving content that leaves the field of view stops
             # matching instead of being replaced by stretched edge voxels.
             warped = sample_volume(level_moving, level_moving_affine, apply_affine(matrix(), batch_points),
@@ -177,6 +175,5 @@ def affine_register(
             loss = ncc(warped, batch_values.to(warped.dtype))
             loss.backward()
             optimiser.step()
-            schedule.step()
     with torch.no_grad():
         return matrix().to(torch.float64)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import siren
+from .adam import CosineAdam
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
 from .regularity import lattice_jacobian_determinants, log_jacobian_spread
@@ -195,20 +196,16 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
     ``config.convergence_threshold`` (relative) over the last
     ``config.convergence_window`` iterations, as ANTs' convergence test.
     """
-    optimiser = torch.optim.Adam(velocity.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimiser, T_max=max(config.iterations, 1), eta_min=config.learning_rate / 10
-    )
+    optimiser = CosineAdam(velocity.parameters(), config.learning_rate, config.learning_rate / 10, config.iterations)
     log = []
     start = time.perf_counter()
     losses, window = [], config.convergence_window
     bar = tqdm(range(config.iterations), desc=stage, disable=not progress, leave=False)
     for iteration in bar:
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss, terms = objective(iteration)
         loss.backward()
         optimiser.step()
-        schedule.step()
         row = {"stage": stage, "iteration": iteration, "loss": loss.item()}
         row.update({name: value.item() for name, value in terms.items()})
         row["seconds"] = time.perf_counter() - start
