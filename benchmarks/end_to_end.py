@@ -1,7 +1,7 @@
 """What the user waits for: ``inrlddmm register`` end to end against the ANTs command line, in one run.
 
     python benchmarks/end_to_end.py [--sets brain brain-pair lung-ct phantom small-ct] [--threads 2]
-                                    [--out end_to_end.md]
+                                    [--study 10] [--out end_to_end.md]
 
 Each method runs as its own process, timed from start to exit, the way a
 user runs it:
@@ -27,9 +27,12 @@ Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 ``lung-ct`` (follow-up -> baseline, ``--affine affine``, HU clipped at
 -1024 for both methods), ``phantom`` (the cohort generator's 128 x 112 x 48
 CT -> CBCT, ``--fixed-mask`` its field of view) and ``small-ct`` (the same
-generator at 3 mm isotropic, 128 x 112 x 96).  Prints a Markdown table of
-the wall times and one of our phase shares, and writes both to ``--out``
-with a JSON copy of every figure.
+generator at 3 mm isotropic, 128 x 112 x 96).  Then ``--study N`` times
+``inrlddmm study`` (MultiProc, one worker per thread) on a fresh cohort of
+N small phantom patients and reports the share of its wall time not spent
+inside the nodes.  Prints a Markdown table of the wall times and one of our
+phase shares, and writes both to ``--out`` with a JSON copy of every
+figure.
 """
 
 from __future__ import annotations
@@ -177,6 +180,31 @@ def score(case: Case, run: dict) -> dict:
     return {"wall": run["wall"], "mean_dice": float(np.nanmean(dice)), **metrics.determinant_summary(run["jacobian"])}
 
 
+def run_study(n_patients: int, scratch: Path, threads: int, env: dict) -> dict:
+    """``inrlddmm study`` of a fresh phantom cohort with MultiProc, one node per core: Nipype's own share.
+
+    Each node's own run time is read from its result in the work folder;
+    with ``threads`` workers, what the nodes computed takes at least their
+    summed time over ``threads``, and the rest of the wall time is Nipype's
+    (graph, scheduling, worker processes, hashing, results, data sink) and
+    the command's start-up.
+    """
+    from nipype.utils.filemanip import loadpkl
+
+    from nipype_inrlddmm.phantom import write_cohort
+
+    manifest = write_cohort(scratch / "cohort", n_patients, shape=(64, 56, 24))
+    out, work = scratch / "study", scratch / "study_work"
+    command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"), "study", str(manifest),
+               "--out-dir", str(out), "--work-dir", str(work), "--plugin", "MultiProc", "--n-procs", str(threads),
+               "--num-threads", "1", "--quiet"]
+    wall = _timed(command, env)
+    durations = [loadpkl(result).runtime.duration for result in work.rglob("result_*.pklz")]
+    busy = sum(durations) / threads
+    return {"patients": n_patients, "nodes": len(durations), "wall": wall, "node_seconds": sum(durations),
+            "overhead_share": 1.0 - busy / wall}
+
+
 def tables(results: dict) -> str:
     head = ["set", "ours: wall (s)", "register() (s)", "wall / register()", "ANTs: wall (s)", "ours / ANTs",
             "Dice ours / ANTs", "SDlogJ ours / ANTs", "% det J <= 0 ours / ANTs"]
@@ -200,9 +228,12 @@ def tables(results: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the Markdown tables here (and a .json beside it)")
+    parser.add_argument("--study", type=int, default=10, metavar="N",
+                        help="then time a fresh MultiProc study of N 64 x 56 x 24 phantom patients and report "
+                        "Nipype's share of its wall time (0: skip)")
     parser.add_argument("--ants-worker", nargs=5, metavar=("MOVING", "FIXED", "MOVING_LABELS", "FIXED_MASK", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +257,13 @@ def main():
                                                               else {}))
             results[case.name] = row
             print(f"<!-- {case.name}: {json.dumps(row)} -->", flush=True)
-    table = tables(results)
+        study = run_study(args.study, scratch, args.threads, env) if args.study else None
+    table = tables(results) if results else ""
+    if study:
+        table += (f"\nStudy: {study['patients']} patients, {study['nodes']} nodes, MultiProc with {args.threads} "
+                  f"workers: {study['wall']:.1f} s wall, {study['node_seconds']:.1f} s in the nodes; Nipype and "
+                  f"start-up {100 * study['overhead_share']:.1f} % of the wall time.\n")
+        results["study"] = study
     print(table)
     if args.out:
         with io.atomic_path(args.out) as temporary:

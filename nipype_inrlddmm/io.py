@@ -107,7 +107,7 @@ def load_mask(path, ref_shape, ref_affine, *, reference: str) -> np.ndarray:
     return data > 0
 
 
-def _open_volume(path, what: str):
+def open_volume(path, what: str):
     """Open a NIfTI (or other nibabel) volume and check its header: shape, voxel type, affine.
 
     Returns ``(image, shape)`` where ``shape`` is 3-D (trailing singleton
@@ -158,7 +158,7 @@ def load_volume(path, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     voxels, a singular, non-finite or implausible affine, or NaN/Inf voxels
     (including values beyond the float32 range).
     """
-    image, shape = _open_volume(path, what)
+    image, shape = open_volume(path, what)
     with np.errstate(over="ignore", invalid="ignore"):
         data = _read_voxels(path, image, shape, what, dtype=np.float32)
     bad = ~np.isfinite(data)
@@ -187,7 +187,7 @@ def load_labels(path, *, reference=None) -> tuple[np.ndarray, np.ndarray]:
     stored type, so large label ids are never rounded through float32;
     they must fit in int32.
     """
-    image, shape = _open_volume(path, "label map")
+    image, shape = open_volume(path, "label map")
     with np.errstate(invalid="ignore"):
         data = _read_voxels(path, image, shape, "label map")
         if data.dtype.kind == "f":

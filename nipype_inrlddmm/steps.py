@@ -100,7 +100,7 @@ def check_labels(moving, fixed, *, moving_labels=None, fixed_labels=None) -> Non
         if not labels:
             continue
         try:
-            header, shape = io._open_volume(image, "image")
+            header, shape = io.open_volume(image, "image")
             reference = (image, shape, np.asarray(header.affine, np.float64))
         except io.InputError:  # the image's own stage reports it
             reference = None
@@ -235,7 +235,7 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
 
 def _reference_grid(reference, what: str = "reference image"):
     """Shape and affine of an image's grid, from its header only."""
-    header, shape = io._open_volume(reference, what)
+    header, shape = io.open_volume(reference, what)
     return shape, np.asarray(header.affine, np.float64)
 
 

@@ -452,6 +452,11 @@ def slurm_sbatch_args(node, *, time_limit: str | None = None, extra: str | None 
     return " ".join(part for part in (f"-c {cpus} --mem={mem_mb}M --time={time}", extra) if part)
 
 
+def _all_nodes(workflow: Workflow) -> list:
+    """Every node of a workflow and of the workflows nested in it, through Nipype's public names."""
+    return [workflow.get_node(name) for name in workflow.list_node_names()]
+
+
 def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
                         time_limit: str | None = None) -> Workflow:
     """Set ``node.plugin_args`` of every node (sub-workflows included) for Nipype's SLURM plugins.
@@ -465,7 +470,7 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
     >>> wf.get_node("coarse").plugin_args["sbatch_args"]
     '-c 2 --mem=1137M --time=4:00:00 --partition=cpu'
     """
-    for node in workflow._get_all_nodes():
+    for node in _all_nodes(workflow):
         current = dict(node.plugin_args or {})
         if "sbatch_args" in current and not current.get(_DERIVED):
             continue
@@ -508,7 +513,7 @@ def _prepare_slurm(workflow: Workflow, arguments: dict) -> None:
     # SLURMGraph's submit script ignores a refused sbatch, and the SLURM plugin would fail every node
     # one by one: check each distinct set of arguments once (an unknown partition, a --gres the
     # cluster lacks, a time over the partition's limit) before anything is submitted.
-    for sbatch_args in sorted({node.plugin_args["sbatch_args"] for node in workflow._get_all_nodes()}):
+    for sbatch_args in sorted({node.plugin_args["sbatch_args"] for node in _all_nodes(workflow)}):
         check = subprocess.run(["sbatch", "--test-only", *shlex.split(sbatch_args), "--wrap", "true"],
                                capture_output=True, text=True)
         if check.returncode != 0:
