@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import getpass
 import math
+import multiprocessing
 import os
 import shlex
 import subprocess
@@ -603,6 +604,10 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
             workflow.config["execution"][key] = arguments.pop(key)
     if plugin in SLURM_PLUGINS:
         _prepare_slurm(workflow, arguments)
+    if plugin == "MultiProc" and arguments.get("mp_context") == "forkserver":
+        # Workers fork from the server: imported there once (torch and the interfaces, about 2 s), not
+        # again by every worker.  Importing runs no torch computation, which is what makes fork hang.
+        multiprocessing.set_forkserver_preload(["nipype_inrlddmm.interfaces"])
     if plugin == "SLURMGraph":  # submits and returns; status callbacks are not supported there
         workflow.run(plugin=plugin, plugin_args=arguments)
         return None

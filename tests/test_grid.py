@@ -166,6 +166,10 @@ def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(m
     assert drawn == [5, round(config.regularity_patches * 5 / config.n_patches)] == [5, 2]
     assert engine.StageConfig(n_patches=48, sampling_fraction=1e-6).regularity_patch_count(grid) == 1
     assert engine.StageConfig(regularity_patches=0).regularity_patch_count(grid) == 0
+    # a distillation draws points the same way: a fraction of the grid, at most batch_points
+    assert engine.StageConfig(batch_points=8192, sampling_fraction=1 / 64).points(grid) == round(18_000 / 64)
+    assert engine.StageConfig(batch_points=100, sampling_fraction=1 / 64).points(grid) == 100
+    assert engine.StageConfig(batch_points=100).points(grid) == 100
 
 
 def test_patches_are_gathered_from_their_corners_inside_the_grid():

@@ -44,7 +44,9 @@ class StageConfig:
     :func:`~.sampling.lattice_strides`) and interpolated trilinearly to
     every voxel (as the dense field, ``field_stride``), and the similarity
     is computed on every voxel.  ``batch_points`` random
-    voxels are drawn at each distillation iteration.  The learning rate
+    voxels are drawn at each distillation iteration (with a
+    ``sampling_fraction``, at most that many: that fraction of the grid,
+    :meth:`points`).  The learning rate
     decays along a cosine to a tenth of ``learning_rate``.
 
     ``jacobian_weight`` adds that much of the spread of ``log det J`` of
@@ -150,6 +152,14 @@ class StageConfig:
             return self.n_patches
         covering = round(self.sampling_fraction * math.prod(grid) / math.prod(patch_shape(grid, self.patch_size)))
         return min(self.n_patches, max(1, covering))
+
+    def points(self, grid) -> int:
+        """Random voxels drawn per distillation iteration on ``grid``: ``batch_points``, or with a
+        ``sampling_fraction`` as many as that fraction of the grid's voxels, at least 1 and at most
+        ``batch_points``."""
+        if self.sampling_fraction is None:
+            return self.batch_points
+        return min(self.batch_points, max(1, round(self.sampling_fraction * math.prod(grid))))
 
     def regularity_patch_count(self, grid) -> int:
         """Regularity patches drawn per iteration on ``grid``: ``regularity_patches`` at ``n_patches``
@@ -328,8 +338,10 @@ def fit_field(
     difference in mm^2.
     """
 
+    n_points = config.points(shape)
+
     def objective(iteration):
-        ijk = random_voxels(shape, config.batch_points, generator=generator).to(affine.device)
+        ijk = random_voxels(shape, n_points, generator=generator).to(affine.device)
         points = apply_affine(affine, ijk.to(affine.dtype))
         wanted = resample_field(target, target_affine, points)
         displacement, kinetic = integrate(velocity, points, n_steps)
