@@ -71,7 +71,7 @@ class RegistrationConfig:
     # seeds 0 / 1 / 2 (1.55 mm for seed 0 at 2e-3, 1.61 at 1e-3, 1.66 with 75 iterations); 1 thread.
     # The distillation draws 1/64 of the fine grid per iteration, at most 8192 points: the brains' and
     # lung-ct's fine grids keep the 8192 they were measured with; a CT -> CBCT phantom's 64 x 56 x 48 fine
-    # grid draws 2688, in a third of the time, for the same Dice (the decisions page).
+    # grid draws 2688, in a third of the time, with the same Dice (docs/decisions.md).
     distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=50, learning_rate=1.5e-3,
                                                                      sampling_fraction=1 / 64))
     # A fine-stage velocity penalty of 2e-4 against 1e-4 (1 thread, seeds 0 / 1 / 2): brain-pair 0.755 / 0.749 /
@@ -157,7 +157,7 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     (at least 1), for the ``"fine"`` stage and its distillation, as ANTs'
     SyN stops at half resolution: on grids of coarse voxels (a CT at 3 mm)
     the fine stage then costs what their size asks, not what a 1 mm brain's
-    2 mm grid does, with the same Dice (the decisions page).  Chosen by
+    2 mm grid does, with the same Dice (docs/decisions.md).  Chosen by
     measurement on brain-pair (1 mm voxels, mean Dice over 30 labels): the
     coarse stage alone reaches 0.664 at 2 mm, 0.712 at 3 mm, 0.695 at 4 mm;
     after the 3 mm coarse stage a fine stage at 1 mm lowers it to 0.704, one
