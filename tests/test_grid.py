@@ -226,10 +226,10 @@ LARGE_GRID = (512, 512, 512)
 
 @pytest.mark.parametrize("spacing, coarse, fine", [
     ((1.0, 1.0, 1.0), (3, 3, 3), (2, 2, 2)),  # MR brain: 3 mm coarse, 2 mm fine
-    ((1.366, 1.366, 2.5), (2, 2, 2), (2, 2, 1)),  # chest CT: 2.73 mm is nearer 2 mm in ratio than 1.37 mm
-    ((1.5, 1.5, 1.5), (2, 2, 2), (2, 2, 2)),  # fine at half resolution at least, as ANTs' SyN stops
-    ((2.8, 2.7, 5.0), (2, 2, 2), (2, 2, 1)),  # CBCT-like: half the finest resolution, 5.6 x 5.4 x 5 mm
-    ((3.0, 3.0, 3.0), (2, 2, 2), (2, 2, 2)),  # a CT at 3 mm: coarse stage and fine stage at 6 mm
+    ((1.366, 1.366, 2.5), (3, 3, 2), (2, 2, 1)),  # chest CT: fine 2.73 mm (nearer 2 mm in ratio than 1.37), coarse 4.1
+    ((1.5, 1.5, 1.5), (3, 3, 3), (2, 2, 2)),  # fine at half resolution at least, as ANTs' SyN stops
+    ((2.8, 2.7, 5.0), (3, 3, 2), (2, 2, 1)),  # CBCT-like: fine at half the finest resolution, coarse 1.5 x that
+    ((3.0, 3.0, 3.0), (3, 3, 3), (2, 2, 2)),  # a CT at 3 mm: fine stage at 6 mm, coarse at 9 mm
 ])
 def test_automatic_stage_factors_follow_the_voxel_size(spacing, coarse, fine):
     affine = torch.tensor(oblique_affine(spacing), dtype=torch.float32)

@@ -60,9 +60,9 @@ class RegistrationConfig:
     # lattice is 3 voxels apart (5^3 points a patch, 9 mm at 3 mm voxels, against 7^3 at stride 2):
     # brain -> MNI152 0.797, brain-pair 0.723, lung-ct TRE 1.57 mm / Dice 0.983, phantom 0.974,
     # against 0.798, 0.721, 1.53 mm / 0.983 and 0.974 at stride 2 (1 thread).
-    # The coarse patches cover a third of the coarse grid per iteration, at most 48: the 3 mm grids of the
-    # brains and lung-ct keep the 48 they were measured with; a small grid draws fewer (a 64 x 56 x 24
-    # phantom grid 17), not five times its volume in patches.
+    # The coarse patches cover a third of the coarse grid per iteration, at most 48: the brains' 3 mm grids
+    # keep the 48 they were measured with; smaller grids draw fewer (lung-ct's 4.1 mm grid 26, a phantom's
+    # 43 x 38 x 24 grid 8), not several times their volume in patches.
     coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=100, patch_stride=3,
                                                                     sampling_fraction=1 / 3))
     # At omega_0 22.5 the distillation at 2e-3 fitted a given coarse field from an untrained network to
@@ -152,9 +152,10 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     ``factor`` is one int, three ints, or None: then, per axis, the block
     size that brings the voxel closest in ratio (``|log(f * voxel /
     target)|`` smallest: pyramid levels are a geometric series) to
-    :data:`COARSE_SPACING_MM` (at least 2) for the ``"coarse"`` stage, or to
     :data:`FINE_SPACING_MM` or twice the finest voxel, whichever is larger
-    (at least 1), for the ``"fine"`` stage and its distillation, as ANTs'
+    (at least 1), for the ``"fine"`` stage and its distillation, and to
+    :data:`COARSE_SPACING_MM` or 1.5 times the fine stage's target (at least
+    2) for the ``"coarse"`` stage, one pyramid level above it, as ANTs'
     SyN stops at half resolution: on grids of coarse voxels (a CT at 3 mm)
     the fine stage then costs what their size asks, not what a 1 mm brain's
     2 mm grid does, with the same Dice (docs/decisions.md).  Chosen by
@@ -178,8 +179,9 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     """
     if factor is None:
         sizes = spacing(fixed_affine).tolist()
-        target, minimum = ((COARSE_SPACING_MM, 2) if stage == "coarse"
-                           else (max(FINE_SPACING_MM, 2 * min(sizes)), 1))
+        fine_target = max(FINE_SPACING_MM, 2 * min(sizes))
+        target, minimum = ((max(COARSE_SPACING_MM, 1.5 * fine_target), 2) if stage == "coarse"
+                           else (fine_target, 1))
         closest = [max(minimum, min(range(1, math.ceil(target / size) + 1),
                                     key=lambda f: abs(math.log(f * size / target))))
                    for size in sizes]
