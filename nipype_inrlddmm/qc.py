@@ -131,7 +131,7 @@ def _moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis: int, ind
 
 def _labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarray:
     """The moving labels on the whole fixed grid, undeformed (for the Dice before); as they are on a shared grid."""
-    if labels.shape == tuple(fixed_shape) and np.allclose(moving_affine, fixed_affine, atol=1e-4):
+    if io.grid_mismatch(labels.shape, moving_affine, fixed_shape, fixed_affine) is None:
         return labels
     return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True)
 

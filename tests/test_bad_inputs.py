@@ -48,8 +48,9 @@ from nipype_inrlddmm.workflows import init_study_wf, run_study
 SHAPE = (32, 28, 16)
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 CONFIG = engine.config_from_options(**FEW)
-#: The image stages drawing all their 48 patches, as on a patient-sized grid; on this small one their
-#: default fractions of the grid are a few patches, whose memory no faked limit above the overhead refuses.
+#: The stages drawing all their 48 patches (the distillation its 8192 points), as on a patient-sized grid;
+#: on this small one their default fractions of the grid are a few, whose memory no faked limit above the
+#: overhead refuses.
 ALL_PATCHES = engine.config_from_options(**FEW, sampling_fraction=None)
 #: Smaller training batches for the runs whose result does not matter, only that they run (a busy 2-core box).
 TINY = dict(coarse_iterations=3, distill_iterations=2, fine_iterations=3, n_patches=4, patch_size=8, batch_points=1024)
@@ -605,7 +606,8 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(good, tmp_pat
     out = tmp_path / "out"
     calls = {
         "coarse": lambda: steps.run_coarse(good["moving"], good["fixed"], out, ALL_PATCHES),
-        "distill": lambda: steps.run_distill(good["model"], good["coarse_displacement"], good["fixed"], out, CONFIG),
+        "distill": lambda: steps.run_distill(good["model"], good["coarse_displacement"], good["fixed"], out,
+                                             ALL_PATCHES),
         "fine": lambda: steps.run_fine(good["moving"], good["fixed"], good["model"], out, ALL_PATCHES),
     }
     for stage, call in calls.items():
@@ -645,6 +647,14 @@ def test_the_fine_estimate_counts_the_patches_its_sampling_fraction_draws():
     message = str(caught.value)
     assert f"(26 patches of 12^3 voxels and {regularity} regularity patches" in message
     assert "lower sampling_fraction, n_patches, regularity_patches" in message
+
+
+def test_the_distillation_estimate_counts_the_points_its_sampling_fraction_draws():
+    """A 64th of a 96x96x48 grid is 6912 points, under the 8192 of batch_points: the guard budgets those."""
+    shape = (96, 96, 48)
+    assert CONFIG.distill.points(shape) == 6912
+    assert engine.estimate_memory("distill", shape, CONFIG)["training"] == pytest.approx(
+        engine.estimate_memory("distill", shape, ALL_PATCHES)["training"] * 6912 / 8192)
 
 
 def test_a_huge_fixed_grid_is_refused_by_its_estimate():

@@ -162,7 +162,8 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         field = _FIELD_BYTES["coarse"] * math.prod(grid) + chunk
     elif stage == "distill":
         images = _DISTILL_IMAGE_BYTES * fixed_voxels
-        training = _training_bytes(int(config.distill.batch_points), model)
+        # The distillation's grid is at most the fixed grid: the points drawn there bound its batch.
+        training = _training_bytes(config.distill.points(fixed_shape), model)
         field = 0.0
     else:
         images = _IMAGE_BYTES * (fixed_voxels + moving_voxels)
@@ -204,12 +205,12 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     shape = "x".join(str(int(n)) for n in fixed_shape)
     if parts["training"] >= parts["field"]:
         stage_config = getattr(config, stage)
-        batch = ("batch_points" if stage == "distill" else
-                 ("sampling_fraction, " if stage_config.sampling_fraction is not None else "")
-                 + "n_patches, regularity_patches or patch_size (or raise patch_stride)")
+        fraction = "sampling_fraction, " if stage_config.sampling_fraction is not None else ""
+        batch = fraction + ("batch_points" if stage == "distill" else
+                            "n_patches, regularity_patches or patch_size (or raise patch_stride)")
         stride, grid = stage_config.patch_stride, _training_grid(stage, fixed_shape, config)
         lattice = f"the flow every {stride} voxels" if stride else "the flow on a lattice about 4 mm apart"
-        points = (f"{stage_config.batch_points} points" if stage == "distill" else
+        points = (f"{stage_config.points(fixed_shape)} points" if stage == "distill" else
                   f"{stage_config.patches(grid)} patches of {stage_config.patch_size}^3 voxels and "
                   f"{stage_config.regularity_patch_count(grid)} regularity patches, "
                   f"{lattice}")

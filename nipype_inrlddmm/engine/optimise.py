@@ -148,18 +148,20 @@ class StageConfig:
         """Patches drawn per image-matching iteration on ``grid``: ``n_patches``, or with a
         ``sampling_fraction`` as many as cover that fraction of the grid's voxels (as ANTs' metric
         sampling percentage is a fraction of the image), at least 1 and at most ``n_patches``."""
-        if self.sampling_fraction is None:
-            return self.n_patches
-        covering = round(self.sampling_fraction * math.prod(grid) / math.prod(patch_shape(grid, self.patch_size)))
-        return min(self.n_patches, max(1, covering))
+        return self._covering(grid, math.prod(patch_shape(grid, self.patch_size)), self.n_patches)
 
     def points(self, grid) -> int:
         """Random voxels drawn per distillation iteration on ``grid``: ``batch_points``, or with a
         ``sampling_fraction`` as many as that fraction of the grid's voxels, at least 1 and at most
         ``batch_points``."""
+        return self._covering(grid, 1, self.batch_points)
+
+    def _covering(self, grid, unit_voxels: int, most: int) -> int:
+        """Samples of ``unit_voxels`` each that cover ``sampling_fraction`` of ``grid``, in [1, ``most``];
+        ``most`` without a fraction."""
         if self.sampling_fraction is None:
-            return self.batch_points
-        return min(self.batch_points, max(1, round(self.sampling_fraction * math.prod(grid))))
+            return most
+        return min(most, max(1, round(self.sampling_fraction * math.prod(grid) / unit_voxels)))
 
     def regularity_patch_count(self, grid) -> int:
         """Regularity patches drawn per iteration on ``grid``: ``regularity_patches`` at ``n_patches``
