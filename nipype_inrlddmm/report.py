@@ -1,8 +1,11 @@
 """The study report: one self-contained, offline HTML page saying how the study went.
 
 ``report.html`` lands in the study's output folder next to
-``study_dice.csv``: a summary, the per-patient Dice table (failed patients
-marked, with the reason), box plots of Dice per label (embedded PNG), every
+``study_dice.csv``: a summary, the per-patient table (failed patients
+marked, with the reason), the per-label Dice in tables of at most
+:data:`LABELS_PER_TABLE` labels so that the page never scrolls sideways,
+box plots of Dice per label before and after registration (embedded PNG,
+on an axis fitted to the values so that the change shows), every
 patient's QC figure and trajectory animation (relative links to
 ``<patient>/qc.png`` and ``<patient>/trajectory.gif``, so the folder can be
 moved or zipped as a whole), the parameters of every stage and the versions
@@ -15,6 +18,7 @@ changes, so rerunning a cached study leaves every output file untouched.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io as _bytes_io
 import math
@@ -32,25 +36,37 @@ SUMMARY_COLUMNS = ("patient", "status", "mean_dice", "mean_hd95_mm", "jacobian_m
                    "sdlogj", "missing_labels", "error")
 #: Per-patient figures linked from the report, by file name in ``<out_dir>/<patient>/``.
 PATIENT_FIGURES = {"qc.png": "QC figure", "trajectory.gif": "trajectory"}
+#: Label columns per Dice table: a study of 30 brain labels is cut into tables of this many, each as
+#: wide as the page at most (fixed layout, headers wrapped), so nothing scrolls sideways at 1400 px.
+LABELS_PER_TABLE = 10
+#: Columns of the per-patient table, with their headers: the same few whatever the number of labels.
+PATIENT_COLUMNS = {"patient": "patient", "status": "status", "mean_dice_before": "mean Dice before",
+                   "mean_dice": "mean Dice", "mean_hd95_mm": "mean HD95 (mm)", "jacobian_min": "min det J",
+                   "jacobian_nonpositive_percent": "% det J \u2264 0", "sdlogj": "SDlogJ"}
 
 _STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 100%; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; max-width: 100%; }
+table.labels { table-layout: fixed; } table.labels.wide { width: 100%; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; overflow-wrap: anywhere; }
 th { background: #eee; } td.text { text-align: left; }
 tr.failed td { background: #fdd; } tr.failed td.status { color: #b00; font-weight: bold; }
-.figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
-.figure img { max-width: 48em; border: 1px solid #ccc; }
+td .before { color: #777; font-size: 0.85em; }
+.figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; max-width: 100%; }
+.figure img { max-width: min(48em, 100%); height: auto; border: 1px solid #ccc; }
+.figure img#dice-boxplot { max-width: 100%; }
 img.missing { outline: 3px solid #b00; }
 """
 #: Marks each image with its loaded width, and outlines images that failed to load (a moved or
-#: deleted figure), so a reader sees a broken link at once and a headless browser can check it.
+#: deleted figure), so a reader sees a broken link at once and a headless browser can check it; the
+#: page's scroll width goes on ``<body>`` so that a test can check nothing scrolls sideways.
 _SCRIPT = """
 window.addEventListener("load", function () {
   for (const image of document.images) {
     image.dataset.loadedWidth = image.naturalWidth;
     if (!image.naturalWidth) { image.classList.add("missing"); }
   }
+  document.body.dataset.scrollWidth = document.documentElement.scrollWidth;
 });
 """
 
@@ -76,54 +92,157 @@ def label_columns(rows: list[dict]) -> list[str]:
     return columns
 
 
-def dice_boxplot(rows: list[dict]) -> bytes | None:
-    """PNG of box plots of Dice per label over the successful patients (points overlaid); None without data."""
+def dice_axis_limits(values) -> tuple[float, float]:
+    """The Dice axis of the per-label plot: the values' range, padded by a tenth of it (0.01 at least).
+
+    Dice of a good registration sits in a few hundredths below 1, where a 0-1 axis shows neither the
+    spread nor the gain over the unregistered labels; the axis never leaves [0, 1.005].
+    """
+    values = [float(v) for v in values]
+    low, high = min(values), max(values)
+    pad = max(0.1 * (high - low), 0.01)
+    return max(0.0, low - pad), min(1.005, high + pad)
+
+
+def dice_boxplot(rows: list[dict], before: dict[str, dict[str, float]] | None = None) -> bytes | None:
+    """PNG of box plots of Dice per label over the successful patients (points overlaid); None without data.
+
+    ``before`` (``{patient: {label: Dice}}``, see :func:`dice_before`) adds, left of each label's box,
+    a grey box of the Dice before registration, each patient's pair joined by a line.
+    """
     labels = label_columns(rows)
-    values = [[v for row in rows if row.get("status") == "ok" and (v := _number(row.get(label))) is not None]
-              for label in labels]
-    kept = [(label, v) for label, v in zip(labels, values) if v]
+    ok = [row for row in rows if row.get("status") == "ok"]
+    before = before or {}
+    kept = []
+    for label in labels:
+        pairs = [(before.get(row["patient"], {}).get(label), v) for row in ok
+                 if (v := _number(row.get(label))) is not None]
+        if pairs:
+            kept.append((label, [v for _, v in pairs], [(_number(b), v) for b, v in pairs if _number(b) is not None]))
     if not kept:
         return None
-    figure = Figure(figsize=(max(4.0, 0.8 * len(kept) + 1.5), 3.6), dpi=90)
+    with_before = any(pairs for _, _, pairs in kept)
+    width = min(15.0, max(4.0, (1.2 if with_before else 0.8) * len(kept) + 1.5))
+    figure = Figure(figsize=(width, 3.8), dpi=90)
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
-    axis.boxplot([v for _, v in kept], showfliers=False)
-    for position, (_, v) in enumerate(kept, start=1):
-        jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else [0.0]
-        axis.plot(position + np.asarray(jitter), v, "o", color="tab:blue", alpha=0.7, markersize=4)
-    axis.set_xticks(range(1, len(kept) + 1), [label for label, _ in kept], rotation=45, ha="right", fontsize=8)
+    shown = []
+    for position, (_, after, pairs) in enumerate(kept, start=1):
+        spread = np.linspace(-0.08, 0.08, len(after)) if len(after) > 1 else np.zeros(1)
+        if pairs:
+            old = [b for b, _ in pairs]
+            axis.boxplot([old], positions=[position - 0.2], widths=0.3, showfliers=False,
+                         boxprops={"color": "0.5"}, medianprops={"color": "0.3"}, whiskerprops={"color": "0.5"},
+                         capprops={"color": "0.5"})
+            offsets = spread[:len(pairs)] if len(pairs) == len(after) else np.zeros(len(pairs))
+            for (b, a), offset in zip(pairs, offsets):
+                axis.plot([position - 0.2 + offset, position + 0.2 + offset], [b, a], "-", color="0.75", lw=0.8)
+            axis.plot(position - 0.2 + offsets, old, "o", color="0.45", alpha=0.7, markersize=3.5)
+            shown += old
+        centre = position + 0.2 if pairs else position
+        axis.boxplot([after], positions=[centre], widths=0.3 if pairs else 0.5, showfliers=False)
+        axis.plot(centre + spread, after, "o", color="tab:blue", alpha=0.8, markersize=4)
+        shown += after
+    axis.set_xticks(range(1, len(kept) + 1), [label for label, _, _ in kept], rotation=45, ha="right", fontsize=8)
+    axis.set_xlim(0.4, len(kept) + 0.6)
     axis.set_ylabel("Dice")
-    axis.set_ylim(min(0.0, *(min(v) for _, v in kept)), 1.0)
+    axis.set_ylim(*dice_axis_limits(shown))
     axis.grid(axis="y", alpha=0.3)
+    if with_before:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", color=colour, ls="") for colour in ("0.45", "tab:blue")]
+        axis.legend(handles, ["before (headers only)", "after registration"], fontsize=8, loc="lower left",
+                    bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
     figure.tight_layout()
     buffer = _bytes_io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 
-def _table(rows: list[dict], labels: list[str]) -> str:
-    columns = ["patient", "status", *labels, "mean_dice", "mean_hd95_mm", "jacobian_min",
-               "jacobian_nonpositive_percent", "sdlogj"]
-    header = "".join(f"<th>{_escape(c)}</th>" for c in columns + ["notes"])
+def _cell(value, digits: str) -> str:
+    number = _number(value)
+    return f"<td>{number:{digits}}</td>" if number is not None else f'<td class="text">{_escape(value or "")}</td>'
+
+
+def _patient_table(rows: list[dict], before: dict[str, dict[str, float]]) -> str:
+    """One row per patient, the same few columns whatever the number of labels."""
+    columns = [c for c in PATIENT_COLUMNS if c != "mean_dice_before" or before]
+    header = "".join(f"<th>{_escape(PATIENT_COLUMNS[c])}</th>" for c in columns) + "<th>notes</th>"
     body = []
     for row in rows:
         failed = row.get("status") != "ok"
         cells = []
         for column in columns:
-            value = row.get(column, "")
-            number = None if column in ("patient", "status") else _number(value)
-            if column == "status":
+            if column == "patient":
+                cells.append(f'<td class="text">{_escape(row["patient"])}</td>')
+            elif column == "status":
                 cells.append(f'<td class="text status">{"FAILED" if failed else "ok"}</td>')
-            elif number is not None:
-                cells.append(f"<td>{number:.3f}</td>" if column in labels or column == "mean_dice"
-                             else f"<td>{number:.4g}</td>")
+            elif column == "mean_dice_before":
+                found = [v for v in before.get(row["patient"], {}).values() if _number(v) is not None]
+                cells.append(_cell(np.mean(found) if found and not failed else "", ".3f"))
             else:
-                cells.append(f'<td class="text">{_escape(value)}</td>')
+                cells.append(_cell(row.get(column, ""), ".3f" if column == "mean_dice" else ".4g"))
         notes = row.get("error") if failed else row.get("missing_labels")
         cells.append(f'<td class="text">{_escape(notes or "")}</td>')
         body.append(f'<tr class="{"failed" if failed else "ok"}" data-patient="{_escape(row["patient"])}">'
                     + "".join(cells) + "</tr>")
     return f'<table id="dice-table"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _label_tables(rows: list[dict], labels: list[str], before: dict[str, dict[str, float]]) -> list[str]:
+    """Dice per patient and label, :data:`LABELS_PER_TABLE` labels a table; before registration in grey."""
+    ok = [row for row in rows if row.get("status") == "ok"]
+    tables = []
+    for first in range(0, len(labels), LABELS_PER_TABLE):
+        chunk = labels[first:first + LABELS_PER_TABLE]
+        header = '<th class="patient">patient</th>' + "".join(f"<th>{_escape(label)}</th>" for label in chunk)
+        body = []
+        for row in ok:
+            cells = [f'<td class="text">{_escape(row["patient"])}</td>']
+            for label in chunk:
+                after, old = _number(row.get(label)), _number(before.get(row["patient"], {}).get(label))
+                text = "" if after is None else f"{after:.3f}"
+                if old is not None:
+                    text += f'<br><span class="before">{old:.3f}</span>'
+                cells.append(f"<td>{text}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        wide = " wide" if len(chunk) > LABELS_PER_TABLE // 2 else ""  # a few labels keep their natural width
+        tables.append(f'<table class="labels{wide}"><thead><tr>{header}</tr></thead>'
+                      f'<tbody>{"".join(body)}</tbody></table>')
+    return tables
+
+
+def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each registered patient's Dice per label before registration, ``{patient: {label name: Dice}}``.
+
+    The moving labels on the fixed grid through the images' headers alone (the QC figure's
+    "before"), within the manifest's ``fixed_mask`` where it names one, for the labels of the
+    patient's ``<out_dir>/<patient>/dice.csv``.  Patients whose files cannot be read are left out.
+    """
+    from . import metrics
+    from .qc import _labels_before
+
+    entries = {entry["patient"]: entry for entry in io.read_manifest(manifest, check_files=False)}
+    found = {}
+    for row in rows:
+        entry, table = entries.get(row["patient"]), Path(out_dir) / row["patient"] / "dice.csv"
+        if row.get("status") != "ok" or not entry or not entry.get("moving_labels") or not table.is_file():
+            continue
+        try:
+            fixed, affine = io.load_labels(entry["fixed_labels"])
+            moving, moving_affine = io.load_labels(entry["moving_labels"])
+            mask = (io.load_mask(entry["fixed_mask"], fixed.shape, affine, reference=entry["fixed_labels"])
+                    if entry.get("fixed_mask") else None)
+        except io.InputError:
+            continue
+        with open(table, newline="") as handle:
+            named = {int(label["label"]): label["name"] for label in csv.DictReader(handle)}
+        scores = metrics.dice_scores(_labels_before(moving, moving_affine, fixed.shape, affine), fixed,
+                                     list(named), mask)
+        found[row["patient"]] = {name: round(float(score), 4) for name, score in zip(named.values(), scores)
+                                 if not math.isnan(score)}
+    return found
 
 
 def _parameters(parameters: dict) -> str:
@@ -151,7 +270,8 @@ def versions() -> dict[str, str]:
 
 
 def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | None = None,
-                      parameters: dict | None = None, title: str = "INR-LDDMM study") -> str:
+                      parameters: dict | None = None, title: str = "INR-LDDMM study",
+                      before: dict[str, dict[str, float]] | None = None) -> str:
     """The report page as a string.
 
     Parameters
@@ -160,8 +280,10 @@ def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | 
         rows, or ``study_dice.csv`` read with :class:`csv.DictReader`).
     figures : ``{patient: {caption: relative URL}}``, shown in table order.
     parameters : ``{stage: {parameter: value}}`` (or ``{name: value}``).
+    before : ``{patient: {label: Dice}}`` before registration (:func:`dice_before`), shown beside
+        the Dice after it in the tables and the plot.
     """
-    figures = figures or {}
+    figures, before = figures or {}, before or {}
     labels = label_columns([row for row in rows if row.get("status") == "ok"] or rows)
     ok = [row for row in rows if row.get("status") == "ok"]
     means = [m for row in ok if (m := _number(row.get("mean_dice"))) is not None]
@@ -169,12 +291,18 @@ def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | 
                + (f"; mean Dice over patients {np.mean(means):.3f} (min {min(means):.3f}, max {max(means):.3f})"
                   if means else ""))
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_escape(title)}</title>",
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_escape(title)}</title>",
         f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>",
         f"<h1>{_escape(title)}</h1>", f'<p id="summary">{_escape(summary)}</p>',
-        "<h2>Dice per patient and label</h2>", _table(rows, labels),
+        "<h2>Patients</h2>", _patient_table(rows, before),
     ]
-    plot = dice_boxplot(rows)
+    if labels and ok:
+        parts.append("<h2>Dice per patient and label</h2>"
+                     + ('<p>After registration; <span class="before">before it (headers only)</span> below.</p>'
+                        if before else ""))
+        parts += _label_tables(rows, labels, before)
+    plot = dice_boxplot(rows, before)
     if plot is not None:
         encoded = base64.b64encode(plot).decode("ascii")
         parts += ["<h2>Dice per label</h2>",
@@ -194,11 +322,14 @@ def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | 
 
 
 def write_study_report(out_dir, rows: list[dict], *, parameters: dict | None = None,
-                       title: str = "INR-LDDMM study") -> Path:
+                       title: str = "INR-LDDMM study", before: dict[str, dict[str, float]] | None = None,
+                       manifest=None) -> Path:
     """Write ``out_dir/report.html`` for a study whose results are in ``out_dir``.
 
     Links every ``<out_dir>/<patient>/qc.png`` and ``trajectory.gif`` that
-    exists.  Written atomically, and only when the content changed.
+    exists.  The Dice before registration is ``before`` when given, else
+    read from the study's ``manifest`` (:func:`dice_before`) when given.
+    Written atomically, and only when the content changed.
     """
     out_dir = Path(out_dir)
     path = out_dir / REPORT_NAME
@@ -208,7 +339,9 @@ def write_study_report(out_dir, rows: list[dict], *, parameters: dict | None = N
                  if (out_dir / row["patient"] / name).is_file()}
         if found:
             figures[row["patient"]] = found
-    text = study_report_html(rows, figures=figures, parameters=parameters, title=title)
+    if before is None and manifest is not None:
+        before = dice_before(manifest, out_dir, rows)
+    text = study_report_html(rows, figures=figures, parameters=parameters, title=title, before=before)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
     with io.atomic_path(path) as temporary:

@@ -5,6 +5,8 @@ network; the rest run on analytic fields and synthetic tables.
 """
 
 import re
+import subprocess
+from io import BytesIO
 
 import nibabel as nib
 import numpy as np
@@ -218,6 +220,73 @@ def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
     assert path.stat().st_mtime_ns == before
     assert_report_renders(path, {"p01": "ok", "p02": "failed", "p03": "ok"}, figures=3)
 
+
+
+def _wide_rows(n_labels=30, n_patients=4):
+    """A brain-sized study: 30 labels with FreeSurfer-length names, Dice a few hundredths apart."""
+    names = [f"Left-Cerebral-White-Matter-{i:02d}" for i in range(n_labels)]
+    rows = []
+    for p in range(n_patients):
+        row = {"patient": f"sub-{p:02d}", "status": "ok"}
+        row.update({name: 0.93 + 0.01 * ((i + p) % 5) for i, name in enumerate(names)})
+        row.update(mean_dice=0.95, mean_hd95_mm=2.1, jacobian_min=0.3, jacobian_nonpositive_percent=0.0,
+                   sdlogj=0.1, missing_labels="", error="")
+        rows.append(row)
+    before = {row["patient"]: {name: 0.88 + 0.005 * (i % 4) for i, name in enumerate(names)} for row in rows}
+    return rows, names, before
+
+
+def test_dice_tables_fit_the_page_and_the_plot_axis_shows_the_change(tmp_path):
+    rows, names, before = _wide_rows()
+    text = report.study_report_html(rows, before=before)
+    # The patient table has the same few columns whatever the labels; the labels go into tables of
+    # at most LABELS_PER_TABLE columns each, laid out to the page's width.
+    patient_table = re.search(r'<table id="dice-table">.*?</table>', text).group(0)
+    assert patient_table.count("<th>") == len(report.PATIENT_COLUMNS) + 1 and names[0] not in patient_table
+    label_tables = re.findall(r'<table class="labels wide">.*?</table>', text)
+    assert len(label_tables) == 3
+    assert all(t.count("<th>") <= report.LABELS_PER_TABLE for t in label_tables)
+    assert sum(t.count("<th>") for t in label_tables) == len(names)
+    assert "table.labels { table-layout: fixed; } table.labels.wide { width: 100%; }" in text
+    assert '<span class="before">0.880</span>' in text  # before registration, beside the Dice after
+
+    # The axis spans the values shown (before and after), padded, not 0-1: the change fills it.
+    values = [v for row in rows for v in (row[n] for n in names)] + [v for b in before.values() for v in b.values()]
+    low, high = report.dice_axis_limits(values)
+    assert low <= min(values) and high >= max(values) and high <= 1.005
+    assert (max(values) - min(values)) / (high - low) > 0.8, (low, high)
+    assert report.dice_axis_limits([1.0, 1.0]) == (0.99, 1.005)
+    assert Image.open(BytesIO(report.dice_boxplot(rows, before))).width <= 1400
+
+    # In a 1400 px window nothing scrolls sideways (the load script records the page's scroll width).
+    from conftest import CHROMIUM_FLAGS, chromium
+
+    page = tmp_path / "report.html"
+    page.write_text(text)
+    binary = chromium()
+    dom = subprocess.run([binary, *CHROMIUM_FLAGS, "--window-size=1400,1000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    width = re.search(r'data-scroll-width="(\d+)"', dom.stdout)
+    assert width and int(width.group(1)) <= 1400, width and width.group(0)
+
+
+def test_dice_before_is_the_labels_through_the_headers_in_the_mask(tmp_path):
+    manifest = write_cohort(tmp_path / "data", 1, shape=SHAPE)
+    data = manifest.parent / "p01"
+    (tmp_path / "out" / "p01").mkdir(parents=True)
+    io.write_csv(tmp_path / "out" / "p01" / "dice.csv", [{"label": k, "name": v, "dice": 0.99, "missing": ""}
+                                                          for k, v in LABELS.items()])
+    rows = [{"patient": "p01", "status": "ok", **{v: 0.99 for v in LABELS.values()}}]
+    found = report.dice_before(manifest, tmp_path / "out", rows)
+    moving, _ = io.load_labels(data / "ct_labels.nii.gz")
+    fixed, _ = io.load_labels(data / "cbct_labels.nii.gz")
+    mask = np.asarray(nib.load(data / "cbct_fov.nii.gz").dataobj) > 0
+    expected = {v: metrics.dice(moving[mask], fixed[mask], k) for k, v in LABELS.items()}
+    assert found["p01"] == pytest.approx(expected, abs=1e-4)
+    assert min(found["p01"].values()) < 0.9  # the phantom's labels move: some overlap far less before
+    path = report.write_study_report(tmp_path / "out", rows, manifest=manifest)
+    assert '<span class="before">' in path.read_text() and "mean Dice before" in path.read_text()
 
 def test_register_command_shows_a_progress_bar_per_stage(tmp_path, capsys):
     data = write_cohort(tmp_path / "data", 1, shape=SHAPE).parent / "p01"
