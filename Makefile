@@ -1,6 +1,6 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv, install torch==2.13.0 FIRST (a CPU wheel; an unpinned
-# torch pulls gigabytes of CUDA), then this package with its test extras.
+# Entry points for a fresh machine: `make demo`, `make test` and `make docs`.
+# Each creates .venv, installs torch==2.13.0 FIRST (a CPU wheel; an unpinned
+# torch pulls gigabytes of CUDA), then this package with the extras it needs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export INRLDDMM_DATA ?= $(abspath ../shared/data)
 export NIPYPE_NO_ET := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 $(BIN)/.installed: setup.py nipype_inrlddmm/engine/_sincos.c nipype_inrlddmm/engine/_siren.c
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,17 @@ test: install
 	scripts/ensure-chromium.sh
 	scripts/with-local-slurm.sh $(BIN)/python -m pytest -q
 
+# The documentation (Sphinx, furo theme) in docs/_build/html, warnings as errors.  The workflow graphs
+# need Graphviz's `dot`: scripts/ensure-graphviz.sh installs Debian's graphviz when missing (root with
+# apt) and fails, saying why, where it cannot.  No network, GPU or data is needed by the build itself.
+$(BIN)/.docs-installed: $(BIN)/.installed setup.py
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	scripts/ensure-graphviz.sh
+	rm -rf docs/_build
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) inrlddmm-demo
+	rm -rf $(VENV) inrlddmm-demo docs/_build

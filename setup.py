@@ -17,9 +17,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nipype_inrlddmm", "nipype_inrlddmm.*"]),
-    # The fused sine-cosine of the SIREN layers (engine/sine.py).  Optional: without a C compiler
-    # the package installs anyway and the layers use torch.sin and torch.cos, with which a fine
-    # iteration took 1.08 x (lung-ct) to 1.25 x (brain-pair) as long (README, issue 5).
+    # The fused sine-cosine of the SIREN layers' layer-by-layer path (engine/sine.py): one pass gives
+    # both, where torch.sin and torch.cos take one each.  Optional: without a C compiler the package
+    # installs anyway and the layers use torch.sin and torch.cos, somewhat slower (docs/decisions.md).
     ext_modules=[
         Extension(
             "nipype_inrlddmm.engine._sincos",
@@ -28,9 +28,10 @@ setup(
             extra_link_args=["-fopenmp"],
             optional=True,
         ),
-        # The whole SIREN velocity network fused over tiles of points (engine/siren.py), on CPUs with
-        # AVX-512F: the network alone 1.8-1.9 x as fast as layer by layer (README, issue 5).  Optional as
-        # the one above: without it (or on other CPUs) the layers run one by one through PyTorch.
+        # The whole SIREN velocity network and its Euler flow fused over tiles of points (engine/siren.py),
+        # on CPUs with AVX-512F, where it runs the network's work in about half the time of the
+        # layer-by-layer path (docs/decisions.md).  Optional as the one above: without it (or on other
+        # CPUs) the layers run one by one through PyTorch.
         Extension(
             "nipype_inrlddmm.engine._siren",
             ["nipype_inrlddmm/engine/_siren.c"],
@@ -53,6 +54,9 @@ setup(
     extras_require={
         "tests": ["pytest>=7", "hypothesis>=6", "nitransforms>=23"],
         "benchmarks": ["antspyx>=0.4"],
+        # `make docs`: Sphinx with the furo theme, Markdown pages through myst-parser; the interface
+        # reference and workflow graphs come from nipype.sphinxext (Graphviz's dot for the graphs).
+        "docs": ["sphinx>=8", "furo>=2024.8.6", "myst-parser>=4"],
     },
     entry_points={"console_scripts": ["inrlddmm = nipype_inrlddmm.cli:main"]},
 )

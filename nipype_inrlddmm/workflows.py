@@ -339,9 +339,12 @@ def init_study_wf(
     work_dir : Nipype's working directory (the cache; crash files in
         ``work_dir/crash``); None leaves ``base_dir`` unset.
     label_names : JSON/TSV of label names for every patient (optional).
-    num_threads, affine, affine_options, device, progress, trajectory, **options : as
+    num_threads, affine, affine_options, device, progress, trajectory : as
         :func:`init_registration_wf`.
+    **options : registration options, as :func:`init_registration_wf`.
 
+    Notes
+    -----
     Run it with :func:`run_study`, which also writes the table when some
     patients failed (Nipype then skips the JoinNode).
 

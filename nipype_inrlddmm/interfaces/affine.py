@@ -20,7 +20,7 @@ class _AffineInitInputSpec(ComputeInputSpec):
     in_transform = traits.File(
         exists=True, mandatory=False,
         desc="use this affine instead of estimating one: ITK text (.txt/.tfm) or ANTs (.mat, e.g. "
-        "antsRegistration's *0GenericAffine.mat), mapping fixed to moving points",
+        "antsRegistration's ``*0GenericAffine.mat``), mapping fixed to moving points",
     )
     transform = traits.Enum(*enum_values(_AFFINE.transform, TRANSFORMS), usedefault=True,
                             desc="what to estimate: affine (12 parameters) or rigid (6)")
