@@ -1,11 +1,11 @@
 /* Sine and cosine of a float32 buffer in one vectorised pass, the sine in place.
  *
- * The SIREN layers spent over a quarter of the velocity network's CPU time in
- * torch.sin forwards and torch.cos backwards: PyTorch's CPU build takes about
- * 1.9 ns an element for either on our AMD EPYC (one thread), twelve times a
- * multiplication.  Both come out of one range reduction, so this pass returns
- * the two together, in 0.8-1.0 ns an element (one thread): the cosine is kept
- * for the backward pass and never recomputed.
+ * Why: layer by layer, the SIREN layers spent over a quarter of the velocity
+ * network's CPU time in torch.sin forwards and torch.cos backwards, each a full
+ * pass over the activations.  Both come out of one range reduction, so this
+ * pass returns the two together, in about half the time of the two passes on
+ * CPUs whose libm sine is slow: the cosine is kept for the backward pass and
+ * never recomputed (figures in docs/decisions.md).
  *
  * Method (Cephes sinf/cosf): x = k pi/2 + r with |r| <= pi/4, by a three-part
  * Cody-Waite reduction that is exact while |x| <= BIG; minimax polynomials
@@ -14,10 +14,9 @@
  * beyond BIG, infinities and NaNs are recomputed with libm afterwards, so
  * every input gets its correctly signed sine and cosine, NaN included.
  *
- * On an Intel Xeon with AVX-512 PyTorch's own sine or cosine takes 0.47 ns
- * an element (one thread, 11,760 x 64): there the AVX2 clone's fused pass,
- * 1.06 ns, lost to the two separate passes (0.97 ns), and the AVX-512 clone
- * (16 lanes) takes 0.68 ns.
+ * Where PyTorch's own sine is fast (AVX-512 CPUs) the 8-lane AVX2 clone lost
+ * to the two separate passes; the 16-lane AVX-512 clone is the one that wins
+ * there.
  *
  * Compiled with -ffp-contract=off (and never -ffast-math, which would fold
  * ROUNDER away): the AVX-512, AVX2 and SSE2 clones, chosen at load time by

@@ -2,9 +2,9 @@
  *
  * Why: run layer by layer, PyTorch makes a dozen passes over (N, width) tensors per layer and Euler
  * step (the product, the bias, the sine, the saved cosine, the gradient's multiplication by it, the
- * bias gradient's sums), each over a fresh 6 MB tensor (N = 16,464 points, width 96) in memory,
- * and a dozen small autograd nodes around them.  Those held the network at about a third of a large
- * matmul's GFLOP/s (README, issue 5) while its 96 x 96 products alone ran at 75-87 %.  Here a tile
+ * bias gradient's sums), each over a fresh (N, width) tensor in memory (6 MB at the fine stage's
+ * points), and a dozen small autograd nodes around them.  Those passes, not the products, held the
+ * network far below a large matmul's GFLOP/s (figures in docs/decisions.md).  Here a tile
  * of TILE points goes through every layer while it sits in the core's caches: each product is a
  * register-blocked kernel (NR rows x 16 NVMAX columns of accumulators), the bias and the sine are
  * applied to the accumulators before they are stored (forwards), the multiplication by the cosine
