@@ -25,7 +25,7 @@ and distillation iterations added to it so the budget is the same) and
 
 ``--seeds 0 1 2`` runs ours (and each ablation) once per seed, a row each:
 a seed fixes the result (patch draws and initial weights), and changing the
-seed moves it as much as many of the settings tried in the README did.
+seed moves it as much as many of the settings on the decisions page did.
 ``--inr-options`` takes one or more settings (JSON registration options),
 each run with every seed.  After each set's table comes its Dice vs SDlogJ
 table: one row per method and setting, over its seeds, with the mean Dice

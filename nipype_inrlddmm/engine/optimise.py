@@ -68,48 +68,23 @@ class StageConfig:
     combines two metrics.  The local correlation normalises each window's
     contrast away, so low-contrast tissue (deep grey matter, soft tissue
     around the lungs) was matched by its edges alone; the global term asks
-    that intensity classes overlap.
-    Measured with benchmarks/accuracy.py (1 thread, two runs at once;
-    LNCC alone in brackets): brain-pair 0.733 / 0.734 / 0.735 for seeds 0 /
-    1 / 2 (0.722 / 0.731 / 0.725), lung-ct Dice 0.9873 / 0.9872 and TRE
-    1.55 / 1.51 mm for seeds 0 / 1 (0.9840 / 0.9838, 1.55 / 1.53 mm), but
-    brain -> MNI152 0.800 (0.803) and the CT -> CBCT phantom 0.971 (0.975),
-    whose cupping no global intensity mapping describes.  A weight of 1
-    gave brain-pair 0.736 with 0.10 % det J <= 0, brain -> MNI152 0.795,
-    phantom 0.968; the term in the coarse stage only, brain-pair 0.722; in
-    the fine stage only, 0.727.
+    that intensity classes overlap.  It raised Dice on the inter-subject
+    brains and the lung CT, and lowered it slightly on CT -> CBCT, whose
+    cupping no global intensity mapping describes (hence ``mi_weight=0`` in
+    that study script).
 
-    Points per iteration were the strongest lever measured
-    (benchmarks/accuracy.py, brain-pair mean Dice over 30 labels): with the
-    flow on every voxel, 16 / 24 / 32 patches gave 0.714 / 0.722 / 0.723 (8
-    patches: 0.674).  A lattice of stride 2 makes a fine-stage iteration of
-    48 patches take 0.39 x the time of one of 24 patches on every voxel (2
-    threads), because the network, not the image sampling, is most of the
-    work.  At stride 2 with 48 patches (and omega_0 20, see
-    :class:`~nipype_inrlddmm.engine.ModelConfig`): brain-pair 0.721 (0.721
-    before), brain -> MNI152 0.798 (0.797), phantom 0.974 (0.972), lung-ct
-    landmark TRE 1.53 mm (1.79) and lung Dice 0.983 (0.977).  Stride 2
-    alone, with 24 patches and omega_0 25, lost brain-pair Dice (0.711) and
-    lung-ct TRE (1.86 mm); 48 patches at omega_0 25 folded 0.23 % of
-    brain-pair voxels.  Stride 2 on the brains' 2 mm fine grids is a 4 mm
-    lattice, and the automatic stride keeps about that on finer grids: on
-    lung-ct's 1.37 x 1.37 x 2.5 mm fine grid stride 3 x 3 x
-    2 (0.51 x the network points of stride 2) gave lung Dice 0.9836 /
-    0.9839 / 0.9835 and TRE 1.63 / 1.56 / 1.70 mm for seeds 0 / 1 / 2,
-    against 0.9840 / 0.9837 / 0.9837 and 1.50 / 1.61 / 1.68 mm, in 0.57 x
-    the fine stage's time (1 thread).  On 2 mm grids stride 3 lost Dice
-    (brain-pair 0.714 with 96 patches, 0.12 % det J <= 0).
+    Points per iteration were the strongest lever measured, and the network,
+    not the image sampling, is most of an iteration's work: a lattice about
+    4 mm apart with 48 patches sees more of the image than every voxel of
+    24 patches, in less time, and the velocity is smooth over that distance.
+    Figures for all of the above: docs/decisions.md.
 
     ``convergence_window`` > 0 stops a stage early once the loss fell by less
     than ``convergence_threshold`` of its magnitude over that many iterations
-    (:func:`relative_decrease`), as ANTs' convergence test.  Off by default,
-    by measurement (24 patches, flow on every voxel): the fine-stage loss
-    still fell by 6-11 % per 100 iterations up to iteration 300 on the
-    phantom and on brain-pair
-    (1-2 % over the last 100), while on lung-ct and brain -> MNI152 the
-    same 100-iteration trend swung between -6 % and +24 % with the patches
-    drawn.  No threshold stops the smooth cases early without stopping the
-    noisy ones at random.
+    (:func:`relative_decrease`), as ANTs' convergence test.  Off by default:
+    the loss still falls steadily late in the fine stage on smooth cases and
+    swings with the patches drawn on noisy ones, so no threshold stops the
+    first early without stopping the second at random (docs/decisions.md).
     """
 
     iterations: int = 200

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
-#: Added under the square roots.  Intensities are normalised to [0, 1]; the median variance of a
-#: 5^3 window is 7e-3 in brain-pair's putamen and pallidum (2 mm) and 8e-4 in lung-ct's soft tissue,
-#: so 1e-5 on the product of two such variances scaled a median soft-tissue window's correlation by
-#: 0.25 and a median deep-grey-matter window's by 0.9 (flatter ones more).  1e-7, measured with
-#: benchmarks/accuracy.py (1 thread): brain-pair mean Dice 0.725 against 0.719, brain -> MNI152
-#: 0.802 against 0.796, lung-ct TRE 1.50 against 1.58 mm (lung Dice 0.984 and 0.983), phantom
-#: 0.973 against 0.975; 1e-6 and 1e-8 gave brain-pair 0.724 and 0.726.
+#: Added under the square roots.  Intensities are normalised to [0, 1], and a 5^3 window of soft
+#: tissue or deep grey matter has a variance of 1e-3 or less: a larger epsilon damps the correlation
+#: of exactly the flat, low-contrast windows that need it (figures: docs/decisions.md, "Similarity").
 _EPS = 1e-7
 
 
@@ -38,9 +34,8 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     ``(..., X, Y, Z) -> (..., X - window + 1, Y - window + 1, Z - window + 1)``,
     as ``avg_pool3d(x, window, stride=1)`` gives it.  A cubic mean is
     separable: three running means of ``window`` samples, one per axis, do
-    ``3 * window`` additions per output instead of ``window**3``.  With a
-    5^3 window on 48 patches of 12^3, :func:`lncc` forward and backward
-    takes 8.6 ms this way against 16.1 ms with ``avg_pool3d`` (2 threads).
+    ``3 * window`` additions per output instead of ``window**3``, about
+    half ``avg_pool3d``'s time for :func:`lncc` forward and backward.
     """
     for dim in (-3, -2, -1):
         x = x.unfold(dim, window, 1).mean(dim=-1)

@@ -50,8 +50,8 @@ class _BufferPool:
     """Float32 tensors whose memory is reused once the tensor handed out is gone.
 
     A fresh ``(depth, N, width)`` tensor is page-faulted in on its first
-    write, and at the fine stage's 16,464 points those faults took longer
-    than the kernels' arithmetic (12.7 against 3.5 ms a forward pass).  The
+    write, and at the fine stage's points those faults took longer than the
+    kernels' arithmetic (docs/decisions.md).  The
     pool keeps each buffer's storage; when the tensor over it is collected
     (autograd drops the saved pre-activations after their backward pass, or
     with the graph), a finalizer puts the storage on the free list for the
@@ -222,10 +222,8 @@ def siren_flow(points: torch.Tensor, n_steps: int, *, layers, output, omega0: fl
     """:func:`~.flow.integrate` of :func:`siren_velocity`'s field: ``(displacement, kinetic)``.
 
     The same Euler steps and kinetic energy (summed in float64), as one
-    autograd node and one kernel call each way.  At the fine stage's 16,464
-    points and 4 steps, forward and backward took 36.0 and 36.5 ms against
-    36.6 and 37.3 ms with a node per step (two runs, each alternating the
-    two in one process, 2 threads).  Arguments as :func:`siren_velocity`;
+    autograd node and one kernel call each way, no slower than a node per
+    step and with no graph to build.  Arguments as :func:`siren_velocity`;
     ``(N, 3)`` points in, ``(N, 3)`` mm and a scalar mm^2 out.
     """
     save, points, fixed, params = _inputs(points, layers, output, omega0, center, half_extent, scale)

@@ -39,51 +39,31 @@ class RegistrationConfig:
     2).  The fine stage fits the similarity to the field interpolated from a
     lattice about 4 mm apart, so the field between those points is
     unconstrained; interpolated from the same spacing, it is the field the
-    training saw.  Measured (benchmarks/accuracy.py, 1 thread, on an AMD
-    EPYC with AVX-512), against stride 2, with 300 fine iterations: brain
-    -> MNI152 0.809 / 0.805 (stride 4 on its 1 mm grid), lung-ct Dice
-    0.9871 / 0.9871 and TRE 1.47 / 1.48 mm (3 x 3 x 2 on 1.37 x 1.37 x 2.5
-    mm); with 225: brain-pair 0.747 / 0.742 (stride 4; 0.749 with 250
-    iterations).  The phantom's 2.7-5 mm grid keeps 2.  On the 1 mm brains
-    it integrates 0.13 x the points.
+    training saw, at a fraction of every voxel's work on 1 mm grids
+    (docs/decisions.md, "Dense field").
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     coarse_factor: tuple[int, int, int] | int | None = None
     fine_factor: tuple[int, int, int] | int | None = None
-    # Iterations lean on the fine stage: at the same budget, coarse/distill/fine 100/50/400 beat
-    # 300/100/200 on every set of benchmarks/accuracy.py (see the README).  The 96-unit network
-    # (ModelConfig) came with 300 fine iterations, which on an AMD EPYC with AVX-512 (a 2048^2 matmul at
-    # 130-173 GFLOP/s, half an AVX-512 Xeon's) took 1.14-1.18 x SyN's time on the real sets.  225 against
-    # 300 (1 thread, dense field at stride 2): brain-pair 0.742 / 0.742, brain -> MNI152 0.804 / 0.805,
-    # phantom 0.973 / 0.974, lung-ct Dice 0.9864 / 0.9871 and TRE 1.61 / 1.48 mm.  The coarse stage's flow
-    # lattice is 3 voxels apart (5^3 points a patch, 9 mm at 3 mm voxels, against 7^3 at stride 2):
-    # brain -> MNI152 0.797, brain-pair 0.723, lung-ct TRE 1.57 mm / Dice 0.983, phantom 0.974,
-    # against 0.798, 0.721, 1.53 mm / 0.983 and 0.974 at stride 2 (1 thread).
-    # The coarse patches cover a third of the coarse grid per iteration, at most 48: the brains' 3 mm grids
-    # keep the 48 they were measured with; smaller grids draw fewer (lung-ct's 4.1 mm grid 26, a phantom's
-    # 43 x 38 x 24 grid 8), not several times their volume in patches.
+    # Iterations lean on the fine stage (100 / 50 / 225): at the same budget that beat a longer coarse
+    # stage on every set, and 225 fine iterations keep the 96-unit network within SyN's time on a 2-core
+    # CPU at the same Dice as 300.  The coarse stage's flow lattice is 3 voxels apart (5^3 points a patch,
+    # 9 mm at 3 mm voxels): as accurate as stride 2 for a third of the network points.  The coarse patches
+    # cover a third of the coarse grid per iteration, at most 48: smaller grids draw fewer, not several
+    # times their volume in patches.  Figures: docs/decisions.md ("Stages", "Points per iteration").
     coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=100, patch_stride=3,
                                                                     sampling_fraction=1 / 3))
-    # At omega_0 22.5 the distillation at 2e-3 fitted a given coarse field from an untrained network to
-    # 0.52 voxel on the phantom (the test asks < 0.5).  1.5e-3 fits it to 0.37 (1e-3: 0.20; 75 iterations
-    # at 2e-3: 0.40), with brain-pair 0.751 (0.750 at 2e-3) and lung-ct TRE 1.60 / 1.53 / 1.68 mm for
-    # seeds 0 / 1 / 2 (1.55 mm for seed 0 at 2e-3, 1.61 at 1e-3, 1.66 with 75 iterations); 1 thread.
-    # The distillation draws 1/64 of the fine grid per iteration, at most 8192 points: the brains' and
-    # lung-ct's fine grids keep the 8192 they were measured with; a CT -> CBCT phantom's 64 x 56 x 48 fine
-    # grid draws 2688, in a third of the time, with the same Dice (docs/decisions.md).
+    # The distillation's learning rate is 1.5e-3: at omega_0 22.5, 2e-3 fitted a given coarse field less
+    # closely than the half voxel tests/test_registration.py asks.  It draws 1/64 of the fine grid per
+    # iteration, at most 8192 points: large grids keep 8192, small ones draw fewer in less time with the
+    # same Dice.  Figures: docs/decisions.md.
     distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=50, learning_rate=1.5e-3,
                                                                      sampling_fraction=1 / 64))
-    # A fine-stage velocity penalty of 2e-4 against 1e-4 (1 thread, seeds 0 / 1 / 2): brain-pair 0.755 / 0.749 /
-    # 0.749 with 0.080 / 0.091 / 0.057 % det J <= 0, against 0.751 / 0.749 / 0.752 with 0.059 / 0.106 / 0.086 %;
-    # lung-ct TRE 1.63 / 1.54 / 1.57 mm against 1.60 / 1.53 / 1.68, Dice 0.9862 / 0.9860 / 0.9865 against
-    # 0.9864 / 0.9864 / 0.9866.  The same mean Dice and TRE, with every seed under 0.1 % folding.
-    # The fine stage's patches cover a tenth of its grid per iteration, at most 48 (sampling_fraction): the
-    # brains' 2 mm grids keep 48 (a tenth would be 50-64), lung-ct's 2.73 x 2.73 x 2.5 mm grid (stage_factors)
-    # gets 34, the phantom 40.  benchmarks/accuracy.py, 2 threads, on an Intel Xeon with AVX-512: lung-ct
-    # Dice 0.9887 / 0.9888 / 0.9888 and TRE 1.59 / 1.55 / 1.59 mm for seeds 0 / 1 / 2 (seeds 1 and 2 at 1
-    # thread), against 0.9865 and 1.48 mm on the 1.37 mm grid; 48 patches there gave 0.9895 and 1.66 mm in
-    # 1.8 x the fine stage's time (the README).
+    # The fine stage's velocity penalty is 2e-4 (1e-4 elsewhere): the same mean Dice and TRE, with every
+    # seed under 0.1 % folding before the Jacobian penalty.  Its patches cover a tenth of its grid per
+    # iteration, at most 48 (sampling_fraction), as ANTs samples a fraction of the image: the cost follows
+    # the image up to the brains' 48, never past it.  Figures: docs/decisions.md.
     fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4,
                                                                   sampling_fraction=0.1))
     field_stride: int | tuple[int, int, int] | None = None
@@ -158,16 +138,12 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     2) for the ``"coarse"`` stage, one pyramid level above it, as ANTs'
     SyN stops at half resolution: on grids of coarse voxels (a CT at 3 mm)
     the fine stage then costs what their size asks, not what a 1 mm brain's
-    2 mm grid does, with the same Dice (docs/decisions.md).  Chosen by
-    measurement on brain-pair (1 mm voxels, mean Dice over 30 labels): the
-    coarse stage alone reaches 0.664 at 2 mm, 0.712 at 3 mm, 0.695 at 4 mm;
-    after the 3 mm coarse stage a fine stage at 1 mm lowers it to 0.704, one
-    at 2 mm raises it to 0.719.  Closest in ratio rather than in mm sends
-    lung-ct's 1.366 mm axes to 2.73 mm rather than 1.37 mm (it changes
-    the fine factor only in narrow bands: 1.33-1.41 mm, 0.80-0.82 mm, ...), where
-    the fine patches cover 4 x the volume: lung Dice 0.9895 against 0.9865
-    at 48 patches (benchmarks/accuracy.py, 2 threads, on an Intel Xeon with
-    AVX-512; the README).
+    2 mm grid does, with the same Dice.  The 3 mm and 2 mm targets were the
+    best of the resolutions measured on a 1 mm brain pair.  Closest in ratio
+    rather than in mm sends 1.366 mm axes to 2.73 mm rather than 1.37 mm
+    (it changes the fine factor only in narrow bands: 1.33-1.41 mm,
+    0.80-0.82 mm, ...), where the fine patches cover 4 x the volume, with a
+    higher lung Dice.  Figures: docs/decisions.md ("Stages").
 
     An automatic factor also leaves the stage's grid at least
     :data:`MIN_STAGE_VOXELS` voxels per axis (two patch edges, unless

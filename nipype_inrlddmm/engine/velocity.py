@@ -1,52 +1,15 @@
 """The velocity network f(x, y, z, t) -> (vx, vy, vz) of INR-LDDMM.
 
-Choice of default, by measurement (``python benchmarks/encodings.py``, every
-other setting at its default, 1 thread): a SIREN (sine activations;
-compared at omega_0 = 30, as IDIR).  On the real brain pair (subject A -> B
-at 2 mm, 30 labels, unregistered mean Dice 0.524) it reached mean Dice 0.678 against
-0.585 for random Fourier features (sigma 2; 0.563 with sigma 4) and 0.536
-for a SiLU MLP on raw (x, y, z, t), with 0.0001 % det J <= 0.  On the
-phantom CT -> CBCT pairs, whose deformation is far smoother than
-inter-subject anatomy, the smoother encodings reach a slightly lower
-end-point error (patient 1: raw 0.39, Fourier 0.43, SIREN 0.52 voxel) but
-SIREN gives the higher Dice on every label (spinal cord 0.89-0.92 against
-0.88-0.89).
-
-omega_0 and the number of Euler steps were then tuned with the full
-pipeline (``python benchmarks/accuracy.py --sets brain-pair lung-ct
---methods inr-lddmm --threads 1 --inr-options ...``, 24 patches per
-iteration).  omega_0 20 / 25 / 30 / 45 gave brain-pair mean Dice 0.717 /
-0.724 / 0.722 / 0.684 with 0.0001 / 0.017 / 0.059 / 0.82 % det J <= 0: a
-higher omega_0 fits finer detail until the field starts to fold.  With
-omega_0 = 25 the lung-ct landmark TRE was 1.74 mm (1.99 mm at 30).  Those
-runs integrated the flow on every voxel of 24 patches; the default now
-integrates it on a stride-2 lattice of 48 patches (:class:`StageConfig`),
-where omega_0 25 folded 0.23 % of brain-pair voxels and 20 folds 0.036 %
-(brain-pair 0.721, lung-ct TRE 1.53 mm): omega_0 is 20.  Euler
-steps 3 / 4 / 6 (omega_0 30, 16 patches) gave brain-pair 0.705 / 0.714 /
-0.713 and lung-ct TRE 2.44 / 2.27 / 2.31 mm: four steps are as accurate as
-six for two thirds of the network work, three start to fold (0.049 %).
-
-Width, with those settings and 400 fine iterations (brain-pair mean Dice
-and % det J <= 0, same command, 1 thread, on an AVX-512 Xeon): 64 units
-0.736 (0.070 %), 96 units 0.748 (0.089 %), 128 units 0.759 (0.28 %; 0.749
-and 0.041 % at omega_0 15, 0.754 and 0.15 % at 17.5), two hidden layers of
-128 or 96 units 0.738 / 0.733.  A wider layer fits finer detail and folds
-more, as a higher omega_0 does.  The network is 96 units wide, 2.2 x the
-FLOPs of 64 (1.65-1.8 x the time alone, 2 threads), adopted with 300 fine
-iterations instead of 400, now 225 to keep within SyN's time on a CPU with
-half that Xeon's matmul rate (:class:`~nipype_inrlddmm.engine.RegistrationConfig`).
-
-Once the dense field was interpolated from the training lattice's spacing
-(``RegistrationConfig.field_stride``), omega_0 22.5 / 25 against 20 gave
-brain-pair 0.750 / 0.751 with 0.054 / 0.15 % det J <= 0 (20: 0.747, 0.040
-%), and 22.5 gave lung-ct Dice 0.9863 and TRE 1.55 mm (20: 0.9864, 1.59
-mm), phantom 0.974 (0.973), 225 fine iterations, 1 thread, on an AMD EPYC
-with AVX-512.  At 22.5 the distillation from an untrained network fitted
-the phantom's coarse field to 0.52 voxel (0.48 at 20), past the half voxel
-that tests/test_registration.py asks of it; with the distillation's
-learning rate at 1.5e-3 (:class:`~nipype_inrlddmm.engine.RegistrationConfig`)
-it fits it to 0.37, and omega_0 is 22.5.
+A SIREN (sine activations, Sitzmann et al. 2020) by default: three hidden
+layers of 96 units at omega_0 = 22.5, on positions normalised by the fixed
+image's bounding box and the time, with a linear output in mm per unit time
+that starts at zero (an untrained field is the identity).  Random Fourier
+features and a plain MLP on raw coordinates are the alternatives
+(``encoding``).  Why these: the sine layers fitted inter-subject anatomy
+best; a higher omega_0 or a wider layer fits finer detail until the field
+folds; four Euler steps are as accurate as six for two thirds of the work
+(``python benchmarks/encodings.py`` and ``benchmarks/accuracy.py``; the
+figures are on the decisions page, docs/decisions.md).
 """
 
 from __future__ import annotations
