@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import json
 import os
 import uuid
@@ -223,13 +224,23 @@ def save_displacement(path, displacement: np.ndarray, affine: np.ndarray) -> Pat
     (``warped(x) = moving(x + d(x))``).  The file holds it in LPS, shape
     ``(X, Y, Z, 1, 3)``, float32, intent vector: what ``antsApplyTransforms``
     and nitransforms read as a displacement field.
+
+    A ``.nii.gz`` is written as gzip's stored blocks (level 0): a field's
+    float32 values barely compress, and deflating them cost more than
+    carrying the labels (docs: decisions).  Every gzip reader opens it.
     """
     field = (np.asarray(displacement, np.float32) * _RAS_TO_LPS)[:, :, :, None, :]
     image = nib.Nifti1Image(field, affine)
     image.header.set_intent("vector")
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as temporary:
-        image.to_filename(str(temporary))
+        if str(path).endswith(".gz"):
+            # No name and no time in the gzip header: the same field gives the same bytes.
+            with open(temporary, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=0,
+                                                            mtime=0) as stored:
+                stored.write(image.to_bytes())
+        else:
+            image.to_filename(str(temporary))
     return Path(path)
 
 

@@ -33,10 +33,13 @@ def dice_scores(warped: np.ndarray, fixed: np.ndarray, labels, mask: np.ndarray 
     ranked = labels[order]
     if mask is not None:
         warped, fixed = warped[mask], fixed[mask]
+    # Any voxel order will do if both maps share it: NIfTI maps are read in Fortran order, and C order would copy.
+    layout = "F" if warped.flags.f_contiguous and fixed.flags.f_contiguous else "C"
 
     def rank(values):  # position among `ranked`, or len(labels) for a label not asked for
-        position = np.searchsorted(ranked, values.ravel()).clip(max=len(ranked) - 1)
-        return np.where(ranked[position] == values.ravel(), position, len(ranked))
+        values = values.ravel(order=layout)
+        position = np.searchsorted(ranked, values).clip(max=len(ranked) - 1)
+        return np.where(ranked[position] == values, position, len(ranked))
 
     warped_rank, fixed_rank = rank(warped), rank(fixed)
     size = len(ranked) + 1
@@ -72,6 +75,20 @@ def _hd95_masks(a: np.ndarray, b: np.ndarray, spacing) -> float:
     return float(np.percentile(np.concatenate([to_b, to_a]), 95))
 
 
+def _label_boxes(labels_map: np.ndarray, ranked: np.ndarray) -> list:
+    """The bounding box (slices) of each of the sorted label ids ``ranked`` in ``labels_map``; None if absent."""
+    position = np.searchsorted(ranked, labels_map).clip(max=len(ranked) - 1)
+    index = np.where(ranked[position] == labels_map, position + 1, 0)
+    return ndimage.find_objects(index, max_label=len(ranked))
+
+
+def _union(a, b) -> tuple[slice, ...]:
+    """The smallest box holding boxes ``a`` and ``b`` (None: empty); both empty gives an empty box."""
+    if a is None or b is None:
+        return a or b or (slice(0, 0),) * 3
+    return tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b))
+
+
 def label_overlap(
     warped: np.ndarray, fixed: np.ndarray, affine: np.ndarray, labels=None, *, names=None, mask=None
 ) -> list[dict]:
@@ -92,9 +109,17 @@ def label_overlap(
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if labels is None:
         labels = sorted((set(np.unique(warped).tolist()) | set(np.unique(fixed).tolist())) - {0})
+    labels = np.asarray(labels, np.int64)
+    if labels.size == 0:
+        return []
+    order = np.argsort(labels)
+    # Every label is compared only inside the box that holds it in either map: one pass over each map.
+    boxes = zip(*(_label_boxes(labels_map, labels[order]) for labels_map in (warped, fixed)))
+    box_of = dict(zip(labels[order].tolist(), (_union(*pair) for pair in boxes)))
     rows = []
-    for label in labels:
-        in_warped, in_fixed = warped == label, fixed == label
+    for label in labels.tolist():
+        box = box_of[label]
+        in_warped, in_fixed = warped[box] == label, fixed[box] == label
         n_warped, n_fixed = int(in_warped.sum()), int(in_fixed.sum())
         missing = "both" if not (n_warped or n_fixed) else "warped" if not n_warped else "fixed" if not n_fixed else ""
         rows.append({

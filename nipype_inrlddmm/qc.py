@@ -8,12 +8,15 @@
   the axial slice through its centroid before and after.
 * :func:`write_animation`: an animated GIF of one slice of the trajectory.
 
-Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no
-global backend switch, so importing this module changes nothing for the
-caller) and written atomically.  Slices are shown with the first in-plane
-array axis horizontal, origin at the bottom and the voxels' true aspect
-ratio; planes are named after the world axis (RAS) each array axis is
-closest to.
+Each panel is rendered to pixels here (colour map, overlay, nearest-neighbour
+scaling to the voxels' true aspect ratio) and the panels are pasted into one
+image, so matplotlib draws a single picture and the titles: a figure of a
+hundred panels costs what one costs, not a hundred sets of axes.  It is drawn
+on matplotlib's Agg canvas directly (no pyplot, no global backend switch, so
+importing this module changes nothing for the caller) and written
+atomically.  Slices are shown with the first in-plane array axis horizontal,
+origin at the bottom; planes are named after the world axis (RAS) each array
+axis is closest to.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import ndimage
 
@@ -33,6 +39,9 @@ FIXED_COLOUR, WARPED_COLOUR, OVERLAP_COLOUR = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1), 
 #: Plane name of a slice, by the world axis (0 R, 1 A, 2 S) of the array axis it cuts across.
 _PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
 _DPI = 80
+#: Pixels of a panel's cell (width, height), of the title band at the top of a cell, of the figure's header and
+#: margin, and of the colour bar's column.
+_CELL, _TITLE, _HEADER, _MARGIN, _COLOUR_BAR = (168, 176), 14, 44, 8, 64
 
 
 def _world_axes(affine) -> list[int]:
@@ -136,15 +145,68 @@ def _labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarr
     return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True)
 
 
-def _show(axis, image, aspect, *, title="", cmap="gray", vmin=None, vmax=None, overlay=None):
-    shown = axis.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect=aspect,
-                        interpolation="nearest")
+def render_slice(image: np.ndarray, aspect: float, size: tuple[int, int], *, cmap: str = "gray",
+                 vmin: float = 0.0, vmax: float = 1.0, overlay: np.ndarray | None = None) -> np.ndarray:
+    """A 2-D slice as ``(H, W, 4)`` uint8 RGBA pixels, as large as fits ``size`` (width, height).
+
+    ``image`` is ``(rows, columns)`` as :func:`_cut` gives it, row 0 at the
+    bottom; ``aspect`` is a pixel's height over its width (the voxel
+    spacings); ``overlay`` an ``(rows, columns, 4)`` RGBA drawn over the
+    image where its alpha is not 0.  Pixels are the nearest voxel's (no
+    smoothing: what is shown is what the volume holds); the returned array's
+    first row is the top of the picture.
+    """
+    rows, columns = image.shape
+    scale = min(size[0] / columns, size[1] / (rows * aspect))  # pixels per column
+    width, height = max(1, int(columns * scale)), max(1, int(rows * aspect * scale))
+    column_of = np.minimum(((np.arange(width) + 0.5) * columns / width).astype(int), columns - 1)
+    row_of = np.minimum(((np.arange(height) + 0.5) * rows / height).astype(int), rows - 1)[::-1]
+    rgba = colormaps[cmap](Normalize(vmin, vmax, clip=True)(image), bytes=True)
     if overlay is not None:
-        axis.imshow(overlay, origin="lower", aspect=aspect, interpolation="nearest")
-    axis.set_title(title, fontsize=8)
-    axis.set_xticks([])
-    axis.set_yticks([])
-    return shown
+        drawn = overlay[..., 3] > 0
+        rgba[drawn] = np.rint(255 * overlay[drawn]).astype(np.uint8)
+    return rgba[row_of][:, column_of]
+
+
+class _Mosaic:
+    """Panels pasted into one picture on a grid of cells, titled; one matplotlib image for all of them."""
+
+    def __init__(self, n_rows: int, n_columns: int, *, colour_bar: bool = False):
+        self.width = 2 * _MARGIN + n_columns * _CELL[0] + (_COLOUR_BAR if colour_bar else 0)
+        self.height = _HEADER + n_rows * _CELL[1] + _MARGIN
+        self.pixels = np.full((self.height, self.width, 4), 255, np.uint8)
+        self.figure = Figure(figsize=(self.width / _DPI, self.height / _DPI), dpi=_DPI)
+        FigureCanvasAgg(self.figure)
+
+    def place(self, row: int, column: int, image: np.ndarray, aspect: float, title: str, **render) -> None:
+        """Render ``image`` (:func:`render_slice`) centred in the cell below ``title``."""
+        left, top = _MARGIN + column * _CELL[0], _HEADER + row * _CELL[1]
+        box = (_CELL[0] - 6, _CELL[1] - _TITLE - 6)
+        tile = render_slice(image, aspect, box, **render)
+        y = top + _TITLE + (box[1] - tile.shape[0]) // 2
+        x = left + 3 + (box[0] - tile.shape[1]) // 2
+        self.pixels[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+        # Long titles (label names) get a smaller font rather than spilling into the next cell.
+        self.figure.text((left + _CELL[0] / 2) / self.width, 1.0 - (top + _TITLE - 3) / self.height, title,
+                         ha="center", va="baseline", fontsize=8 if len(title) <= 30 else 6)
+
+    def colour_bar(self, rows: int, cmap: str, vmin: float, vmax: float) -> None:
+        """A colour bar in the right-hand column beside the first ``rows`` rows."""
+        bottom = 1.0 - (_HEADER + rows * _CELL[1] - 10) / self.height
+        axis = self.figure.add_axes(((self.width - _COLOUR_BAR + 8) / self.width, bottom, 12 / self.width,
+                                     (rows * _CELL[1] - 30) / self.height))
+        self.figure.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=axis).ax.tick_params(labelsize=6)
+
+    def save(self, out_png, title: str = "") -> Path:
+        if title:
+            self.figure.suptitle(title, fontsize=10, y=1.0 - 8 / self.height, va="top")
+        self.figure.figimage(self.pixels, 0, 0, origin="upper", zorder=-1)  # beneath the colour bar
+        with io.atomic_path(out_png) as temporary:
+            # No timestamp in the metadata: the same registration gives the same bytes (reports stay unchanged).
+            # zlib level 1 writes these pictures several times faster than the default 6, and no larger.
+            self.figure.savefig(temporary, format="png", dpi=_DPI, metadata={"Software": None},
+                                pil_kwargs={"compress_level": 1})
+        return Path(out_png)
 
 
 def qc_figure(
@@ -185,6 +247,8 @@ def qc_figure(
     labels_before = None
     if fixed_labels is not None and moving_labels is not None:
         labels_before = _labels_before(moving_labels, moving_affine, shape, fixed_affine)
+    # Once, not per slice: a NIfTI volume is read in Fortran order, and each resampled slice would copy it whole.
+    moving = np.ascontiguousarray(moving, np.float32)
     moving_cut = partial(_moving_cut, moving, moving_affine, shape, fixed_affine)
     fixed_window, moving_window = _window(fixed), _window(moving)
 
@@ -199,11 +263,7 @@ def qc_figure(
     if label_ids and warped_labels is not None:
         dice_after = metrics.dice_scores(warped_labels, fixed_labels, label_ids, mask)
     per_label_rows = (len(label_ids) + 1) // 2
-    n_rows, n_columns = 3 + per_label_rows, max(n_panels, 6)
-    figure = Figure(figsize=(2.1 * n_columns, 2.2 * n_rows + 0.6), dpi=_DPI)
-    FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(n_rows, n_columns, hspace=0.35, wspace=0.08, left=0.02, right=0.96, bottom=0.02,
-                               top=1.0 - 0.9 / (2.2 * n_rows + 0.6))
+    mosaic = _Mosaic(3 + per_label_rows, max(n_panels, 6), colour_bar=jacobian is not None)
 
     summary = [title] if title else []
     if dice_after is not None:
@@ -214,41 +274,36 @@ def qc_figure(
         summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / jacobian.size:.3f} %), "
                        f"min {jacobian.min():.3f}")
     summary.append("contours: fixed green, moving/warped red, overlap yellow")
-    figure.suptitle("   |   ".join(s for s in summary if s), fontsize=10)
 
+    fixed_grey, moving_grey = dict(vmin=fixed_window[0], vmax=fixed_window[1]), dict(vmin=moving_window[0],
+                                                                                   vmax=moving_window[1])
     for row, plane in enumerate(("axial", "coronal", "sagittal")):
         axis_index = _slice_axis(fixed_affine, plane)
         index = shape[axis_index] // 2
         aspect = _aspect(fixed_affine, axis_index)
         cut = partial(_cut, axis=axis_index, index=index)
-        panels = iter(range(n_panels))
-        label = f"{plane} {index}"
-        _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
-              vmax=fixed_window[1], title=f"fixed ({label})")
-        _show(figure.add_subplot(grid[row, next(panels)]), moving_cut(axis_index, index), aspect,
-              vmin=moving_window[0], vmax=moving_window[1], title="moving (before)")
-        _show(figure.add_subplot(grid[row, next(panels)]), cut(warped), aspect, vmin=moving_window[0],
-              vmax=moving_window[1], title="warped (after)")
-        _show(figure.add_subplot(grid[row, next(panels)]), checkerboard(cut(fixed), cut(warped)), aspect,
-              vmin=0, vmax=1, title="checker fixed/warped")
+        place = partial(mosaic.place, row, aspect=aspect)
+        column = iter(range(n_panels))
+        place(next(column), cut(fixed), title=f"fixed ({plane} {index})", **fixed_grey)
+        place(next(column), moving_cut(axis_index, index), title="moving (before)", **moving_grey)
+        place(next(column), cut(warped), title="warped (after)", **moving_grey)
+        place(next(column), checkerboard(cut(fixed), cut(warped)), title="checker fixed/warped")
         if fixed_labels is not None:
             fixed_cut = cut(fixed_labels)
             before = None if labels_before is None else cut(labels_before)
             after = None if warped_labels is None else cut(warped_labels)
-            _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
-                  vmax=fixed_window[1], overlay=contour_overlay(fixed_cut, before),
-                  title="contours before")
-            _show(figure.add_subplot(grid[row, next(panels)]), cut(fixed), aspect, vmin=fixed_window[0],
-                  vmax=fixed_window[1], overlay=contour_overlay(fixed_cut, after),
-                  title="contours after")
+            place(next(column), cut(fixed), title="contours before", overlay=contour_overlay(fixed_cut, before),
+                  **fixed_grey)
+            place(next(column), cut(fixed), title="contours after", overlay=contour_overlay(fixed_cut, after),
+                  **fixed_grey)
         if jacobian is not None:
             det_cut = cut(jacobian)
             folded = np.zeros((*det_cut.shape, 4))
             folded[det_cut <= 0] = (1.0, 0.0, 1.0, 1.0)
-            axis = figure.add_subplot(grid[row, next(panels)])
-            shown = _show(axis, det_cut, aspect, cmap="RdBu_r", vmin=0.0, vmax=2.0, overlay=folded,
-                          title=f"det J ({int((det_cut <= 0).sum())} folded)")
-            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            place(next(column), det_cut, title=f"det J ({int((det_cut <= 0).sum())} folded)", cmap="RdBu_r",
+                  vmin=0.0, vmax=2.0, overlay=folded)
+    if jacobian is not None:
+        mosaic.colour_bar(3, "RdBu_r", 0.0, 2.0)
 
     # Per label, the axial slice through its centroid in the fixed labels: the fixed image with the fixed
     # contour, the moving image with the contours before, the warped image with the contours after.
@@ -260,22 +315,18 @@ def qc_figure(
         index = int(round(centroids[position][axial]))
         name = (label_names or {}).get(label, str(label))
         fixed_cut = (_cut(fixed_labels, axial, index) == label).astype(np.int32)
-        panels = [(_cut(fixed, axial, index), fixed_window, None, f"{name}: fixed, axial {index}")]
+        panels = [(_cut(fixed, axial, index), fixed_grey, None, f"{name}: fixed, axial {index}")]
         if labels_before is not None:
-            panels.append((moving_cut(axial, index), moving_window, labels_before,
+            panels.append((moving_cut(axial, index), moving_grey, labels_before,
                            f"before: Dice {dice_before[position]:.3f}"))
         if warped_labels is not None:
-            panels.append((_cut(warped, axial, index), moving_window, warped_labels,
+            panels.append((_cut(warped, axial, index), moving_grey, warped_labels,
                            f"after: Dice {dice_after[position]:.3f}"))
-        for offset, (image, window, other, text) in enumerate(panels):
+        for offset, (image, grey, other, text) in enumerate(panels):
             other_cut = None if other is None else (_cut(other, axial, index) == label).astype(np.int32)
-            _show(figure.add_subplot(grid[row, first + offset]), image, aspect, vmin=window[0],
-                  vmax=window[1], overlay=contour_overlay(fixed_cut, other_cut), title=text)
-
-    with io.atomic_path(out_png) as temporary:
-        # No timestamp in the metadata: the same registration gives the same bytes (reports stay unchanged).
-        figure.savefig(temporary, format="png", dpi=_DPI, metadata={"Software": None})
-    return Path(out_png)
+            mosaic.place(row, first + offset, image, aspect, text, overlay=contour_overlay(fixed_cut, other_cut),
+                         **grey)
+    return mosaic.save(out_png, "   |   ".join(s for s in summary if s))
 
 
 def write_qc_figure(
@@ -329,14 +380,12 @@ def write_animation(out_gif, frames: np.ndarray, times, affine: np.ndarray, *, t
     aspect = _aspect(affine, axial)
     low, high = _window(frames[..., 0])
     pictures = []
-    rows, columns = _cut(frames[..., 0], axial, index).shape
-    height = 4.0 * float(np.clip(rows * aspect / columns, 0.4, 2.5))
     for k, t in enumerate(times):
-        figure = Figure(figsize=(4.0, height + 0.5), dpi=_DPI)
+        tile = render_slice(_cut(frames[..., k], axial, index), aspect, (320, 320), vmin=low, vmax=high)
+        figure = Figure(figsize=(tile.shape[1] / _DPI, (tile.shape[0] + 24) / _DPI), dpi=_DPI)
         canvas = FigureCanvasAgg(figure)
-        axis = figure.add_axes((0.02, 0.02, 0.96, 0.86))
-        _show(axis, _cut(frames[..., k], axial, index), aspect, vmin=low, vmax=high)
-        figure.suptitle(f"{title + '  ' if title else ''}t = {float(t):.2f}", fontsize=10)
+        figure.figimage(tile, 0, 0, origin="upper")
+        figure.suptitle(f"{title + '  ' if title else ''}t = {float(t):.2f}", fontsize=10, y=1.0, va="top")
         canvas.draw()
         pictures.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE))
     durations = [frame_ms] * (len(pictures) - 1) + [2 * frame_ms]

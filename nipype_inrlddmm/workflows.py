@@ -36,6 +36,7 @@ from ``mem_gb``, a ``--time`` per stage), followed by the user's
 
 from __future__ import annotations
 
+import gc
 import getpass
 import math
 import multiprocessing
@@ -615,12 +616,18 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
         workflow.run(plugin=plugin, plugin_args=arguments)
         return None
     arguments["status_callback"] = record
+    # Nipype's schedulers run gc.collect() before every submission, and a full collection over the objects
+    # of torch, scipy and matplotlib dominated a small study's scheduling (docs: decisions).  Frozen, they
+    # are not scanned again: each collection sees only what the run itself creates.
+    gc.freeze()
     try:
         workflow.run(plugin=SLURMPlugin(plugin_args=arguments) if plugin == "SLURM" else plugin,
                      plugin_args=arguments)
     except Exception:
         if not failed:
             raise  # not a node failure (a broken graph, a dead worker pool, ...)
+    finally:
+        gc.unfreeze()
     if None in failed:
         raise RuntimeError(f"study node {failed[None].fullname} failed: {_failure_reason(failed[None])}")
 

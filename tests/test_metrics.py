@@ -18,3 +18,38 @@ def test_dice_scores_equal_the_per_label_dice_of_every_label_asked(with_mask):
     expected = [metrics.dice(np.where(region, warped, 0), np.where(region, fixed, 0), label) for label in labels]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert np.isnan(got[-1]) and got[3] == 0 and 0 < got[0] < 1
+
+
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_dice_scores_agree_whatever_the_maps_memory_layout(layout):
+    """NIfTI maps are read in Fortran order: a map of each layout must still be compared voxel by voxel."""
+    rng = np.random.default_rng(1)
+    warped = rng.integers(0, 4, (12, 10, 8)).astype(np.int32)
+    fixed = np.where(rng.random(warped.shape) < 0.6, warped, 0).astype(np.int32)
+    other = np.asfortranarray(fixed) if layout == "F" else np.ascontiguousarray(fixed)
+    np.testing.assert_array_equal(metrics.dice_scores(np.asfortranarray(warped), other, [1, 2, 3]),
+                                  metrics.dice_scores(warped, fixed, [1, 2, 3]))
+
+
+def test_label_overlap_rows_equal_the_per_label_definitions():
+    """Each label compared in its own bounding box gives what whole-volume Dice and HD95 give."""
+    rng = np.random.default_rng(2)
+    shape = (30, 26, 20)
+    fixed = np.zeros(shape, np.int32)
+    fixed[3:12, 4:20, 2:9] = 4
+    fixed[15:29, 10:25, 8:19] = -2  # touches the grid's edge
+    fixed[20:24, 1:5, 1:4] = 9  # absent from the warped map
+    warped = np.roll(np.where(fixed == 9, 0, fixed), (1, -2, 1), axis=(0, 1, 2))
+    warped[rng.random(shape) < 0.02] = 4  # scattered voxels widen its box to the whole grid
+    mask = np.ones(shape, bool)
+    mask[:, :, -3:] = False
+    affine = np.diag([1.2, 0.9, 2.0, 1.0])
+    rows = metrics.label_overlap(warped, fixed, affine, [9, 4, -2, 5], mask=mask)
+    masked_warped, masked_fixed = np.where(mask, warped, 0), np.where(mask, fixed, 0)
+    for row in rows:
+        label = row["label"]
+        np.testing.assert_equal(row["dice"], metrics.dice(masked_warped, masked_fixed, label))
+        np.testing.assert_equal(row["hd95_mm"], metrics.hd95(masked_warped, masked_fixed, label, [1.2, 0.9, 2.0]))
+        assert row["voxels_fixed"] == int((masked_fixed == label).sum())
+    assert [row["missing"] for row in rows] == ["warped", "", "", "both"]
+    assert 0 < rows[1]["dice"] < 1 and rows[1]["hd95_mm"] > 0
