@@ -172,6 +172,8 @@ def init_registration_wf(
         ``fine_iterations``, ``width``, ``similarity``, ``reg_weight``, ...),
         validated here.
 
+    Notes
+    -----
     Inputs (``inputnode``): ``moving_image``, ``fixed_image``,
     ``moving_labels``, ``fixed_labels``, ``fixed_mask`` (optional: where
     patches are drawn and Dice is evaluated), ``label_names`` (optional).
