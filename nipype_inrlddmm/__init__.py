@@ -7,6 +7,13 @@ stages.
 
 __version__ = "0.1.0"
 
-from .api import Registration, register  # noqa: E402
-
 __all__ = ["Registration", "register", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use (PEP 562): the command line parses its arguments before torch is loaded.
+    if name in ("Registration", "register"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,11 @@
 ``inrlddmm register``  one pair, all stages, Dice when labels are given.
 ``inrlddmm study``     a manifest of pairs as a cached, resumable Nipype study.
 ``inrlddmm demo``      the study on a generated phantom CT -> CBCT cohort.
+
+The commands import what they run (torch among it) only once the arguments
+are parsed: ``--help`` answers at once, and a MultiProc study starts its
+worker server first, so that the server's imports and this process's run on
+two cores at the same time.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import __version__, io
-from .engine.affine import TRANSFORMS
-from .pipeline import register_files
+from . import __version__
+from .worker_server import start_worker_server
+
+#: ``engine.affine.TRANSFORMS``, spelt out so that parsing arguments imports no torch.
+TRANSFORMS = ("rigid", "affine")
 
 #: CLI flag -> registration option, for the hyper-parameters users tune most.
 _OPTIONS = {
@@ -74,6 +81,9 @@ def _print_dice(rows: list[dict], title: str) -> None:
 
 
 def _cmd_register(args) -> int:
+    from . import io
+    from .pipeline import register_files
+
     outputs = register_files(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=args.label_names,
@@ -108,6 +118,8 @@ def _print_study(rows: list[dict], table_path: Path) -> None:
 
 def _study_manifest(path) -> Path:
     """A manifest file, or a folder holding ``manifest.tsv`` / ``manifest.csv``."""
+    from . import io
+
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in ("manifest.tsv", "manifest.csv") if (path / name).is_file()]
@@ -127,6 +139,7 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
     """Build, run and report a study; exit status 1 when any patient failed."""
     from nipype import config, logging
 
+    from . import io
     from .workflows import SLURM_PLUGINS, init_study_wf, run_study, study_slurm_jobs
 
     if not args.verbose:
@@ -180,6 +193,7 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from . import io
     from .phantom import write_cohort
 
     out_dir = Path(args.out_dir)
@@ -296,9 +310,13 @@ SLURM_CONF and the rest of the environment pass to sbatch.  --plugin SLURMGraph 
 def main(argv=None) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     args = build_parser().parse_args(argv)
+    if getattr(args, "plugin", None) == "MultiProc":
+        start_worker_server()
+    from .io import InputError
+
     try:
         return args.func(args)
-    except io.InputError as error:
+    except InputError as error:
         print(f"inrlddmm: error: {error}", file=sys.stderr)
         return 2
 

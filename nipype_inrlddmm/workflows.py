@@ -39,7 +39,6 @@ from __future__ import annotations
 import gc
 import getpass
 import math
-import multiprocessing
 import os
 import shlex
 import subprocess
@@ -59,6 +58,7 @@ from .interfaces import (AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR,
                          SelectPatient, Trajectory)
 from .interfaces.base import stage_inputs
 from .interfaces.study import PATIENT_FILES
+from .worker_server import start_worker_server
 
 LOGGER = logging.getLogger("nipype.workflow")
 
@@ -611,9 +611,7 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     if plugin in SLURM_PLUGINS:
         _prepare_slurm(workflow, arguments)
     if plugin == "MultiProc" and arguments.get("mp_context") == "forkserver":
-        # Workers fork from the server: imported there once (torch and the interfaces, about 2 s), not
-        # again by every worker.  Importing runs no torch computation, which is what makes fork hang.
-        multiprocessing.set_forkserver_preload(["nipype_inrlddmm.interfaces"])
+        start_worker_server()  # the command line started it already, before its own imports
     if plugin == "SLURMGraph":  # submits and returns; status callbacks are not supported there
         workflow.run(plugin=plugin, plugin_args=arguments)
         return None

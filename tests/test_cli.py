@@ -143,6 +143,16 @@ def test_help_describes_every_command():
         assert flag in out, flag
 
 
+def test_parsing_the_command_line_imports_no_torch_and_its_choices_are_the_engines():
+    """A MultiProc study's worker server starts importing torch before this process does (in parallel)."""
+    from nipype_inrlddmm.engine.affine import TRANSFORMS
+
+    probe = "import sys, nipype_inrlddmm.cli as c; c.build_parser().parse_args(['demo']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    assert cli.TRANSFORMS == TRANSFORMS
+
+
 def test_study_refuses_a_bad_manifest_naming_it(tmp_path, capsys):
     manifest = tmp_path / "manifest.tsv"
     manifest.write_text("patient\tmoving\np01\tct.nii.gz\n")
