@@ -14,9 +14,9 @@ image, so matplotlib draws a single picture and the titles: a figure of a
 hundred panels costs what one costs, not a hundred sets of axes.  It is drawn
 on matplotlib's Agg canvas directly (no pyplot, no global backend switch, so
 importing this module changes nothing for the caller) and written
-atomically.  Slices are shown with the first in-plane array axis horizontal,
-origin at the bottom; planes are named after the world axis (RAS) each array
-axis is closest to.
+atomically.  Volumes are first put in RAS+ voxel order (:func:`_to_ras`, no
+resampling), so the planes are anatomical whatever the file's orientation,
+and shown as :data:`CONVENTION` says, which the figure states.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,24 +37,27 @@ from . import io, metrics
 
 #: Overlay colours (RGB): the fixed labels, the moving or warped labels, and where their contours agree.
 FIXED_COLOUR, WARPED_COLOUR, OVERLAP_COLOUR = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1), (1.0, 0.95, 0.0)
-#: Plane name of a slice, by the world axis (0 R, 1 A, 2 S) of the array axis it cuts across.
-_PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+#: The axis each plane cuts across, of a volume in RAS+ order (:func:`_to_ras`).
+_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: How the panels are oriented, as the figure states it.
+CONVENTION = "neurological view: patient's right on the right, anterior and superior up"
 _DPI = 80
 #: Pixels of a panel's cell (width, height), of the title band at the top of a cell, of the figure's header and
 #: margin, and of the colour bar's column.
 _CELL, _TITLE, _HEADER, _MARGIN, _COLOUR_BAR = (168, 176), 14, 44, 8, 64
 
 
-def _world_axes(affine) -> list[int]:
-    """For each array axis, the world axis (0 R, 1 A, 2 S) it runs closest to."""
-    return [int(np.argmax(np.abs(np.asarray(affine)[:3, axis]))) for axis in range(3)]
+def _to_ras(affine, *volumes):
+    """Volumes of one grid with their axes permuted and flipped to the closest RAS+ order, then that grid's affine.
 
-
-def _slice_axis(affine, plane: str) -> int:
-    """The array axis to cut across for ``plane`` ("axial", "coronal", "sagittal")."""
-    world = {name: axis for axis, name in _PLANES.items()}[plane]
-    axes = _world_axes(affine)
-    return axes.index(world) if world in axes else {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
+    No resampling, only the voxels' order: array axes 0, 1, 2 then run
+    towards the patient's right, anterior and superior, whatever the file's
+    orientation (LIA, LPS, oblique), so every plane is cut along anatomy.
+    """
+    orientation = nib.orientations.io_orientation(affine)
+    shape = next(volume.shape for volume in volumes if volume is not None)[:3]
+    return (*(None if volume is None else nib.orientations.apply_orientation(volume, orientation)
+              for volume in volumes), np.asarray(affine) @ nib.orientations.inv_ornt_aff(orientation, shape))
 
 
 def _cut(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -243,6 +247,9 @@ def qc_figure(
         titles is counted (as in ``dice.csv``).
     label_names : ``{id: name}`` for the per-label rows.
     """
+    fixed, warped, fixed_labels, warped_labels, jacobian, mask, fixed_affine = _to_ras(
+        fixed_affine, fixed, warped, fixed_labels, warped_labels, jacobian, mask)
+    moving, moving_labels, moving_affine = _to_ras(moving_affine, moving, moving_labels)
     shape = fixed.shape
     labels_before = None
     if fixed_labels is not None and moving_labels is not None:
@@ -273,12 +280,12 @@ def qc_figure(
         folded = int((jacobian <= 0).sum())
         summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / jacobian.size:.3f} %), "
                        f"min {jacobian.min():.3f}")
-    summary.append("contours: fixed green, moving/warped red, overlap yellow")
+    legend = f"contours: fixed green, moving/warped red, overlap yellow   |   {CONVENTION}"
 
     fixed_grey, moving_grey = dict(vmin=fixed_window[0], vmax=fixed_window[1]), dict(vmin=moving_window[0],
                                                                                    vmax=moving_window[1])
     for row, plane in enumerate(("axial", "coronal", "sagittal")):
-        axis_index = _slice_axis(fixed_affine, plane)
+        axis_index = _AXIS[plane]
         index = shape[axis_index] // 2
         aspect = _aspect(fixed_affine, axis_index)
         cut = partial(_cut, axis=axis_index, index=index)
@@ -307,7 +314,7 @@ def qc_figure(
 
     # Per label, the axial slice through its centroid in the fixed labels: the fixed image with the fixed
     # contour, the moving image with the contours before, the warped image with the contours after.
-    axial = _slice_axis(fixed_affine, "axial")
+    axial = _AXIS["axial"]
     aspect = _aspect(fixed_affine, axial)
     centroids = ndimage.center_of_mass(np.ones(shape, np.uint8), fixed_labels, label_ids) if label_ids else []
     for position, label in enumerate(label_ids):
@@ -326,7 +333,7 @@ def qc_figure(
             other_cut = None if other is None else (_cut(other, axial, index) == label).astype(np.int32)
             mosaic.place(row, first + offset, image, aspect, text, overlay=contour_overlay(fixed_cut, other_cut),
                          **grey)
-    return mosaic.save(out_png, "   |   ".join(s for s in summary if s))
+    return mosaic.save(out_png, "   |   ".join(s for s in summary if s) + "\n" + legend)
 
 
 def write_qc_figure(
@@ -374,8 +381,8 @@ def write_animation(out_gif, frames: np.ndarray, times, affine: np.ndarray, *, t
     """
     from PIL import Image
 
-    frames = np.asarray(frames)
-    axial = _slice_axis(affine, "axial")
+    frames, affine = _to_ras(affine, np.asarray(frames))
+    axial = _AXIS["axial"]
     index = frames.shape[axial] // 2
     aspect = _aspect(affine, axial)
     low, high = _window(frames[..., 0])

@@ -25,3 +25,51 @@ def test_the_overlay_replaces_the_image_where_drawn_and_the_window_clips():
     assert top[0, :3].tolist() == [255, 255, 255]  # 2 clipped to white
     assert top[1, :3].tolist() == [255, 242, 0]  # the overlay's yellow
     assert 120 <= bottom[1, 0] <= 135  # 0.5: mid grey
+
+
+def _reoriented(codes, affine, *volumes):
+    """The same voxels stored in the axis order and directions ``codes`` (e.g. "LIA"), and their affine."""
+    import nibabel as nib
+
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                nib.orientations.axcodes2ornt(codes))
+    shape = volumes[0].shape
+    return ([nib.orientations.apply_orientation(v, transform) for v in volumes],
+            affine @ nib.orientations.inv_ornt_aff(transform, shape))
+
+
+def _figure(path, fixed_affine, moving_affine, fixed, warped, fixed_labels, warped_labels, jacobian, moving,
+            moving_labels):
+    from PIL import Image
+
+    qc.qc_figure(path, fixed, fixed_affine, moving, moving_affine, warped, fixed_labels=fixed_labels,
+                 moving_labels=moving_labels, warped_labels=warped_labels, jacobian=jacobian, title="case")
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_panels_are_anatomical_whatever_the_files_orientation(tmp_path):
+    """LIA (FreeSurfer), LPS (DICOM) and oblique copies of one case draw the RAS case's figure."""
+    rng = np.random.default_rng(0)
+    shape = (22, 18, 14)
+    fixed = np.zeros(shape, np.float32)
+    fixed[4:18, 3:15, 2:12] = 1.0
+    fixed[5:9, 4:8, 3:6] = 2.0  # an off-centre block: any flip or turn of a panel shows
+    fixed += 0.05 * rng.random(shape).astype(np.float32)
+    labels = (fixed > 1.5).astype(np.int32) + (fixed > 0.5)
+    warped, warped_labels = np.roll(fixed, 1, axis=0), np.roll(labels, 1, axis=0)
+    jacobian = 1.0 + 0.2 * rng.standard_normal(shape).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    affine[:3, 3] = (-15.0, -9.0, -14.0)
+    moving, moving_labels = np.roll(fixed, 2, axis=1), np.roll(labels, 2, axis=1)
+    expected = _figure(tmp_path / "ras.png", affine, affine, fixed, warped, labels, warped_labels, jacobian,
+                       moving, moving_labels)
+    for codes in ("LIA", "LPS"):
+        volumes, fixed_affine = _reoriented(codes, affine, fixed, warped, labels, warped_labels, jacobian)
+        got = _figure(tmp_path / f"{codes}.png", fixed_affine, affine, *volumes, moving, moving_labels)
+        np.testing.assert_array_equal(got, expected, err_msg=codes)
+    angle = np.deg2rad(8.0)
+    turn = np.array([[np.cos(angle), -np.sin(angle), 0, 0], [np.sin(angle), np.cos(angle), 0, 0], [0, 0, 1, 0],
+                     [0, 0, 0, 1]])
+    oblique = _figure(tmp_path / "oblique.png", turn @ affine, turn @ affine, fixed, warped, labels, warped_labels,
+                      jacobian, moving, moving_labels)
+    assert np.mean(np.any(oblique != expected, axis=-1)) < 0.002  # rounding in the 'before' resampling at most
