@@ -22,23 +22,25 @@ from pathlib import Path
 from . import __version__
 from .worker_server import start_worker_server
 
-#: ``engine.affine.TRANSFORMS``, spelt out so that parsing arguments imports no torch.
+#: The engine's choices (``engine.affine.TRANSFORMS``, ``SIMILARITIES``, ``ENCODINGS``), spelt out so that
+#: parsing arguments imports no torch.
 TRANSFORMS = ("rigid", "affine")
+SIMILARITIES = ("lncc", "ncc", "mse", "mi")
+ENCODINGS = ("fourier", "siren", "none")
 
 #: CLI flag -> registration option, for the hyper-parameters users tune most.
 _OPTIONS = {
     "n_steps": (int, "Euler steps of the flow over t in [0, 1]"),
     "width": (int, "hidden units per layer of the velocity MLP"),
     "depth": (int, "hidden layers of the velocity MLP (the paper uses 3)"),
-    "encoding": (str, "input encoding: fourier, siren or none"),
+    "encoding": (str, "input encoding of the velocity MLP"),
     "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)"),
     "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
     "jacobian_weight": (float, "weight of the spread of log det J on the patch lattices (SDlogJ squared for small "
                                "deviations), which keeps the field smooth and fold-free (0: off)"),
     "jacobian_scale": (float, "deviation of log det J past which that penalty grows linearly, not by its square"),
-    "coarse_factor": (int, "block size of the coarse stage's downsampling (default: closest in ratio to 3 mm "
-                          "voxels, at least 2)"),
+    "coarse_factor": (int, "block size of the coarse stage's downsampling, at least 2"),
     "coarse_iterations": (int, "iterations of the coarse stage"),
     "distill_iterations": (int, "iterations of the distillation stage"),
     "fine_iterations": (int, "iterations of the fine stage"),
@@ -49,6 +51,38 @@ _OPTIONS = {
 }
 
 
+_CHOICES = {"encoding": ENCODINGS, "similarity": SIMILARITIES}
+
+
+def _engine_default(name: str) -> str:
+    """The value the engine uses for registration option ``name`` when it is not given."""
+    from .engine import StageConfig, config_from_options
+
+    config = config_from_options()
+    stage, _, field = name.partition("_")
+    if hasattr(config.model, name):
+        return str(getattr(config.model, name))
+    if stage in ("coarse", "distill", "fine") and field in StageConfig.__dataclass_fields__:
+        return str(getattr(getattr(config, stage), field))
+    if name in StageConfig.__dataclass_fields__:
+        values = [getattr(getattr(config, stage), name) for stage in ("coarse", "distill", "fine")]
+        return str(values[0]) if len(set(values)) == 1 else "coarse / distill / fine " + " / ".join(map(str, values))
+    value = getattr(config, name)
+    return "sized to the grid" if value is None else str(value)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with every default: the registration options' read from the engine, only when help is shown."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.dest in _OPTIONS:
+            return f"{text} (default: {_engine_default(action.dest)})"
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_affine_option(parser, what: str) -> None:
     parser.add_argument("--affine", choices=TRANSFORMS,
                         help=f"pre-align {what} with a rigid or affine transform first, as ANTs does before SyN "
@@ -57,9 +91,9 @@ def _add_affine_option(parser, what: str) -> None:
 
 
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("registration (defaults: the package's tuned defaults)")
+    group = parser.add_argument_group("registration")
     for name, (kind, help_text) in _OPTIONS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+        group.add_argument("--" + name.replace("_", "-"), type=kind, choices=_CHOICES.get(name), help=help_text)
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto uses CUDA when present (default: auto)")
     group.add_argument("--num-threads", type=int, default=None,
@@ -80,13 +114,36 @@ def _print_dice(rows: list[dict], title: str) -> None:
         print(f"{row['label']:>6}  {row['name'][:28]:<28} {row['dice']:>6.3f} {row['hd95_mm']:>8.2f}")
 
 
+def _print_summary(outputs: dict, out_dir) -> None:
+    """Mean Dice before and after, the field's regularity, where the time went and where the outputs are."""
+    summary = outputs["summary"]
+    print()
+    if "mean_dice" in summary:
+        before = outputs.get("mean_dice_before")
+        print(f"mean Dice over {summary['labels']} labels: "
+              + (f"{before:.3f} before, " if before is not None else "") + f"{summary['mean_dice']:.3f} after")
+    print(f"field: det J <= 0 in {summary['jacobian_nonpositive_percent']:.3f} % of voxels, min det J "
+          f"{summary['jacobian_min']:.3f}, SDlogJ {summary['sdlogj']:.3f}")
+    timings = outputs["timings"]
+    print(f"time: {sum(timings.values()):.1f} s (" + ", ".join(f"{phase} {seconds:.1f}"
+                                                                for phase, seconds in timings.items()) + ")")
+    print(f"outputs in {out_dir}")
+
+
+def _label_names_beside(labels) -> str | None:
+    """``labels.tsv`` or ``labels.json`` in the folder of a label map (or of a manifest), if present."""
+    folder = Path(labels).parent
+    return next((str(p) for p in (folder / "labels.tsv", folder / "labels.json") if p.is_file()), None)
+
+
 def _cmd_register(args) -> int:
     from . import io
     from .pipeline import register_files
 
+    label_names = args.label_names or (_label_names_beside(args.fixed_labels) if args.fixed_labels else None)
     outputs = register_files(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
-        fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=args.label_names,
+        fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=label_names,
         affine=args.affine, device=args.device, num_threads=args.num_threads, progress=not args.quiet,
         trajectory=args.trajectory, **_registration_options(args),
     )
@@ -95,7 +152,7 @@ def _cmd_register(args) -> int:
     if args.timings:
         with io.atomic_path(args.timings) as temporary:
             Path(temporary).write_text(json.dumps(outputs["timings"], indent=2))
-    print(f"outputs in {args.out_dir}")
+    _print_summary(outputs, args.out_dir)
     return 0
 
 
@@ -127,12 +184,6 @@ def _study_manifest(path) -> Path:
             raise io.InputError(path, "folder has no manifest.tsv or manifest.csv")
         return found[0]
     return path
-
-
-def _default_label_names(manifest: Path):
-    """``labels.tsv`` or ``labels.json`` beside the manifest, if present."""
-    return next((str(p) for p in (manifest.parent / "labels.tsv", manifest.parent / "labels.json") if p.is_file()),
-                None)
 
 
 def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names) -> int:
@@ -189,7 +240,7 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
 def _cmd_study(args) -> int:
     manifest = _study_manifest(args.manifest)
     return _run_study(args, manifest, Path(args.out_dir), Path(args.work_dir),
-                      args.label_names or _default_label_names(manifest))
+                      args.label_names or _label_names_beside(manifest))
 
 
 def _cmd_demo(args) -> int:
@@ -232,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     reg = commands.add_parser("register", help="register one moving image onto one fixed image",
+                              formatter_class=_HelpFormatter,
                               description="Register MOVING onto FIXED and write warped image, field, model, "
                               "log, QC figure and (with both label maps) Dice into --out-dir.")
     reg.add_argument("--moving", required=True, help="moving image (NIfTI), e.g. the planning CT")
@@ -239,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-labels", help="label map on the moving grid, carried to the fixed grid")
     reg.add_argument("--fixed-labels", help="label map on the fixed grid, for Dice")
     reg.add_argument("--fixed-mask", help="mask on the fixed grid: where to sample and evaluate (e.g. CBCT FOV)")
-    reg.add_argument("--label-names", help="JSON {id: name} or TSV with index/name columns")
+    reg.add_argument("--label-names", help="JSON {id: name} or TSV with index/name columns: exactly these labels "
+                     "are evaluated, named (default: labels.tsv or labels.json beside --fixed-labels, if present; "
+                     "otherwise every label present, by number)")
     reg.add_argument("--out-dir", required=True, help="output folder (created)")
     reg.add_argument("--trajectory", type=int, default=0, metavar="K",
                      help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "
@@ -254,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser(
         "study", help="register every patient of a manifest (a cached, resumable Nipype study)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Register every row of MANIFEST with the Nipype study workflow and write, per patient, "
         "OUT_DIR/<patient>/ (warped.nii.gz, displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv, "
         "dice.json, stage logs, qc.png), OUT_DIR/study_dice.csv (one row per patient; failed patients marked "
@@ -291,6 +345,7 @@ SLURM_CONF and the rest of the environment pass to sbatch.  --plugin SLURMGraph 
     study.set_defaults(func=_cmd_study)
 
     demo = commands.add_parser("demo", help="run the study on a generated phantom CT -> CBCT cohort",
+                               formatter_class=_HelpFormatter,
                                description="Generate a phantom chest CT/CBCT cohort (once), run the Nipype study "
                                "workflow on it and print the Dice table.  Rerunning is instant (cached).")
     demo.add_argument("--out-dir", default="inrlddmm-demo",

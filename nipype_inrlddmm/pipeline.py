@@ -10,6 +10,7 @@ where the time goes, phase by phase.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,8 +68,9 @@ def register_files(
     displacement.nii.gz -t affine.txt`` applies both to the original moving
     image.  All inputs are validated before any optimisation starts.
 
-    Returns the written paths; with labels also the Dice ``rows`` and
-    ``summary``; and ``timings``, the seconds of each phase (read,
+    Returns the written paths; the ``summary`` of det J (with labels also
+    of the Dice, whose ``rows`` come too, and ``mean_dice_before``: the
+    mean Dice of the moving labels undeformed); and ``timings``, the seconds of each phase (read,
     pre-align, stages, dense field and warp, labels, evaluation, QC,
     trajectory, and write: the volumes are compressed by threads while the
     phases after the registration run, so this is the wait left at the end).
@@ -77,6 +79,10 @@ def register_files(
         raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
     config = engine.config_from_options(**options)
     clock, out_dir, title = PhaseClock(), Path(out_dir), Path(moving).name
+
+    def say(what: str) -> None:  # what runs, for phases that take seconds without a progress bar
+        if progress:
+            print(f"inrlddmm: {what}", file=sys.stderr, flush=True)
     with clock("read"):
         pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                fixed_mask=fixed_mask)
@@ -88,6 +94,7 @@ def register_files(
     with steps.torch_threads(num_threads), ThreadPoolExecutor(max_workers=2) as writer:
         if affine:
             with clock("pre-align"):
+                say(f"pre-aligning ({affine})")
                 matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine),
                                                seed=config.seed, device=device)
                 aligned = steps.write_aligned(pair, matrix, out_dir)
@@ -110,30 +117,39 @@ def register_files(
                                    shape=pair.fixed.shape, affine=fixed_affine),
             "log": writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log),
         }
-        warped_labels = None
+        warped_labels = before = None
         if evaluate:
             with clock("labels"):
+                say("carrying the labels")
                 warped_labels = result.apply((pair.moving_labels, moving_affine),
                                              interpolation="label").astype(np.int32)
                 writes["warped_labels"] = writer.submit(io.save_image, out_dir / REGISTER_OUTPUTS["warped_labels"],
                                                         warped_labels, fixed_affine)
+                before = qc.labels_before(pair.moving_labels, moving_affine, pair.fixed.shape, fixed_affine)
         with clock("evaluation"):
+            say("evaluating: Dice, HD95, det J")
             jacobian = metrics.jacobian_determinant(result.displacement, fixed_affine)
             if evaluate:
                 rows, summary = evaluate_labels(warped_labels, pair.fixed_labels, fixed_affine, names=names,
                                                 mask=pair.fixed_mask, jacobian=jacobian)
                 outputs["dice"], _ = write_evaluation(rows, summary, out_dir / REGISTER_OUTPUTS["dice"],
                                                       out_dir / REGISTER_OUTPUTS["dice_summary"])
-                outputs.update(rows=rows, summary=summary)
+                labels = [row["label"] for row in rows]
+                outputs.update(rows=rows, summary=summary, mean_dice_before=float(np.nanmean(
+                    metrics.dice_scores(before, pair.fixed_labels, labels, pair.fixed_mask))) if labels else None)
+            else:
+                outputs["summary"] = metrics.determinant_summary(jacobian)
         with clock("QC"):
+            say("drawing the QC figure")
             outputs["qc"] = qc.qc_figure(
                 out_dir / REGISTER_OUTPUTS["qc"], pair.fixed, fixed_affine, pair.moving, moving_affine, result.warped,
-                fixed_labels=pair.fixed_labels if evaluate else None,
-                moving_labels=pair.moving_labels if evaluate else None, warped_labels=warped_labels,
-                jacobian=jacobian, mask=pair.fixed_mask, label_names=names, title=title,
+                fixed_labels=pair.fixed_labels if evaluate else None, moving_labels_on_fixed=before,
+                warped_labels=warped_labels, jacobian=jacobian, mask=pair.fixed_mask, label_names=names,
+                title=title,
             )
         if trajectory:
             with clock("trajectory"):
+                say("drawing the trajectory")
                 frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
                                                         fixed_affine, trajectory, field_stride=config.field_stride)
                 outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))

@@ -142,8 +142,8 @@ def _moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis: int, ind
     return _cut(_before(moving, moving_affine, shape, slice_affine), axis, 0)
 
 
-def _labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarray:
-    """The moving labels on the whole fixed grid, undeformed (for the Dice before); as they are on a shared grid."""
+def labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarray:
+    """The moving labels on the whole fixed grid, undeformed: the Dice before; as they are on a shared grid."""
     if io.grid_mismatch(labels.shape, moving_affine, fixed_shape, fixed_affine) is None:
         return labels
     return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True)
@@ -223,6 +223,7 @@ def qc_figure(
     *,
     fixed_labels: np.ndarray | None = None,
     moving_labels: np.ndarray | None = None,
+    moving_labels_on_fixed: np.ndarray | None = None,
     warped_labels: np.ndarray | None = None,
     jacobian: np.ndarray | None = None,
     mask: np.ndarray | None = None,
@@ -240,6 +241,8 @@ def qc_figure(
     fixed_labels, moving_labels, warped_labels : optional label maps (on
         the fixed, moving and fixed grid); contours before need the first
         two, contours after the first and the last.
+    moving_labels_on_fixed : the moving labels already on the fixed grid,
+        undeformed (:func:`labels_before`), to spare resampling them again.
     jacobian : optional ``(X, Y, Z)`` determinant of the field's Jacobian on
         the fixed grid (:func:`~nipype_inrlddmm.metrics.jacobian_determinant`):
         its column, with folded voxels (det J <= 0) marked magenta.
@@ -247,13 +250,12 @@ def qc_figure(
         titles is counted (as in ``dice.csv``).
     label_names : ``{id: name}`` for the per-label rows.
     """
-    fixed, warped, fixed_labels, warped_labels, jacobian, mask, fixed_affine = _to_ras(
-        fixed_affine, fixed, warped, fixed_labels, warped_labels, jacobian, mask)
+    fixed, warped, fixed_labels, warped_labels, jacobian, mask, on_fixed, fixed_affine = _to_ras(
+        fixed_affine, fixed, warped, fixed_labels, warped_labels, jacobian, mask, moving_labels_on_fixed)
     moving, moving_labels, moving_affine = _to_ras(moving_affine, moving, moving_labels)
     shape = fixed.shape
-    labels_before = None
-    if fixed_labels is not None and moving_labels is not None:
-        labels_before = _labels_before(moving_labels, moving_affine, shape, fixed_affine)
+    if on_fixed is None and fixed_labels is not None and moving_labels is not None:
+        on_fixed = labels_before(moving_labels, moving_affine, shape, fixed_affine)
     # Once, not per slice: a NIfTI volume is read in Fortran order, and each resampled slice would copy it whole.
     moving = np.ascontiguousarray(moving, np.float32)
     moving_cut = partial(_moving_cut, moving, moving_affine, shape, fixed_affine)
@@ -265,8 +267,8 @@ def qc_figure(
     if label_names:  # the evaluated labels, as in dice.csv
         label_ids = [v for v in label_ids if v in label_names]
     dice_before = dice_after = None
-    if label_ids and labels_before is not None:
-        dice_before = metrics.dice_scores(labels_before, fixed_labels, label_ids, mask)
+    if label_ids and on_fixed is not None:
+        dice_before = metrics.dice_scores(on_fixed, fixed_labels, label_ids, mask)
     if label_ids and warped_labels is not None:
         dice_after = metrics.dice_scores(warped_labels, fixed_labels, label_ids, mask)
     per_label_rows = (len(label_ids) + 1) // 2
@@ -297,7 +299,7 @@ def qc_figure(
         place(next(column), checkerboard(cut(fixed), cut(warped)), title="checker fixed/warped")
         if fixed_labels is not None:
             fixed_cut = cut(fixed_labels)
-            before = None if labels_before is None else cut(labels_before)
+            before = None if on_fixed is None else cut(on_fixed)
             after = None if warped_labels is None else cut(warped_labels)
             place(next(column), cut(fixed), title="contours before", overlay=contour_overlay(fixed_cut, before),
                   **fixed_grey)
@@ -323,8 +325,8 @@ def qc_figure(
         name = (label_names or {}).get(label, str(label))
         fixed_cut = (_cut(fixed_labels, axial, index) == label).astype(np.int32)
         panels = [(_cut(fixed, axial, index), fixed_grey, None, f"{name}: fixed, axial {index}")]
-        if labels_before is not None:
-            panels.append((moving_cut(axial, index), moving_grey, labels_before,
+        if on_fixed is not None:
+            panels.append((moving_cut(axial, index), moving_grey, on_fixed,
                            f"before: Dice {dice_before[position]:.3f}"))
         if warped_labels is not None:
             panels.append((_cut(warped, axial, index), moving_grey, warped_labels,

@@ -221,7 +221,7 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
     patient's ``<out_dir>/<patient>/dice.csv``.  Patients whose files cannot be read are left out.
     """
     from . import metrics
-    from .qc import _labels_before
+    from .qc import labels_before
 
     entries = {entry["patient"]: entry for entry in io.read_manifest(manifest, check_files=False)}
     found = {}
@@ -238,7 +238,7 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
             continue
         with open(table, newline="") as handle:
             named = {int(label["label"]): label["name"] for label in csv.DictReader(handle)}
-        scores = metrics.dice_scores(_labels_before(moving, moving_affine, fixed.shape, affine), fixed,
+        scores = metrics.dice_scores(labels_before(moving, moving_affine, fixed.shape, affine), fixed,
                                      list(named), mask)
         found[row["patient"]] = {name: round(float(score), 4) for name, score in zip(named.values(), scores)
                                  if not math.isnan(score)}

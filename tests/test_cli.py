@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_report_renders
 from PIL import Image
 
-from nipype_inrlddmm import cli
+from nipype_inrlddmm import cli, metrics
 from nipype_inrlddmm.evaluate import evaluate_files
 from nipype_inrlddmm.phantom import write_cohort
 
@@ -56,6 +56,14 @@ def test_register_writes_every_documented_output(cohort, tmp_path, capsys):
     assert timings["stages"] == pytest.approx(sum(float(log[-1]["seconds"]) for log in _stage_logs(log)))
     captured = capsys.readouterr()
     assert "spinal_cord" in captured.out
+    # The summary: the Dice of the labels as they were (the phantom's CT and CBCT share a grid), then after.
+    fov = nib.load(patient / "cbct_fov.nii.gz").get_fdata() > 0
+    before = np.mean(metrics.dice_scores(nib.load(patient / "ct_labels.nii.gz").get_fdata().astype(int),
+                                         nib.load(patient / "cbct_labels.nii.gz").get_fdata().astype(int),
+                                         [int(row["label"]) for row in rows], fov))
+    assert f"mean Dice over 6 labels: {before:.3f} before, {summary['mean_dice']:.3f} after" in captured.out
+    assert f"SDlogJ {summary['sdlogj']:.3f}" in captured.out
+    assert "drawing the QC figure" not in captured.err  # --quiet
     assert "loss=" not in captured.err  # --quiet: no progress bars
     assert not list(tmp_path.glob(".*partial*"))  # no temporary left behind
 
@@ -133,6 +141,19 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
     assert_report_renders(tmp_path / "report.html", {"p01": "ok", "p02": "ok"}, figures=4)
 
 
+def test_help_shows_every_default_and_the_choices():
+    out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "register", "--help"],
+                         capture_output=True, text=True).stdout
+    from nipype_inrlddmm.engine import config_from_options
+
+    config = config_from_options()
+    flat = " ".join(out.split())
+    assert f"iterations of the fine stage (default: {config.fine.iterations})" in flat
+    assert f"--width WIDTH hidden units per layer of the velocity MLP (default: {config.model.width})" in flat
+    assert "{lncc,ncc,mse,mi}" in out and "{fourier,siren,none}" in out
+    assert "(default: sized to the grid)" in flat
+
+
 def test_help_describes_every_command():
     out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "register", "--help"],
                          capture_output=True, text=True).stdout
@@ -150,7 +171,11 @@ def test_parsing_the_command_line_imports_no_torch_and_its_choices_are_the_engin
     probe = "import sys, nipype_inrlddmm.cli as c; c.build_parser().parse_args(['demo']); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
-    assert cli.TRANSFORMS == TRANSFORMS
+    from nipype_inrlddmm.engine.similarity import SIMILARITIES
+    from nipype_inrlddmm.engine.velocity import ENCODINGS
+
+    assert cli.TRANSFORMS == TRANSFORMS and set(cli.SIMILARITIES) == set(SIMILARITIES)
+    assert cli.ENCODINGS == ENCODINGS
 
 
 def test_study_refuses_a_bad_manifest_naming_it(tmp_path, capsys):

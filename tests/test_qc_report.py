@@ -181,7 +181,7 @@ def test_the_figure_resamples_only_the_slices_it_shows_and_they_are_the_whole_vo
             np.testing.assert_allclose(qc._moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis, index),
                                        qc._cut(whole, axis, index), atol=1e-6)
     labels = rng.integers(0, 4, fixed_shape).astype(np.int32)
-    assert qc._labels_before(labels, fixed_affine, fixed_shape, fixed_affine) is labels
+    assert qc.labels_before(labels, fixed_affine, fixed_shape, fixed_affine) is labels
 
 
 def test_contour_overlay_colours():
