@@ -238,7 +238,7 @@ def save_displacement(path, displacement: np.ndarray, affine: np.ndarray) -> Pat
             # No name and no time in the gzip header: the same field gives the same bytes.
             with open(temporary, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=0,
                                                             mtime=0) as stored:
-                stored.write(image.to_bytes())
+                image.to_file_map({"image": nib.FileHolder(fileobj=stored)})
         else:
             image.to_filename(str(temporary))
     return Path(path)

@@ -109,7 +109,7 @@ def label_overlap(
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if labels is None:
         labels = sorted((set(np.unique(warped).tolist()) | set(np.unique(fixed).tolist())) - {0})
-    labels = np.asarray(labels, np.int64)
+    labels = np.asarray(list(labels), np.int64)  # any iterable of ids, a {id: name} dict's keys too
     if labels.size == 0:
         return []
     order = np.argsort(labels)
