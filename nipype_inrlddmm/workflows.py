@@ -583,7 +583,8 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     (Nipype skips a JoinNode after an upstream failure) the table is written
     here from the patients' own results.  ``report.html``
     (:func:`nipype_inrlddmm.report.write_study_report`) is written beside
-    it, with the failed patients marked.
+    it, with the failed patients marked and each patient's Dice before
+    registration read from the manifest's label maps.
 
     ``plugin`` is a Nipype plugin (``Linear``, ``MultiProc``, ``SLURM``, ...);
     :data:`PLUGIN_DEFAULTS` fills unset ``plugin_args``.  The SLURM plugins
@@ -639,5 +640,6 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
             rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
     if failed:
         steps.write_study_table(out_dir / "study_dice.csv", rows)
-    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow))
+    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow),
+                              manifest=workflow.get_node("select").inputs.manifest)
     return rows
