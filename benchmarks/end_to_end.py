@@ -30,9 +30,9 @@ CT -> CBCT, ``--fixed-mask`` its field of view) and ``small-ct`` (the same
 generator at 3 mm isotropic, 128 x 112 x 96).  Then ``--study N`` times
 ``inrlddmm study`` (MultiProc, one worker per thread) on a fresh cohort of
 N small phantom patients and splits its wall time: start-up, the nodes'
-own run time, Nipype's own overhead around them, the report and exit.  Prints a Markdown table of the wall times and one of our
-phase shares, and writes both to ``--out`` with a JSON copy of every
-figure.
+own run time, Nipype's own overhead around them, the report and exit.
+Prints a Markdown table of the wall times and one of our phase shares, and
+writes both to ``--out`` with a JSON copy of every figure.
 """
 
 from __future__ import annotations

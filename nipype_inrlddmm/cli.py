@@ -22,9 +22,10 @@ from pathlib import Path
 from . import __version__
 from .worker_server import start_worker_server
 
-#: The engine's choices (``engine.affine.TRANSFORMS``, ``SIMILARITIES``, ``ENCODINGS``), spelt out so that
-#: parsing arguments imports no torch.
+#: The engine's choices (``engine.affine.TRANSFORMS`` and ``STARTS``, ``SIMILARITIES``, ``ENCODINGS``), spelt
+#: out so that parsing arguments imports no torch.
 TRANSFORMS = ("rigid", "affine")
+STARTS = ("moments", "geometry", "identity")
 SIMILARITIES = ("lncc", "ncc", "mse", "mi")
 ENCODINGS = ("fourier", "siren", "none")
 
@@ -88,6 +89,10 @@ def _add_affine_option(parser, what: str) -> None:
                         help=f"pre-align {what} with a rigid or affine transform first, as ANTs does before SyN "
                         "(e.g. subject -> atlas, or scans of two sessions); writes affine.txt, to list after the "
                         "field: antsApplyTransforms ... -t displacement.nii.gz -t affine.txt (default: none)")
+    parser.add_argument("--init", choices=STARTS, default="moments",
+                        help="where --affine's search starts: centres of mass aligned (moments; both images show the "
+                        "same object on a dark background), grid centres aligned (geometry; images cropped around "
+                        "the same anatomy, e.g. MR -> ultrasound), or the headers as they are (identity)")
 
 
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
@@ -136,15 +141,26 @@ def _label_names_beside(labels) -> str | None:
     return next((str(p) for p in (folder / "labels.tsv", folder / "labels.json") if p.is_file()), None)
 
 
+def _check_init(args) -> None:
+    from . import io
+
+    if args.init != "moments" and not args.affine:
+        raise io.InputError("--init", "sets where the pre-alignment starts: give --affine rigid or affine too")
+
+
 def _cmd_register(args) -> int:
     from . import io
     from .pipeline import register_files
+
+    _check_init(args)
 
     label_names = args.label_names or (_label_names_beside(args.fixed_labels) if args.fixed_labels else None)
     outputs = register_files(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=label_names,
-        affine=args.affine, device=args.device, num_threads=args.num_threads, progress=not args.quiet,
+        label_volume=args.label_volume,
+        affine=args.affine, affine_start=args.init, device=args.device, num_threads=args.num_threads,
+        progress=not args.quiet,
         trajectory=args.trajectory, **_registration_options(args),
     )
     if "rows" in outputs:
@@ -193,6 +209,8 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
     from . import io
     from .workflows import SLURM_PLUGINS, init_study_wf, run_study, study_slurm_jobs
 
+    _check_init(args)
+
     if not args.verbose:
         config.set("logging", "workflow_level", "WARNING")
         logging.update_logging(config)
@@ -212,7 +230,8 @@ def _run_study(args, manifest: Path, out_dir: Path, work_dir: Path, label_names)
             plugin_args["sbatch_args"] = args.sbatch_args
     workflow = init_study_wf(
         manifest=manifest, out_dir=out_dir, work_dir=work_dir, label_names=label_names, num_threads=num_threads,
-        affine=args.affine or False, device=args.device, progress=not args.quiet, trajectory=args.trajectory,
+        affine=args.affine or False, affine_options={"start": args.init}, device=args.device,
+        progress=not args.quiet, trajectory=args.trajectory,
         **_registration_options(args),
     )
     if collect:
@@ -294,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--label-names", help="JSON {id: name} or TSV with index/name columns: exactly these labels "
                      "are evaluated, named (default: labels.tsv or labels.json beside --fixed-labels, if present; "
                      "otherwise every label present, by number)")
+    reg.add_argument("--label-volume", type=int, metavar="K",
+                     help="of 4-D label files (one structure per volume, e.g. a gland then landmarks), evaluate "
+                     "volume K alone, counted from 0 (default: every volume, volume k as label k + 1)")
     reg.add_argument("--out-dir", required=True, help="output folder (created)")
     reg.add_argument("--trajectory", type=int, default=0, metavar="K",
                      help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "

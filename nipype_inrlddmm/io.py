@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -58,6 +59,27 @@ def atomic_path(path):
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(path):
+    """Yield a fresh hidden sibling of folder ``path`` to write a run's outputs into.
+
+    On success its files move into ``path`` (created when absent); on any
+    error it is removed: a run that fails leaves ``path`` as it found it,
+    never a field without its evaluation.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    stage.mkdir()
+    try:
+        yield stage
+        path.mkdir(exist_ok=True)
+        for item in stage.iterdir():
+            os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 #: Largest magnitude (mm) accepted in an affine: beyond it (10 km) the header is broken, and the
@@ -108,11 +130,12 @@ def load_mask(path, ref_shape, ref_affine, *, reference: str) -> np.ndarray:
     return data > 0
 
 
-def open_volume(path, what: str):
+def open_volume(path, what: str, *, stacked: bool = False):
     """Open a NIfTI (or other nibabel) volume and check its header: shape, voxel type, affine.
 
     Returns ``(image, shape)`` where ``shape`` is 3-D (trailing singleton
-    axes dropped); the voxels are not read yet.
+    axes dropped), or with ``stacked`` also 4-D ``(X, Y, Z, volumes)``; the
+    voxels are not read yet.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,9 +154,10 @@ def open_volume(path, what: str):
     shape = header_shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != 3:
-        raise InputError(path, f"the {what} must be 3-D, got shape {header_shape}")
-    if 1 in shape:
+    if len(shape) != 3 and not (stacked and len(shape) == 4):
+        allowed = "3-D, or 4-D with one label per volume" if stacked else "3-D"
+        raise InputError(path, f"the {what} must be {allowed}, got shape {header_shape}")
+    if 1 in shape[:3]:
         raise InputError(path, f"the {what} is 2-D in effect, shape {header_shape}: a 3-D volume needs at "
                          "least 2 voxels along every axis")
     _check_affine(path, affine)
@@ -180,15 +204,21 @@ def load_image(path) -> tuple[np.ndarray, np.ndarray]:
 _LABEL_RANGE = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
 
 
-def load_labels(path, *, reference=None) -> tuple[np.ndarray, np.ndarray]:
+def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A label map: integer-valued, non-empty, and on ``reference``'s grid when given.
 
     ``reference`` is ``(path, data, affine)`` of the image the labels belong
     to (``data`` may also be just its shape).  The labels are read in their
     stored type, so large label ids are never rounded through float32;
-    they must fit in int32.
+    they must fit in int32.  A 4-D file holds one structure per volume
+    (e.g. a gland, then landmarks): volume ``k`` becomes label ``k + 1``,
+    a later volume's label winning where they overlap; ``volume`` keeps
+    that volume's label alone (:func:`stacked_label_names` names them).
     """
-    image, shape = open_volume(path, "label map")
+    image, shape = open_volume(path, "label map", stacked=True)
+    if volume is not None and not 0 <= volume < (shape[3] if len(shape) == 4 else 1):
+        raise InputError(path, f"the label map has no volume {volume}: it holds "
+                         f"{shape[3] if len(shape) == 4 else 1} (counted from 0)")
     with np.errstate(invalid="ignore"):
         data = _read_voxels(path, image, shape, "label map")
         if data.dtype.kind == "f":
@@ -197,17 +227,30 @@ def load_labels(path, *, reference=None) -> tuple[np.ndarray, np.ndarray]:
                 raise InputError(path, f"the label map holds {int(bad.sum())} NaN or Inf voxels")
             if not np.array_equal(data, np.round(data)):
                 raise InputError(path, "the label map holds non-integer values")
+    if len(shape) == 4:
+        stack, data = data, np.zeros(shape[:3], np.int32)
+        for k in range(shape[3]) if volume is None else (volume,):
+            data[stack[..., k] != 0] = k + 1
     low, high = data.min(), data.max()
     if low < _LABEL_RANGE[0] or high > _LABEL_RANGE[1]:
         raise InputError(path, f"the label map holds ids from {low} to {high}, beyond the int32 range")
     if not data.any():
-        raise InputError(path, "the label map is empty (no non-zero label)")
+        raise InputError(path, "the label map is empty (no non-zero label)" if volume is None else
+                         f"volume {volume} of the label map is empty")
     affine = np.asarray(image.affine, dtype=np.float64)
     if reference is not None:
         ref_path, ref_data, ref_affine = reference
-        require_grid(path, shape, affine, getattr(ref_data, "shape", ref_data), ref_affine, what="label map",
+        require_grid(path, shape[:3], affine, getattr(ref_data, "shape", ref_data), ref_affine, what="label map",
                      reference=f"its image {ref_path}")
     return data.astype(np.int32), affine
+
+
+def stacked_label_names(path, volume: int | None = None) -> dict[int, str] | None:
+    """``{k + 1: "volume k"}`` for the volumes of a 4-D label file (:func:`load_labels`); None for a 3-D one."""
+    shape = open_volume(path, "label map", stacked=True)[1]
+    if len(shape) == 3:
+        return None
+    return {k + 1: f"volume {k}" for k in (range(shape[3]) if volume is None else (volume,))}
 
 
 def save_image(path, data: np.ndarray, affine: np.ndarray) -> Path:

@@ -52,50 +52,61 @@ def _stage_seconds(log: list[dict]) -> float:
 
 def register_files(
     moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
-    affine=None, device="auto", num_threads=None, progress=True, trajectory=0, **options,
+    label_volume=None, affine=None, affine_start="moments", device="auto", num_threads=None, progress=True,
+    trajectory=0, **options,
 ) -> dict:
     """Register two NIfTI files and write every output into ``out_dir``.
 
     Writes ``warped.nii.gz``, ``displacement.nii.gz`` (ITK/ANTs),
     ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
     with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
-    ``dice.json``; with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
+    ``dice.json`` (4-D label files: one label per volume, or volume
+    ``label_volume`` alone, named "volume k" unless ``label_names`` says
+    otherwise); with ``trajectory=K`` (K >= 2) ``trajectory.nii.gz`` and
     ``trajectory.gif``, the moving image at K times of the flow.  With
     ``affine`` (``"rigid"`` or ``"affine"``) the moving image is first
-    pre-aligned, as ANTs does before SyN (:func:`~nipype_inrlddmm.steps.affine_init`:
-    ``affine.txt``, and ``moving_aligned.nii.gz`` with its header rewritten,
-    voxels untouched), and registered from there; ``antsApplyTransforms ... -t
+    pre-aligned, as ANTs does before SyN, the search starting from
+    ``affine_start`` (one of :data:`~nipype_inrlddmm.engine.affine.STARTS`;
+    :func:`~nipype_inrlddmm.steps.affine_init`: ``affine.txt``, and
+    ``moving_aligned.nii.gz`` with its header rewritten, voxels untouched),
+    and registered from there; ``antsApplyTransforms ... -t
     displacement.nii.gz -t affine.txt`` applies both to the original moving
-    image.  All inputs are validated before any optimisation starts.
+    image.  All inputs are validated before any optimisation starts, and
+    a run that fails leaves ``out_dir`` as it found it
+    (:func:`~nipype_inrlddmm.io.staged_folder`).
 
     Returns the written paths; the ``summary`` of det J (with labels also
     of the Dice, whose ``rows`` come too, and ``mean_dice_before``: the
-    mean Dice of the moving labels undeformed); and ``timings``, the seconds of each phase (read,
-    pre-align, stages, dense field and warp, labels, evaluation, QC,
-    trajectory, and write: the volumes are compressed by threads while the
-    phases after the registration run, so this is the wait left at the end).
+    mean Dice of the moving labels undeformed); and ``timings``, the
+    seconds of each phase (read, pre-align, stages, dense field and warp,
+    labels, evaluation, QC, trajectory, and write: the volumes are
+    compressed by threads while the phases after the registration run, so
+    this is the wait left at the end).
     """
     if trajectory and trajectory < 2:
         raise io.InputError("--trajectory", f"needs at least 2 times (t = 0 and t = 1), got {trajectory}")
     config = engine.config_from_options(**options)
-    clock, out_dir, title = PhaseClock(), Path(out_dir), Path(moving).name
+    clock, final, title = PhaseClock(), Path(out_dir), Path(moving).name
 
     def say(what: str) -> None:  # what runs, for phases that take seconds without a progress bar
         if progress:
             print(f"inrlddmm: {what}", file=sys.stderr, flush=True)
     with clock("read"):
         pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
-                               fixed_mask=fixed_mask)
-        names = io.load_label_names(label_names) if label_names else None
+                               fixed_mask=fixed_mask, label_volume=label_volume)
+        names = (io.load_label_names(label_names) if label_names else
+                 io.stacked_label_names(fixed_labels, label_volume) if fixed_labels else None)
     evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
     fixed_affine, moving_affine = pair.fixed_affine, pair.moving_affine
     outputs = {}
     # Compressing a volume takes a core for seconds: threads write while the phases after the registration run.
-    with steps.torch_threads(num_threads), ThreadPoolExecutor(max_workers=2) as writer:
+    # Every output goes to a staging folder first, moved into out_dir only once all of them are written.
+    with io.staged_folder(final) as out_dir, steps.torch_threads(num_threads), \
+            ThreadPoolExecutor(max_workers=2) as writer:
         if affine:
             with clock("pre-align"):
                 say(f"pre-aligning ({affine})")
-                matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine),
+                matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine, start=affine_start),
                                                seed=config.seed, device=device)
                 aligned = steps.write_aligned(pair, matrix, out_dir)
             outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
@@ -155,5 +166,6 @@ def register_files(
                 outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
         with clock("write"):  # what is left of it once everything else is done
             outputs |= {name: write.result() for name, write in writes.items()}
+    outputs = {name: final / value.name if isinstance(value, Path) else value for name, value in outputs.items()}
     outputs["timings"] = clock.seconds
     return outputs

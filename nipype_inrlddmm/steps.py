@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +28,9 @@ import torch
 
 from . import engine, io
 from .api import as_tensor
-from .engine.affine import AffineConfig, affine_register
+from .engine.affine import AffineConfig, checked_affine_register
+
+LOGGER = logging.getLogger("nipype_inrlddmm")
 
 #: File names of each step's outputs (the study's DataSink keeps them in out_dir/<patient>/).
 COARSE_OUTPUTS = {"model": "coarse_model.pt", "displacement": "coarse_displacement.nii.gz", "log": "coarse_log.csv"}
@@ -68,15 +71,17 @@ class Pair:
     fixed_labels: np.ndarray | None = None
 
 
-def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None) -> Pair:
+def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
+              label_volume: int | None = None) -> Pair:
     """Read and validate a pair and, when given, its label maps and fixed mask.
 
     Label maps must lie on their image's grid and the mask on the fixed grid;
     any problem raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
+    ``label_volume`` picks one volume of 4-D label files (:func:`~nipype_inrlddmm.io.load_labels`).
     """
     moving_data, moving_affine = io.load_image(moving)
     fixed_data, fixed_affine = io.load_image(fixed)
-    labels = [io.load_labels(path, reference=(image, data, affine))[0] if path else None
+    labels = [io.load_labels(path, reference=(image, data, affine), volume=label_volume)[0] if path else None
               for path, image, data, affine in ((moving_labels, moving, moving_data, moving_affine),
                                                 (fixed_labels, fixed, fixed_data, fixed_affine))]
     mask = None
@@ -333,9 +338,11 @@ def estimate_affine(pair: Pair, moving, fixed, config: AffineConfig = AffineConf
                     device="auto") -> np.ndarray:
     """The affine ``A`` (fixed world -> moving world, RAS mm, float64 ``(4, 4)``) that pre-aligns a pair.
 
-    :func:`~nipype_inrlddmm.engine.affine.affine_register` on the
-    normalised images, inside the fixed mask when the pair has one;
-    ``moving`` and ``fixed`` (the paths) name the image in any error.
+    :func:`~nipype_inrlddmm.engine.affine.checked_affine_register` on the
+    normalised images, inside the fixed mask when the pair has one: a
+    degenerate or worse-than-its-start result falls back to a rigid one,
+    then to the best start, each rejection logged as a warning naming the
+    pair.  ``moving`` and ``fixed`` (the paths) name the image in any error.
     """
     device = engine.resolve_device(device)
     moving_t, fixed_t = (_normalised(as_tensor(a, device), path) for a, path in ((pair.moving, moving),
@@ -343,8 +350,11 @@ def estimate_affine(pair: Pair, moving, fixed, config: AffineConfig = AffineConf
     # float64 geometry: the transform is what this step returns, keep it exact.
     moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
     mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
-    return affine_register(moving_t, moving_affine, fixed_t, fixed_affine, config, fixed_mask=mask,
-                           seed=seed).cpu().numpy()
+    matrix, rejected = checked_affine_register(moving_t, moving_affine, fixed_t, fixed_affine, config,
+                                               fixed_mask=mask, seed=seed)
+    for note in rejected:
+        LOGGER.warning("%s -> %s: %s", moving, fixed, note)
+    return matrix.cpu().numpy()
 
 
 def write_aligned(pair: Pair, matrix: np.ndarray, out_dir) -> dict[str, Path]:

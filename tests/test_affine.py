@@ -104,3 +104,46 @@ def test_bad_transform_files_are_refused_with_the_file_named(tmp_path, content, 
     with pytest.raises(io.InputError, match=problem) as error:
         io.load_itk_affine(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("linear, problem", [
+    (np.diag([1.0, 1.0, -1.0]), "mirrors"),
+    (np.diag([1.1, 0.9, 0.043]), "scales by 0.04 to 1.10"),
+    (Rotation.from_rotvec(np.deg2rad(80.0) * AXIS).as_matrix(), "turns the image by 80 degrees"),
+])
+def test_implausible_pre_alignments_are_named(linear, problem):
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    assert problem in engine.affine.implausibility(torch.from_numpy(matrix))
+    assert engine.affine.implausibility(torch.from_numpy(KNOWN)) is None
+    assert engine.affine.implausibility(torch.from_numpy(np.diag([1.3, 0.8, 1.1, 1.0]))) is None
+
+
+def test_a_collapsing_estimate_falls_back_to_rigid_then_to_its_start(phantom, monkeypatch):
+    moving, fixed, affine = (torch.from_numpy(a) for a in (phantom.ct, phantom.cbct, phantom.affine))
+    collapse = torch.from_numpy(np.diag([1.0, 1.0, 0.05, 1.0]))
+    searched = []
+
+    def search(*args, **kwargs):
+        searched.append(args[4].transform)
+        return collapse
+
+    monkeypatch.setattr(engine.affine, "affine_register", search)
+    config = AffineConfig(start="geometry")
+    matrix, notes = engine.affine.checked_affine_register(moving, affine, fixed, affine, config)
+    assert searched == ["affine", "rigid"]
+    assert ["affine pre-alignment from the geometry start was rejected" in notes[0],
+            "rigid pre-alignment" in notes[1], "kept its geometry start alone" in notes[2]] == [True] * 3
+    torch.testing.assert_close(matrix, engine.affine.start_transform(moving, affine, fixed, affine, "geometry"))
+
+
+def test_mr_to_ultrasound_estimates_that_mirror_or_turn_are_caught(real_data, caplog):
+    """On this MR -> ultrasound pair the affine search mirrors the prostate and the rigid one turns it by
+    74 degrees: both are rejected, naming the pair, and the centres-of-mass start is kept."""
+    moving, fixed = (real_data / "prostate-mr-us" / kind / "case000003.nii.gz" for kind in ("mr_images", "us_images"))
+    pair = steps.load_pair(moving, fixed)
+    with caplog.at_level("WARNING", logger="nipype_inrlddmm"):
+        matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform="affine"))
+    assert engine.affine.implausibility(torch.from_numpy(matrix)) is None
+    assert len(caplog.records) == 3 and all(str(moving) in r.getMessage() for r in caplog.records)
+    assert "mirrors" in caplog.records[0].getMessage() and "turns" in caplog.records[1].getMessage()

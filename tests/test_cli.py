@@ -123,6 +123,51 @@ def test_register_names_a_bad_file_and_writes_nothing(cohort, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_fails_after_writing_leaves_its_output_folder_as_it_found_it(cohort, tmp_path, monkeypatch):
+    from nipype_inrlddmm import qc
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the QC figure failed")
+
+    monkeypatch.setattr(qc, "qc_figure", broken)  # after the field, the labels and dice.csv are written
+    patient = cohort.parent / "p01"
+    with pytest.raises(RuntimeError, match="QC figure failed"):
+        cli.main(["register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
+                  "--moving-labels", str(patient / "ct_labels.nii.gz"),
+                  "--fixed-labels", str(patient / "cbct_labels.nii.gz"), "--out-dir", str(out), *FEW])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_mr_to_ultrasound_with_4d_labels_and_a_centred_start(real_data, tmp_path, capsys):
+    """The prostate set's own label files (gland, then landmark blobs, one per volume) through the command."""
+    d = real_data / "prostate-mr-us"
+    pair = ["--moving", str(d / "mr_images" / "case000003.nii.gz"),
+            "--fixed", str(d / "us_images" / "case000003.nii.gz"),
+            "--moving-labels", str(d / "mr_labels" / "case000003.nii.gz"),
+            "--fixed-labels", str(d / "us_labels" / "case000003.nii.gz"), "--affine", "rigid", "--init", "geometry"]
+    assert cli.main(["register", *pair, "--out-dir", str(tmp_path / "all"), *FEW]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "all" / "dice.csv")))
+    assert [(row["label"], row["name"]) for row in rows] == [("1", "volume 0"), ("2", "volume 1"), ("3", "volume 2")]
+    assert float(rows[0]["dice"]) > 0.5  # the gland, from the grid centres (0.62 before any deformation)
+    assert cli.main(["register", *pair, "--label-volume", "0", "--out-dir", str(tmp_path / "gland"), *FEW]) == 0
+    gland = list(csv.DictReader(open(tmp_path / "gland" / "dice.csv")))
+    assert [(row["label"], row["name"]) for row in gland] == [("1", "volume 0")]
+    assert cli.main(["register", *pair, "--label-volume", "5", "--out-dir", str(tmp_path / "none"), *FEW]) == 2
+    assert "has no volume 5: it holds 3" in capsys.readouterr().err
+
+
+def test_init_needs_a_pre_alignment(cohort, tmp_path, capsys):
+    patient = cohort.parent / "p01"
+    assert cli.main(["register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
+                     "--init", "geometry", "--out-dir", str(tmp_path / "out"), *FEW]) == 2
+    assert "--init: sets where the pre-alignment starts: give --affine" in capsys.readouterr().err
+
+
 def test_demo_runs_and_prints_the_dice_table(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nipype_inrlddmm.cli", "demo", "--out-dir", str(tmp_path), "--patients", "2",

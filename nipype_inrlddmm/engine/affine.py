@@ -12,7 +12,8 @@ image's world point that should match it, ``aligned(x) = moving(A x)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +27,15 @@ TRANSFORMS = ("rigid", "affine")
 #: the same object on a dark background), grid centres aligned (images cropped around the same
 #: anatomy, e.g. across modalities), or the identity (headers already roughly right).
 STARTS = ("moments", "geometry", "identity")
+_START_MEANING = {"moments": "centres of mass aligned", "geometry": "grid centres aligned",
+                  "identity": "the headers as they are"}
+#: A plausible pre-alignment scales by at most this factor, up or down, along any direction, and never
+#: mirrors: two scans of one anatomy, or a subject and a template, differ by far less.  Beyond it the search
+#: has failed (an ultrasound's narrow field of view lets an affine shrink an axis to almost nothing).
+MAX_SCALE = 2.0
+#: Nor does it turn by more than this (degrees): scans whose headers place one anatomy that differently are
+#: rare, and a search that ends there has followed a similarity that does not hold across the modalities.
+MAX_ROTATION = 45.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,91 @@ def grid_centre(shape, affine: torch.Tensor) -> torch.Tensor:
     return apply_affine(affine, middle)
 
 
+def _centres(moving, moving_affine, fixed, fixed_affine, start: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed and moving points (mm, RAS) that ``start`` (one of :data:`STARTS`) maps onto each other."""
+    if start == "moments":
+        return centre_of_mass(fixed, fixed_affine), centre_of_mass(moving, moving_affine)
+    if start == "geometry":
+        return grid_centre(fixed.shape, fixed_affine), grid_centre(moving.shape, moving_affine)
+    centre = grid_centre(fixed.shape, fixed_affine)
+    return centre, centre
+
+
+def start_transform(moving, moving_affine, fixed, fixed_affine, start: str) -> torch.Tensor:
+    """The translation a search from ``start`` begins with: ``(4, 4)``, fixed world -> moving world."""
+    centre_fixed, centre_moving = _centres(moving, moving_affine, fixed, fixed_affine, start)
+    out = torch.eye(4, dtype=torch.float64, device=fixed_affine.device)
+    out[:3, 3] = (centre_moving - centre_fixed).to(torch.float64)
+    return out
+
+
+def implausibility(matrix: torch.Tensor) -> str | None:
+    """Why ``matrix``'s linear part cannot map one anatomy onto another, or None: a mirror, a scaling by more
+    than :data:`MAX_SCALE` along some direction, or a turn by more than :data:`MAX_ROTATION` degrees."""
+    linear = matrix[:3, :3].to(torch.float64)
+    det = float(torch.linalg.det(linear))
+    if det <= 0:
+        return f"it mirrors the image (determinant {det:.3f})"
+    left, scales, right = torch.linalg.svd(linear)
+    if scales.min() < 1.0 / MAX_SCALE or scales.max() > MAX_SCALE:
+        return (f"it scales by {float(scales.min()):.2f} to {float(scales.max()):.2f} along some directions "
+                f"(determinant {det:.3f}; anatomy stays within 1/{MAX_SCALE:g} to {MAX_SCALE:g})")
+    rotation = left @ right  # the polar decomposition's rotation
+    degrees = math.degrees(math.acos(max(-1.0, min(1.0, (float(torch.trace(rotation)) - 1.0) / 2.0))))
+    if degrees > MAX_ROTATION:
+        return f"it turns the image by {degrees:.0f} degrees (at most {MAX_ROTATION:g})"
+    return None
+
+
+def matching(moving, moving_affine, fixed, fixed_affine, matrix, *, fixed_mask=None, max_points=32768,
+             seed=0) -> float:
+    """Global NCC (in [-1, 1], 1 a perfect match) of ``fixed`` and ``moving(A x)``, at full resolution.
+
+    The same ``max_points`` voxels of the fixed grid (within ``fixed_mask``) for a given seed, so that two
+    transforms are compared on the same voxels.
+    """
+    candidates = (torch.arange(fixed.numel(), device=fixed.device) if fixed_mask is None
+                  else torch.nonzero(fixed_mask.reshape(-1)).reshape(-1))
+    if len(candidates) > max_points:
+        generator = torch.Generator().manual_seed(seed)
+        candidates = candidates[torch.randperm(len(candidates), generator=generator)[:max_points].to(fixed.device)]
+    ijk = torch.stack(torch.unravel_index(candidates, fixed.shape), dim=-1).to(fixed_affine.dtype)
+    points = apply_affine(matrix.to(fixed_affine.dtype), apply_affine(fixed_affine, ijk))
+    with torch.no_grad():
+        warped = sample_volume(moving, moving_affine.to(fixed_affine.dtype), points, padding_mode="zeros")
+        return -float(ncc(warped, fixed.reshape(-1)[candidates].to(warped.dtype)))
+
+
+def checked_affine_register(moving, moving_affine, fixed, fixed_affine, config: AffineConfig = AffineConfig(), *,
+                            fixed_mask=None, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """:func:`affine_register`, its result checked; returns the transform and what was rejected on the way.
+
+    A result that is implausible (:func:`implausibility`) or matches the
+    fixed image worse than where its search started (:func:`matching`) is
+    rejected; an affine then gives way to a rigid search from the same
+    start, and a rigid one to that start alone: the user's choice, as the
+    global similarity that misled the search cannot rank the starts either
+    (across MR and ultrasound it prefers the worst).
+    """
+    def match(matrix):
+        return matching(moving, moving_affine, fixed, fixed_affine, matrix, fixed_mask=fixed_mask,
+                        max_points=config.max_points, seed=seed)
+
+    start = match(start_transform(moving, moving_affine, fixed, fixed_affine, config.start))
+    notes = []
+    for transform in ("affine", "rigid") if config.transform == "affine" else ("rigid",):
+        matrix = affine_register(moving, moving_affine, fixed, fixed_affine, replace(config, transform=transform),
+                                 fixed_mask=fixed_mask, seed=seed)
+        reached = match(matrix)
+        why = implausibility(matrix) or (f"it matches worse than its start (NCC {reached:.3f} against {start:.3f})"
+                                         if reached < start else None)
+        if why is None:
+            return matrix, notes
+        notes.append(f"the {transform} pre-alignment from the {config.start} start was rejected: {why}")
+    notes.append(f"kept its {config.start} start alone ({_START_MEANING[config.start]})")
+    return start_transform(moving, moving_affine, fixed, fixed_affine, config.start), notes
+
+
 def _rotation(axis_angle: torch.Tensor) -> torch.Tensor:
     """Rotation matrix of an axis-angle vector (its norm is the angle in radians)."""
     x, y, z = axis_angle
@@ -123,12 +218,7 @@ def affine_register(
     stays zero for ``"rigid"``.
     """
     dtype, device = fixed_affine.dtype, fixed_affine.device
-    if config.start == "moments":
-        centre_fixed, centre_moving = centre_of_mass(fixed, fixed_affine), centre_of_mass(moving, moving_affine)
-    elif config.start == "geometry":
-        centre_fixed, centre_moving = grid_centre(fixed.shape, fixed_affine), grid_centre(moving.shape, moving_affine)
-    else:
-        centre_fixed = centre_moving = grid_centre(fixed.shape, fixed_affine)
+    centre_fixed, centre_moving = _centres(moving, moving_affine, fixed, fixed_affine, config.start)
     low, high = bounding_box(fixed.shape, fixed_affine)
     scale = ((high - low) / 2).mean().clamp(min=1.0)
 
