@@ -324,9 +324,9 @@ CASES = [
          entry="labels"),
     Case("labels_corrupt", swap("fixed_labels", lambda d, f: _truncated(d / "l.nii.gz", f["fixed_labels"], 0.5)),
          "cannot read the label map", entry="labels"),
-    Case("labels_4d", swap("moving_labels", lambda d, f: _like(d / "l.nii.gz", f["moving_labels"],
-                                                               lambda x: np.stack([x, x], -1))),
-         "must be 3-D", entry="labels"),
+    Case("labels_5d", swap("moving_labels", lambda d, f: _like(d / "l.nii.gz", f["moving_labels"],
+                                                               lambda x: np.stack([np.stack([x, x], -1)] * 2, -1))),
+         "must be 3-D, or 4-D with one label per volume", entry="labels"),
     # checkpoints (fine stage: init_model; distillation: coarse_model)
     Case("checkpoint_other_version", swap("model", lambda d, f: _checkpoint(
         d / "old.pt", f["model"], lambda p: {**p, "version": "0.99.0"})), "written by nipype_inrlddmm 0.99.0, "
@@ -401,7 +401,7 @@ def no_optimisation(monkeypatch):
     """Make any optimisation (or the whole registration) fail loudly if it is reached."""
     for name in ("coarse_stage", "distill_stage", "fine_stage", "register_volumes"):
         monkeypatch.setattr(engine, name, _tripwire)
-    monkeypatch.setattr(steps, "affine_register", _tripwire)
+    monkeypatch.setattr(steps, "checked_affine_register", _tripwire)
 
 
 def _entry_points(entry: str, files: dict, out: Path) -> list[Callable[[], object]]:
