@@ -172,21 +172,32 @@ def _cmd_register(args) -> int:
     return 0
 
 
-#: Study-table columns left out of the printed summary (they are in study_dice.csv).
-_NOT_PRINTED = ("status", "error", "mean_hd95_mm", "jacobian_min", "sdlogj")
+#: The printed study table's summary columns and their headers.
+_SUMMARY_HEADERS = {"mean_dice": "mean Dice", "mean_hd95_mm": "HD95 mm", "jacobian_nonpositive_percent": "% detJ<=0",
+                    "sdlogj": "SDlogJ"}
+#: Per-label Dice columns are printed for studies of at most this many labels (study_dice.csv has them all).
+_PRINTED_LABELS = 8
 
 
 def _print_study(rows: list[dict], table_path: Path) -> None:
-    """The study table: Dice per label and patient, then the reason of each failure."""
+    """The study table: per patient the Dice of each label (few labels) and the summary, then each failure."""
+    from .report import label_columns
+
     ok = [row for row in rows if row["status"] == "ok"]
-    columns = [c for c in (ok or rows)[0] if c not in _NOT_PRINTED]
-    print(f"\nDice per patient and label (inside the fixed mask, when given); written to {table_path}")
-    print("  ".join(f"{c[:12]:>12}" for c in columns))
+    labels = label_columns(ok or rows)
+    shown = labels if len(labels) <= _PRINTED_LABELS else []
+    headers = {"patient": "patient", **{label: label for label in shown}, **_SUMMARY_HEADERS}
+    widths = {key: max(len(header), 7) for key, header in headers.items()}
+    widths["patient"] = max(widths["patient"], *(len(row["patient"]) for row in rows))
+    print(f"\nDice per patient{' and label' if shown else ''} (inside the fixed mask, when given), HD95, folding "
+          f"and SDlogJ; every label in {table_path}")
+    print("  ".join(f"{header:>{widths[key]}}" for key, header in headers.items()))
     for row in rows:
         if row["status"] != "ok":
-            print(f"{row['patient']:>12}  FAILED: {row['error']}")
+            print(f"{row['patient']:>{widths['patient']}}  FAILED: {row['error']}")
             continue
-        print("  ".join(f"{row[c]:>12}" if isinstance(row[c], str) else f"{row[c]:>12.3f}" for c in columns))
+        print("  ".join(f"{row[key]:>{widths[key]}}" if isinstance(row[key], str) else
+                        f"{row[key]:>{widths[key]}.3f}" for key in headers))
 
 
 def _study_manifest(path) -> Path:

@@ -22,6 +22,10 @@ import csv
 import html
 import io as _bytes_io
 import math
+import platform
+import shlex
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,9 +273,25 @@ def versions() -> dict[str, str]:
             "nibabel": nibabel.__version__, "numpy": np.__version__}
 
 
+def provenance(finished: float | None = None) -> dict[str, str]:
+    """By which command, with which Python and libraries (:func:`versions`) a study ran, and when its last
+    result was written (``finished``, seconds since the epoch): a cached rerun of the same command finds
+    the same provenance, and leaves the report as it was."""
+    items = {"results written": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished))} if finished else {}
+    return {**items, "command": shlex.join(sys.argv),
+            "python": f"{platform.python_version()} ({platform.python_implementation()})",
+            "machine": f"{platform.system()} {platform.machine()}", **versions()}
+
+
+def _provenance_table(items: dict[str, str]) -> str:
+    rows = "".join(f'<tr><td class="text">{_escape(name)}</td><td class="text">{_escape(value)}</td></tr>'
+                   for name, value in items.items())
+    return f'<table id="provenance"><thead><tr><th>item</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
+
+
 def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | None = None,
                       parameters: dict | None = None, title: str = "INR-LDDMM study",
-                      before: dict[str, dict[str, float]] | None = None) -> str:
+                      before: dict[str, dict[str, float]] | None = None, finished: float | None = None) -> str:
     """The report page as a string.
 
     Parameters
@@ -282,6 +302,7 @@ def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | 
     parameters : ``{stage: {parameter: value}}`` (or ``{name: value}``).
     before : ``{patient: {label: Dice}}`` before registration (:func:`dice_before`), shown beside
         the Dice after it in the tables and the plot.
+    finished : when the last result was written (seconds since the epoch), for :func:`provenance`.
     """
     figures, before = figures or {}, before or {}
     labels = label_columns([row for row in rows if row.get("status") == "ok"] or rows)
@@ -317,7 +338,7 @@ def study_report_html(rows: list[dict], *, figures: dict[str, dict[str, str]] | 
                              f'<a href="{_escape(url)}"><img class="qc" alt="{_escape(patient)} {_escape(caption)}" '
                              f'src="{_escape(url)}"></a></div>')
     parts += ["<h2>Parameters</h2>", _parameters(parameters or {}),
-              "<h2>Versions</h2>", _parameters({"packages": versions()}), "</body></html>"]
+              "<h2>Provenance</h2>", _provenance_table(provenance(finished)), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -341,7 +362,10 @@ def write_study_report(out_dir, rows: list[dict], *, parameters: dict | None = N
             figures[row["patient"]] = found
     if before is None and manifest is not None:
         before = dice_before(manifest, out_dir, rows)
-    text = study_report_html(rows, figures=figures, parameters=parameters, title=title, before=before)
+    results = [out_dir / row["patient"] / "dice.csv" for row in rows]
+    finished = max((path.stat().st_mtime for path in results if path.is_file()), default=None)
+    text = study_report_html(rows, figures=figures, parameters=parameters, title=title, before=before,
+                             finished=finished)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
     with io.atomic_path(path) as temporary:

@@ -175,9 +175,16 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "mean_dice" in result.stdout and "p02" in result.stdout
     table = list(csv.DictReader(open(tmp_path / "study_dice.csv")))
     assert [row["patient"] for row in table] == ["p01", "p02"]
+    # The printed table: whole label names, the summary columns, each patient's figures as written.
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["patient"]).split()
+    assert header == ["patient", "body", "right_lung", "left_lung", "heart", "spinal_cord", "target", "mean", "Dice",
+                      "HD95", "mm", "%", "detJ<=0", "SDlogJ"]
+    p02 = next(line for line in lines if line.split()[:1] == ["p02"]).split()
+    assert p02[-4:] == [f"{float(table[1][key]):.3f}" for key in ("mean_dice", "mean_hd95_mm",
+                                                                  "jacobian_nonpositive_percent", "sdlogj")]
     # Every figure: a QC figure and a trajectory animation per patient, the report linking them.
     for patient in ("p01", "p02"):
         assert Image.open(tmp_path / patient / "qc.png").size[0] > 500

@@ -4,8 +4,11 @@ One small registration (32x28x16 phantom, few iterations) serves every test that
 network; the rest run on analytic fields and synthetic tables.
 """
 
+import os
+import platform
 import re
 import subprocess
+import time
 from io import BytesIO
 
 import nibabel as nib
@@ -214,9 +217,16 @@ def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
     assert path.name == "report.html" and "&lt;bad&gt;" in text and "<bad>" not in text  # the reason, escaped
     assert 'href="p01/qc.png"' in text and 'src="p03/trajectory.gif"' in text and "http" not in text  # offline
     assert "nipype_inrlddmm" in text and ">lncc<" in text  # versions and parameters
+    provenance = text[text.index('<table id="provenance">'):]
+    assert f">{platform.python_version()} (" in provenance and ">command<" in provenance
+    assert "results written" not in provenance  # no patient's dice.csv here
+    (tmp_path / "p01" / "dice.csv").write_text("label,name,dice\n")
+    os.utime(tmp_path / "p01" / "dice.csv", (0, 1.7e9))
+    text = report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}}).read_text()
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(1.7e9)) in text  # when the results were written
     # Rewritten only when the content changes: a cached rerun leaves the study folder untouched.
     before = path.stat().st_mtime_ns
-    report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5, "similarity": "lncc"}})
+    report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}})
     assert path.stat().st_mtime_ns == before
     assert_report_renders(path, {"p01": "ok", "p02": "failed", "p03": "ok"}, figures=3)
 
