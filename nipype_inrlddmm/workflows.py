@@ -404,7 +404,8 @@ def init_study_wf(
     sink_fields = [f for f in SINK_FIELDS if f in produced]
     workflow.connect([
         (patients, registration, [("patient", "qc.title")]
-         + ([("patient", "trajectory.title")] if trajectory else [])),
+         + ([("patient", "trajectory.title")] if trajectory else [])
+         + ([("patient", f"{stage}.progress_label") for stage in ("coarse", "distill", "fine")] if progress else [])),
         (patients, select, [("patient", "patient")]),
         (select, registration, [("moving_image", "inputnode.moving_image"), ("fixed_image", "inputnode.fixed_image"),
                                 ("moving_labels", "inputnode.moving_labels"),

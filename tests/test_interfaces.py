@@ -204,6 +204,15 @@ def test_threads_are_declared_and_not_hashed_and_the_version_is_hashed(patient):
                          **settings).inputs.get_hashval()[1]
 
     assert Node(CoarseINR(num_threads=2), name="coarse").n_procs == 2
-    assert hashed(num_threads=1) == hashed(num_threads=2) == hashed(progress=True)
+    assert hashed(num_threads=1) == hashed(num_threads=2) == hashed(progress=True, progress_label="p01")
     assert hashed(version=__version__) != hashed(version="0.0.0")
     assert hashed() != hashed(iterations=7)
+
+
+def test_progress_bars_name_the_patient_so_parallel_nodes_are_told_apart(patient, tmp_path, capfd):
+    CoarseINR(moving_image=patient["moving"], fixed_image=patient["fixed"], iterations=2, n_patches=4,
+              progress=True, progress_label="p07").run(cwd=str(tmp_path))
+    assert "p07: coarse" in capfd.readouterr().err
+    CoarseINR(moving_image=patient["moving"], fixed_image=patient["fixed"], iterations=2, n_patches=4,
+              progress_label="p07").run(cwd=str(tmp_path))
+    assert "p07" not in capfd.readouterr().err  # a label alone draws no bar

@@ -176,8 +176,11 @@ def relative_decrease(losses, window: int) -> float:
     return float(-slope * (len(recent) - 1) / recent.abs().mean().clamp(min=1e-12))
 
 
-def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress: bool) -> list[dict]:
+def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress: bool | str) -> list[dict]:
     """Adam on ``objective(iteration) -> (loss, {term: value})``; returns the log rows.
+
+    ``progress`` shows a bar named after the stage; a string also names
+    what is registered (a patient), telling apart the bars of parallel runs.
 
     Stops before ``config.iterations`` once the loss fell by less than
     ``config.convergence_threshold`` (relative) over the last
@@ -187,7 +190,8 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
     log = []
     start = time.perf_counter()
     losses, window = [], config.convergence_window
-    bar = tqdm(range(config.iterations), desc=stage, disable=not progress, leave=False)
+    label = f"{progress}: {stage}" if isinstance(progress, str) and progress else stage
+    bar = tqdm(range(config.iterations), desc=label, disable=not progress, leave=False)
     for iteration in bar:
         optimiser.zero_grad()
         loss, terms = objective(iteration)
@@ -218,7 +222,7 @@ def fit_images(
     fixed_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     stage: str = "fit",
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> list[dict]:
     """Train ``velocity`` in place so that ``moving o S`` matches ``fixed``.
 
@@ -299,7 +303,7 @@ def fit_field(
     n_steps: int,
     generator: torch.Generator | None = None,
     stage: str = "distill",
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> list[dict]:
     """Train ``velocity`` in place so that its flow reproduces a displacement.
 

@@ -139,6 +139,13 @@ class OptimisationInputSpec(ComputeInputSpec):
                                          desc="stop once the loss fell by less than this fraction of its magnitude "
                                          "over the convergence window")
     progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a tqdm progress bar on stderr")
+    progress_label = traits.Str(nohash=True, desc="name on the progress bar, e.g. the patient, so that the bars "
+                                "of parallel nodes are told apart")
+
+
+def progress_of(inputs):
+    """What the engine's ``progress`` takes: False, True, or the bar's label."""
+    return inputs.progress and (optional(inputs.progress_label) or True)
 
 
 class DenseFieldInputSpec(BaseInterfaceInputSpec):

@@ -20,6 +20,7 @@ from .base import (
     optional,
     patch_stride_trait,
     per_axis_trait,
+    progress_of,
     reg_weight_trait,
     sampling_fraction_trait,
     stage_config,
@@ -74,7 +75,7 @@ class CoarseINR(SimpleInterface):
         with steps.torch_threads(inputs.num_threads):
             outputs = steps.run_coarse(
                 inputs.moving_image, inputs.fixed_image, runtime.cwd, stage_config(inputs, "coarse"),
-                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=inputs.progress,
+                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=progress_of(inputs),
             )
         self._results.update({name: str(path) for name, path in outputs.items()})
         return runtime
@@ -132,7 +133,7 @@ class DistillINR(SimpleInterface):
         with steps.torch_threads(inputs.num_threads):
             outputs = steps.run_distill(
                 inputs.coarse_model, inputs.coarse_displacement, inputs.fixed_image, runtime.cwd,
-                stage_config(inputs, "distill"), device=inputs.device, progress=inputs.progress,
+                stage_config(inputs, "distill"), device=inputs.device, progress=progress_of(inputs),
             )
         self._results.update({name: str(path) for name, path in outputs.items()})
         return runtime
@@ -192,7 +193,7 @@ class FineINR(SimpleInterface):
         with steps.torch_threads(inputs.num_threads):
             outputs = steps.run_fine(
                 inputs.moving_image, inputs.fixed_image, inputs.init_model, runtime.cwd, stage_config(inputs, "fine"),
-                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=inputs.progress,
+                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=progress_of(inputs),
             )
         self._results.update({name: str(path) for name, path in outputs.items()})
         return runtime
