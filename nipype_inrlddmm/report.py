@@ -47,6 +47,9 @@ LABELS_PER_TABLE = 10
 PATIENT_COLUMNS = {"patient": "patient", "status": "status", "mean_dice_before": "mean Dice before",
                    "mean_dice": "mean Dice", "mean_hd95_mm": "mean HD95 (mm)", "jacobian_min": "min det J",
                    "jacobian_nonpositive_percent": "% det J \u2264 0", "sdlogj": "SDlogJ"}
+#: One number format per column: the same decimals down a column, whatever the value.
+_FORMATS = {"mean_dice_before": ".3f", "mean_dice": ".3f", "mean_hd95_mm": ".2f", "jacobian_min": ".3f",
+            "jacobian_nonpositive_percent": ".3f", "sdlogj": ".3f"}
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 100%; }
@@ -184,9 +187,9 @@ def _patient_table(rows: list[dict], before: dict[str, dict[str, float]]) -> str
                 cells.append(f'<td class="text status">{"FAILED" if failed else "ok"}</td>')
             elif column == "mean_dice_before":
                 found = [v for v in before.get(row["patient"], {}).values() if _number(v) is not None]
-                cells.append(_cell(np.mean(found) if found and not failed else "", ".3f"))
+                cells.append(_cell(np.mean(found) if found and not failed else "", _FORMATS[column]))
             else:
-                cells.append(_cell(row.get(column, ""), ".3f" if column == "mean_dice" else ".4g"))
+                cells.append(_cell(row.get(column, ""), _FORMATS[column]))
         notes = row.get("error") if failed else row.get("missing_labels")
         cells.append(f'<td class="text">{_escape(notes or "")}</td>')
         body.append(f'<tr class="{"failed" if failed else "ok"}" data-patient="{_escape(row["patient"])}">'

@@ -217,6 +217,9 @@ def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
     assert path.name == "report.html" and "&lt;bad&gt;" in text and "<bad>" not in text  # the reason, escaped
     assert 'href="p01/qc.png"' in text and 'src="p03/trajectory.gif"' in text and "http" not in text  # offline
     assert "nipype_inrlddmm" in text and ">lncc<" in text  # versions and parameters
+    # One format per column: HD95 3.2 reads 3.20 and SDlogJ 0.05 reads 0.050, as their neighbours do.
+    table = text[text.index('<table id="dice-table">'):text.index("</table>", text.index('<table id="dice-table">'))]
+    assert "<td>3.20</td>" in table and "<td>0.050</td>" in table and "<td>0.400</td>" in table
     provenance = text[text.index('<table id="provenance">'):]
     assert f">{platform.python_version()} (" in provenance and ">command<" in provenance
     assert "results written" not in provenance  # no patient's dice.csv here
