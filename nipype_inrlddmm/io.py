@@ -319,8 +319,10 @@ def save_checkpoint(path, velocity: VelocityField, *, shape, affine: np.ndarray)
         "fixed_shape": [int(n) for n in shape],
         "fixed_affine": np.asarray(affine, np.float64).tolist(),
     }
-    with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+    # Through a file object: torch names the archive inside after a path, which would be the temporary
+    # file's random name, and the same model would not give the same bytes.
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(payload, handle)
     return Path(path)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
+from nipype_inrlddmm import cli
 from nipype_inrlddmm.phantom import write_cohort
 from nipype_inrlddmm.workflows import estimate_mem_gb, init_registration_wf, init_study_wf, run_study
 
@@ -67,6 +68,30 @@ def linear_study(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
     rows = run_study(_study(cohort, root))
     return root, rows
+
+
+def test_the_command_and_the_study_write_the_same_registration(linear_study, cohort, tmp_path):
+    """`inrlddmm register` and the study's workflow, same patient and settings: the same files, byte for byte,
+    and the same optimisation (the study logs each stage apart; only the seconds differ)."""
+    root, _ = linear_study
+    run_study(_study(cohort, root))  # the reference state, whatever ran before
+    patient, study = cohort.parent / "p02", root / "out" / "p02"
+    assert cli.main(["register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
+                     "--moving-labels", str(patient / "ct_labels.nii.gz"),
+                     "--fixed-labels", str(patient / "cbct_labels.nii.gz"),
+                     "--fixed-mask", str(patient / "cbct_fov.nii.gz"),
+                     "--label-names", str(cohort.parent / "labels.tsv"), "--num-threads", "1",
+                     "--out-dir", str(tmp_path), *FEW_FLAGS]) == 0
+    for name in ("warped.nii.gz", "displacement.nii.gz", "model.pt", "warped_labels.nii.gz", "dice.csv", "dice.json"):
+        assert (tmp_path / name).read_bytes() == (study / name).read_bytes(), name
+
+    def rows(path):
+        with open(path, newline="") as handle:
+            return [{k: v for k, v in row.items() if k != "seconds" and v != ""}
+                    for row in csv.DictReader(handle)]
+
+    assert rows(tmp_path / "log.csv") == sum((rows(study / f"{stage}_log.csv")
+                                              for stage in ("coarse", "distill", "fine")), [])
 
 
 def test_registration_wf_graph_and_settings():
