@@ -145,6 +145,18 @@ def init_registration_wf(
 ) -> Workflow:
     """Coarse-to-fine INR-LDDMM of one pair, with label propagation and Dice.
 
+    Coarse stage, distillation, fine stage, then the warp of the labels,
+    their evaluation and the QC figure; with ``affine`` an
+    :class:`~nipype_inrlddmm.interfaces.AffineInit` node pre-aligns the
+    moving image first.
+
+    .. workflow::
+        :graph2use: orig
+        :simple_form: yes
+
+        from nipype_inrlddmm.workflows import init_registration_wf
+        wf = init_registration_wf(affine=True, trajectory=5)
+
     Parameters
     ----------
     name : workflow name.
@@ -323,6 +335,25 @@ def init_study_wf(
     **options,
 ) -> Workflow:
     """A registration per manifest row, the Dice of each, and a study table.
+
+    One :func:`init_registration_wf` per manifest row (Nipype iterables over
+    the patient ids), a ``JoinNode`` that gathers the study table and
+    ``DataSink`` nodes that copy each patient's results into
+    ``out_dir/<patient>/``.
+
+    .. workflow::
+        :graph2use: colored
+        :simple_form: yes
+
+        import shutil
+        import tempfile
+        from pathlib import Path
+        from nipype_inrlddmm.phantom import write_cohort
+        from nipype_inrlddmm.workflows import init_study_wf
+        tmp = Path(tempfile.mkdtemp())
+        manifest = write_cohort(tmp / "data", 2, shape=(24, 20, 12))
+        wf = init_study_wf(manifest=manifest, out_dir=tmp / "out", work_dir=tmp / "work")
+        shutil.rmtree(tmp)  # the graph needs the workflow, not the cohort it was built from
 
     Parameters
     ----------
