@@ -44,17 +44,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nipype_inrlddmm import __version__, engine, io, metrics
-from nipype_inrlddmm.engine.affine import AffineConfig, affine_register
+from nipype_inrlddmm.engine.affine import AffineConfig, checked_affine_register
 from nipype_inrlddmm.phantom import LABELS as PHANTOM_LABELS
 from nipype_inrlddmm.phantom import make_pair
 
@@ -78,7 +79,6 @@ class Case:
     sampling_threshold: float | None = 0.05  # sample where the normalised fixed image exceeds it
     eval_mask: Path | None = None
     landmarks: tuple[Path, Path] | None = None  # (fixed, moving) LPS CSVs
-    notes: list[str] = field(default_factory=list)
 
 
 def cases(names, scratch: Path) -> list[Case]:
@@ -154,8 +154,12 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
     mask = None if case.sampling_threshold is None else fixed_t > case.sampling_threshold
     pre, start = np.eye(4), time.perf_counter()
     if case.affine:
-        pre = affine_register(moving_t, torch.from_numpy(moving_affine), fixed_t, torch.from_numpy(fixed_affine),
-                              AffineConfig(transform=case.affine)).numpy()
+        # The command's checked pre-alignment: a degenerate estimate is replaced, and said so.
+        pre, rejected = checked_affine_register(moving_t, torch.from_numpy(moving_affine), fixed_t,
+                                                torch.from_numpy(fixed_affine), AffineConfig(transform=case.affine))
+        pre = pre.numpy()
+        for note in rejected:
+            print(f"{case.name}: {note}", file=sys.stderr, flush=True)
     seconds, iterations = {"affine": time.perf_counter() - start}, {}
     moving_affine_t = _t(np.linalg.inv(pre) @ moving_affine)
     args = (moving_t, moving_affine_t, fixed_t, fixed_affine_t, config)
