@@ -400,6 +400,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "plugin", None) == "MultiProc":
         start_worker_server()
+    from .engine import DivergenceError
     from .io import InputError
 
     try:
@@ -407,6 +408,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"inrlddmm: error: {error}", file=sys.stderr)
         return 2
+    except DivergenceError as error:  # not the input's fault: exit 1, as a failed study
+        print(f"inrlddmm: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

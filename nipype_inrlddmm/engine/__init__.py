@@ -18,11 +18,11 @@ from .stages import (
     stage_factors,
     warp,
 )
-from .optimise import StageConfig, fit_field, fit_images, relative_decrease
+from .optimise import DivergenceError, StageConfig, fit_field, fit_images, relative_decrease
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
-    "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory", "ModelConfig",
+    "DivergenceError", "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory", "ModelConfig",
     "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
     "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",

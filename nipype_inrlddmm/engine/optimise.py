@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from .sampling import (
     patch_lattice, patch_shape, per_axis_strides, random_patch_corners, random_voxels,
 )
 from .similarity import SIMILARITIES, lncc, mutual_information
+
+LOGGER = logging.getLogger("nipype_inrlddmm")
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,30 @@ def relative_decrease(losses, window: int) -> float:
     return float(-slope * (len(recent) - 1) / recent.abs().mean().clamp(min=1e-12))
 
 
+#: A loss that is not finite, or that rises above where it stood after the first iterations by this many
+#: times that loss's magnitude (or than 1, for losses near 0), marks a diverging optimisation.
+DIVERGENCE_FACTOR = 10.0
+#: The first iterations are not held to the rise test: Adam's first steps move far (a distillation that
+#: starts from the coarse weights jumps from 0.01 to 11 before settling, on the brain pair).
+DIVERGENCE_WARMUP = 10
+
+
+class DivergenceError(RuntimeError):
+    """A stage whose loss diverged again after restarting from its last good weights with a smaller step."""
+
+
+def _diverged(loss: float, reference: float | None) -> bool:
+    """Whether ``loss`` is not finite, or rose :data:`DIVERGENCE_FACTOR` x above ``reference`` (None: not yet)."""
+    if not math.isfinite(loss):
+        return True
+    return reference is not None and loss - reference > DIVERGENCE_FACTOR * max(abs(reference), 1.0)
+
+
+def _divergence(stage: str, iteration: int, loss: float, restarted: int) -> DivergenceError:
+    return DivergenceError(f"the {stage} stage diverged at iteration {iteration} (loss {loss:.4g}), again after "
+                           f"restarting at iteration {restarted} from its last good weights with a tenth of the step")
+
+
 def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress: bool | str) -> list[dict]:
     """Adam on ``objective(iteration) -> (loss, {term: value})``; returns the log rows.
 
@@ -185,16 +212,41 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
     Stops before ``config.iterations`` once the loss fell by less than
     ``config.convergence_threshold`` (relative) over the last
     ``config.convergence_window`` iterations, as ANTs' convergence test.
+
+    A diverging loss (:func:`_diverged`: NaN, or past
+    :data:`DIVERGENCE_WARMUP` iterations :data:`DIVERGENCE_FACTOR` times
+    above where it stood then) is caught at once: the weights of
+    the last good iteration are restored and the stage goes on with a tenth
+    of the learning rate; diverging again raises :class:`DivergenceError`,
+    naming the stage and the iterations.
     """
-    optimiser = CosineAdam(velocity.parameters(), config.learning_rate, config.learning_rate / 10, config.iterations)
+    parameters = [p for p in velocity.parameters() if p.requires_grad]
+    optimiser = CosineAdam(parameters, config.learning_rate, config.learning_rate / 10, config.iterations)
     log = []
     start = time.perf_counter()
     losses, window = [], config.convergence_window
     label = f"{progress}: {stage}" if isinstance(progress, str) and progress else stage
     bar = tqdm(range(config.iterations), desc=label, disable=not progress, leave=False)
+    good, restarted = None, None
     for iteration in bar:
         optimiser.zero_grad()
         loss, terms = objective(iteration)
+        reference = losses[DIVERGENCE_WARMUP - 1] if len(losses) >= DIVERGENCE_WARMUP else None
+        if good is not None and _diverged(loss.item(), reference):
+            if restarted is not None:
+                raise _divergence(stage, iteration, loss.item(), restarted)
+            with torch.no_grad():
+                for parameter, kept in zip(parameters, good):
+                    parameter.copy_(kept)
+            restarted = iteration
+            rate = config.learning_rate / 10
+            optimiser = CosineAdam(parameters, rate, rate / 10, config.iterations - iteration)
+            LOGGER.warning("the %s stage diverged at iteration %d (loss %.4g): restarting from its last good "
+                           "weights with a tenth of the step", stage, iteration, loss.item())
+            loss, terms = objective(iteration)
+            if _diverged(loss.item(), reference):
+                raise _divergence(stage, iteration, loss.item(), restarted)
+        good = [parameter.detach().clone() for parameter in parameters]
         loss.backward()
         optimiser.step()
         row = {"stage": stage, "iteration": iteration, "loss": loss.item()}
