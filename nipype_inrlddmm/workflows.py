@@ -36,13 +36,17 @@ from ``mem_gb``, a ``--time`` per stage), followed by the user's
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import getpass
 import math
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -628,7 +632,41 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     ``--dependency=afterok``) and returns None without waiting: once
     :func:`study_slurm_jobs` is empty, run the study again (e.g. with the
     ``SLURM`` plugin) to gather the table; finished nodes are not recomputed.
+
+    The work folder is held for the run (:func:`work_folder_lock`): a second
+    study on it meanwhile refuses, naming this one.
     """
+    with work_folder_lock(workflow.base_dir) if workflow.base_dir else contextlib.nullcontext():
+        return _run_study(workflow, plugin, plugin_args)
+
+
+@contextlib.contextmanager
+def work_folder_lock(work_dir):
+    """Hold ``work_dir`` for one run; another run on it meanwhile raises an InputError naming the holder.
+
+    Two Nipype runs on one cache would compute the same nodes at once and
+    overwrite each other's results.  The lock is the kernel's (``flock``):
+    it ends with the process, so a killed run leaves none behind.
+    """
+    folder = Path(work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".inrlddmm-study.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise io.InputError(folder, f"the work folder is in use by another study ({holder}): wait for it to "
+                                "end, or give another --work-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{shlex.join(sys.argv)}")
+        handle.flush()
+        yield
+
+
+def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> list[dict] | None:
     patients = list(workflow.get_node("patients").iterables[1])
     out_dir = Path(workflow.get_node("patient_sink").inputs.base_directory)
     failed = {}

@@ -227,3 +227,16 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
     assert {node for node in rerun if "_patient_" in node} == {
         f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice", "qc")
     }
+
+
+def test_a_second_study_on_the_same_work_folder_refuses_naming_the_first(cohort, tmp_path):
+    from nipype_inrlddmm import io
+    from nipype_inrlddmm.workflows import work_folder_lock
+
+    with work_folder_lock(tmp_path / "work"):  # as a first study would hold it
+        with pytest.raises(io.InputError, match=r"the work folder is in use by another study \(pid \d+ on .*"
+                                                r"wait for it to end, or give another --work-dir"):
+            run_study(_study(cohort, tmp_path))
+    assert not (tmp_path / "out").exists()  # nothing ran
+    with work_folder_lock(tmp_path / "work"):  # released: free again
+        pass
