@@ -43,6 +43,7 @@ import getpass
 import math
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from nipype.interfaces.base import isdefined, traits
 from nipype.interfaces.io import DataSink
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline.plugins import SLURMPlugin as _NipypeSLURMPlugin
+from nipype.utils.filemanip import loadpkl
 
 from . import engine, io, steps
 from . import report
@@ -636,8 +638,30 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     The work folder is held for the run (:func:`work_folder_lock`): a second
     study on it meanwhile refuses, naming this one.
     """
-    with work_folder_lock(workflow.base_dir) if workflow.base_dir else contextlib.nullcontext():
+    if not workflow.base_dir:
         return _run_study(workflow, plugin, plugin_args)
+    with work_folder_lock(workflow.base_dir):
+        for folder in drop_unreadable_results(workflow.base_dir):
+            LOGGER.warning("%s: its cached result could not be read (a crash cut it short?); recomputing that node",
+                           folder)
+        return _run_study(workflow, plugin, plugin_args)
+
+
+def drop_unreadable_results(work_dir) -> list[Path]:
+    """Remove the node folders of ``work_dir`` whose cached result file cannot be read; returns them.
+
+    A crash or a full disk can cut a ``result_<node>.pklz`` short: Nipype
+    would then fail the nodes that read it, run after run.  Without the
+    folder, Nipype recomputes that node (and what depends on it) instead.
+    """
+    dropped = []
+    for result in sorted(Path(work_dir).rglob("result_*.pklz")):
+        try:
+            loadpkl(result)
+        except Exception:  # truncated gzip, broken pickle: whatever reading it raises
+            shutil.rmtree(result.parent, ignore_errors=True)
+            dropped.append(result.parent)
+    return dropped
 
 
 @contextlib.contextmanager

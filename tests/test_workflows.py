@@ -240,3 +240,20 @@ def test_a_second_study_on_the_same_work_folder_refuses_naming_the_first(cohort,
     assert not (tmp_path / "out").exists()  # nothing ran
     with work_folder_lock(tmp_path / "work"):  # released: free again
         pass
+
+
+def test_a_cut_short_cached_result_is_recomputed_not_failed_on(linear_study, cohort, caplog):
+    """A crash or a full disk truncated one node's result file: the rerun recomputes that node and what
+    follows it for that patient, and nothing of the other patients."""
+    root, _ = linear_study
+    run_study(_study(cohort, root))  # the reference state, whatever ran before
+    nodes = _finished_nodes(root / "work")
+    result = root / "work" / "inrlddmm_study" / "registration" / "_patient_p02" / "coarse" / "result_coarse.pklz"
+    result.write_bytes(result.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="nipype.workflow"):
+        rows = run_study(_study(cohort, root))
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    assert "_patient_p02/coarse: its cached result could not be read" in caplog.text
+    rerun = {node for node in _rerun(nodes, _finished_nodes(root / "work")) if not _is_sink(node)}
+    assert "registration/_patient_p02/coarse" in rerun, rerun
+    assert all("_patient_p02" in node or node == "gather_dice" for node in rerun), rerun  # and the study table
