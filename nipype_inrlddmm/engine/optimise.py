@@ -182,8 +182,8 @@ def relative_decrease(losses, window: int) -> float:
 #: A loss that is not finite, or that rises above where it stood after the first iterations by this many
 #: times that loss's magnitude (or than 1, for losses near 0), marks a diverging optimisation.
 DIVERGENCE_FACTOR = 10.0
-#: The first iterations are not held to the rise test: Adam's first steps move far (a distillation that
-#: starts from the coarse weights jumps from 0.01 to 11 before settling, on the brain pair).
+#: The first iterations are not held to the rise test: Adam's first steps may move far (a distillation
+#: from the coarse weights rises steeply before it settles; docs: decisions).
 DIVERGENCE_WARMUP = 10
 
 
