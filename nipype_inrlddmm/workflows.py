@@ -68,16 +68,18 @@ from .worker_server import start_worker_server
 
 LOGGER = logging.getLogger("nipype.workflow")
 
-#: Peak resident memory per node as (GB at any size, bytes per voxel of the larger image), measured
-#: on phantom pairs of 64x56x24 and 160x140x60 voxels and rounded up.  The coarse and fine stages
-#: are dominated by the training batch (patches x Euler steps x network activations).  The
-#: distillation integrates nothing on the fixed grid: 0.45 / 0.48 GB at 86 k / 6.3 M voxels.
+#: Peak resident memory of the nodes that do not optimise, as (GB at any size, bytes per voxel of the
+#: larger image), measured on phantom pairs of 64x56x24 and 160x140x60 voxels and rounded up.
 _MEMORY = {
-    "affine": (0.4, 200), "coarse": (0.9, 100), "distill": (0.6, 10), "fine": (0.9, 100),
-    "warp_labels": (0.3, 200), "dice": (0.3, 300), "qc": (0.5, 300), "trajectory": (0.6, 200),
+    "affine": (0.4, 200), "warp_labels": (0.3, 200), "dice": (0.3, 300), "qc": (0.5, 300), "trajectory": (0.6, 200),
 }
-#: Voxels assumed when the image size is not known when the workflow is built.
-_DEFAULT_VOXELS = 128**3
+#: The optimisation stages, whose memory the engine estimates (and its guard checks before starting).
+_STAGES = ("coarse", "distill", "fine")
+#: Resident memory (GB) of a node's process before its work (the interpreter, torch, Nipype: 0.3 GB
+#: measured), and the headroom over the engine's estimate of what the work adds.
+_PROCESS_GB, _HEADROOM = 0.5, 1.25
+#: Grid assumed when the image size is not known when the workflow is built.
+_DEFAULT_SHAPE = (128, 128, 128)
 
 #: Execution settings of both workflows (see the module docstring).
 EXECUTION = {
@@ -119,10 +121,20 @@ SINK_FIELDS = ("warped_image", "displacement", "model", "warped_labels", "dice_c
                "distill_log", "fine_log", "affine_transform", "qc_figure", "trajectory", "trajectory_animation")
 
 
-def estimate_mem_gb(stage: str, voxels: int | None) -> float:
-    """Nipype ``mem_gb`` of a stage's node for images of ``voxels`` voxels (the larger of the pair)."""
+def estimate_mem_gb(stage: str, shape=None, config: engine.RegistrationConfig | None = None) -> float:
+    """Nipype ``mem_gb`` of a node for images of ``shape`` (the larger of the pair; None: 128^3).
+
+    An optimisation stage asks for the engine's own estimate
+    (:func:`~nipype_inrlddmm.engine.estimate_memory` with ``config``, the
+    one its memory guard checks) with headroom, above the process's own
+    memory: a SLURM job's ``--mem`` always admits the stage it runs.
+    """
+    shape = tuple(int(n) for n in (shape or _DEFAULT_SHAPE))
+    if stage in _STAGES:
+        total = engine.estimate_memory(stage, shape, config or engine.config_from_options())["total"]
+        return round(_PROCESS_GB + _HEADROOM * total / 1e9, 2)
     base_gb, per_voxel = _MEMORY[stage]
-    return round(base_gb + (voxels or _DEFAULT_VOXELS) * per_voxel / 1e9, 2)
+    return round(base_gb + math.prod(shape) * per_voxel / 1e9, 2)
 
 
 def _affine_kind(affine) -> str | None:
@@ -143,7 +155,7 @@ def init_registration_wf(
     affine_options: dict | None = None,
     evaluate: bool = True,
     device: str = "auto",
-    image_voxels: int | None = None,
+    image_shape: tuple[int, int, int] | None = None,
     progress: bool = False,
     qc: bool = True,
     trajectory: int = 0,
@@ -177,8 +189,8 @@ def init_registration_wf(
         ``shrink_factors``, ...).
     evaluate : warp the moving labels and compute Dice (needs both label maps).
     device : ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    image_voxels : voxel count of the larger image, for the nodes' ``mem_gb``
-        (default: a 128^3 image).
+    image_shape : grid of the larger image, for the nodes' ``mem_gb``
+        (:func:`estimate_mem_gb`; default: 128^3).
     progress : progress bars of the optimisation stages.
     qc : draw the QC figure (:class:`~nipype_inrlddmm.interfaces.QCReport`,
         node ``qc``; its ``title`` input names the patient).
@@ -220,7 +232,7 @@ def init_registration_wf(
     common = {"device": device, "num_threads": num_threads}
 
     def node(interface, stage, threads=True):
-        return Node(interface, name=stage, mem_gb=estimate_mem_gb(stage, image_voxels),
+        return Node(interface, name=stage, mem_gb=estimate_mem_gb(stage, image_shape, config),
                     n_procs=num_threads if threads else 1)
 
     workflow = Workflow(name=name)
@@ -313,16 +325,16 @@ def init_registration_wf(
     return workflow
 
 
-def _largest_image(rows: list[dict]) -> int | None:
-    """Voxel count of the largest readable image of a manifest (headers only)."""
-    sizes = []
+def _largest_image(rows: list[dict]) -> tuple[int, int, int] | None:
+    """Grid of the largest readable image of a manifest, by voxel count (headers only)."""
+    shapes = []
     for row in rows:
         for column in ("moving", "fixed"):
             try:
-                sizes.append(math.prod(nib.load(row[column]).shape[:3]))
+                shapes.append(tuple(int(n) for n in nib.load(row[column]).shape[:3]))
             except Exception:  # an unreadable file fails its own patient later, with a clear message
                 continue
-    return max(sizes, default=None)
+    return max(shapes, key=math.prod, default=None)
 
 
 def init_study_wf(
@@ -425,7 +437,7 @@ def init_study_wf(
     select = Node(SelectPatient(manifest=str(manifest)), name="select", run_without_submitting=True)
     registration = init_registration_wf(
         name="registration", num_threads=num_threads, affine=affine, affine_options=affine_options, device=device,
-        image_voxels=_largest_image(rows), progress=progress, trajectory=trajectory, **options,
+        image_shape=_largest_image(rows), progress=progress, trajectory=trajectory, **options,
     )
     if label_names:
         registration.inputs.inputnode.label_names = str(Path(label_names).resolve())
@@ -513,7 +525,7 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
 
     >>> wf = set_slurm_resources(init_registration_wf(num_threads=2), sbatch_args="--partition=cpu")
     >>> wf.get_node("coarse").plugin_args["sbatch_args"]
-    '-c 2 --mem=1137M --time=4:00:00 --partition=cpu'
+    '-c 2 --mem=1024M --time=4:00:00 --partition=cpu'
     """
     for node in _all_nodes(workflow):
         current = dict(node.plugin_args or {})

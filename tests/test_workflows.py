@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from nipype_inrlddmm import cli
+from nipype_inrlddmm import cli, engine
 from nipype_inrlddmm.phantom import write_cohort
 from nipype_inrlddmm.workflows import estimate_mem_gb, init_registration_wf, init_study_wf, run_study
 
@@ -94,15 +94,27 @@ def test_the_command_and_the_study_write_the_same_registration(linear_study, coh
                                               for stage in ("coarse", "distill", "fine")), [])
 
 
+@pytest.mark.parametrize("stage", ["coarse", "distill", "fine"])
+@pytest.mark.parametrize("shape", [(48, 40, 20), (182, 218, 182), (512, 512, 300)])
+def test_a_stage_node_asks_for_what_the_engine_guard_will_check(stage, shape):
+    """One memory model: the memory a node (a SLURM job's --mem) gets, less its process's own 0.3 GB, admits
+    the engine's estimate, so the guard inside the job never refuses what the scheduler granted."""
+    config = engine.config_from_options()
+    granted = estimate_mem_gb(stage, shape, config) * 1e9
+    engine.check_memory(stage, shape, config, available=granted - 0.3e9)  # raises if it would refuse
+    assert granted < 2 * engine.estimate_memory(stage, shape, config)["total"] + 1e9  # and not wastefully more
+
+
 def test_registration_wf_graph_and_settings():
     wf = init_registration_wf(affine="rigid", num_threads=2, fine_iterations=33, reg_weight=1e-3,
-                              image_voxels=512 * 512 * 300)
+                              image_shape=(512, 512, 300))
     assert set(wf.list_node_names()) == {"inputnode", "affine", "coarse", "distill", "fine", "warp_labels", "dice",
                                          "qc", "outputnode"}
     fine, coarse = wf.get_node("fine"), wf.get_node("coarse")
     assert (fine.inputs.iterations, fine.inputs.reg_weight, coarse.inputs.reg_weight) == (33, 1e-3, 1e-3)
     assert (fine.n_procs, fine.inputs.num_threads, wf.get_node("dice").n_procs) == (2, 2, 1)
-    assert fine.mem_gb == estimate_mem_gb("fine", 512 * 512 * 300) > estimate_mem_gb("fine", 48 * 40 * 20)
+    config = engine.config_from_options(fine_iterations=33, reg_weight=1e-3)
+    assert fine.mem_gb == estimate_mem_gb("fine", (512, 512, 300), config) > estimate_mem_gb("fine", (48, 40, 20))
     assert "affine_transform" in wf.get_node("inputnode").inputs.copyable_trait_names()
     bare = init_registration_wf(evaluate=False, qc=False)
     assert set(bare.list_node_names()) == {"inputnode", "coarse", "distill", "fine", "outputnode"}
