@@ -507,16 +507,19 @@ def load_label_names(path) -> dict[int, str]:
         raise InputError(path, f"a label id is not an integer ({error})") from error
 
 
-MANIFEST_COLUMNS = ("patient", "moving", "fixed")
-#: Manifest columns holding paths (relative to the manifest's folder, or absolute).
-MANIFEST_FILE_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "fixed_mask")
+#: The one rule of a study manifest: its file columns (paths relative to the manifest's folder, or
+#: absolute), and whether every row needs one: a study evaluates, so both label maps are needed.
+MANIFEST_FILES = {"moving": True, "fixed": True, "moving_labels": True, "fixed_labels": True, "fixed_mask": False}
+#: The columns every manifest has.
+MANIFEST_COLUMNS = ("patient", *(column for column, needed in MANIFEST_FILES.items() if needed))
 
 
 def read_manifest(path, *, check_files: bool = True) -> list[dict]:
     """Rows of a study manifest (TSV or CSV) with paths made absolute.
 
-    Required columns: ``patient``, ``moving``, ``fixed``; optional
-    ``moving_labels``, ``fixed_labels``, ``fixed_mask``.  Relative paths are
+    Columns (:data:`MANIFEST_FILES`): ``patient``, ``moving``, ``fixed``,
+    ``moving_labels``, ``fixed_labels``, each non-empty on every row, and
+    optionally ``fixed_mask``.  Relative paths are
     relative to the manifest's folder.  Patient ids must be unique, non-empty
     and usable as a folder name.  With ``check_files`` (the default) every
     referenced file must exist; the error names the manifest's line, the
@@ -558,7 +561,7 @@ def read_manifest(path, *, check_files: bool = True) -> list[dict]:
         for column in MANIFEST_COLUMNS[1:]:
             if not row[column]:
                 raise InputError(path, f"{where} (patient {patient!r}): empty {column!r}")
-        for column in MANIFEST_FILE_COLUMNS:
+        for column in MANIFEST_FILES:
             if row.get(column):
                 row[column] = str((path.parent / row[column]).resolve())
                 if check_files and not Path(row[column]).is_file():

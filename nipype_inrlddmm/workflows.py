@@ -63,7 +63,6 @@ from . import report
 from .interfaces import (AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, QCReport,
                          SelectPatient, Trajectory)
 from .interfaces.base import stage_inputs
-from .interfaces.study import PATIENT_FILES
 from .worker_server import start_worker_server
 
 LOGGER = logging.getLogger("nipype.workflow")
@@ -421,10 +420,6 @@ def init_study_wf(
         io.read_manifest(manifest)
     except io.InputError as error:
         LOGGER.warning("%s; those patients will fail, the others run", error)
-    for row in rows:
-        missing = [column for column, required in PATIENT_FILES.items() if required and not row.get(column)]
-        if missing:
-            raise io.InputError(manifest, f"patient {row['patient']!r} lacks {missing}: a study needs both label maps")
     out_dir = Path(out_dir).resolve()
 
     workflow = Workflow(name=name, base_dir=str(Path(work_dir).resolve()) if work_dir else None)

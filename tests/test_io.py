@@ -133,3 +133,18 @@ def test_labels_must_be_integer_nonempty_and_on_their_image_grid(tmp_path):
     with pytest.raises(io.InputError, match="not on the grid"):
         io.load_labels(_write(tmp_path, "other.nii.gz", np.ones((4, 4, 4)), np.diag([2, 1, 1, 1.0])),
                        reference=ref)
+
+
+def test_a_manifest_follows_one_rule_both_label_maps_on_every_row(tmp_path):
+    """The study evaluates: a manifest without label maps is refused when it is read, naming what lacks."""
+    for name in ("ct.nii.gz", "cbct.nii.gz", "l.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    no_labels = tmp_path / "no_labels.tsv"
+    no_labels.write_text("patient\tmoving\tfixed\np01\tct.nii.gz\tcbct.nii.gz\n")
+    with pytest.raises(io.InputError, match=r"missing \['moving_labels', 'fixed_labels'\]"):
+        io.read_manifest(no_labels)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("patient\tmoving\tfixed\tmoving_labels\tfixed_labels\n"
+                     "p01\tct.nii.gz\tcbct.nii.gz\tl.nii.gz\t\n")
+    with pytest.raises(io.InputError, match=r"line 2 \(patient 'p01'\): empty 'fixed_labels'"):
+        io.read_manifest(empty)

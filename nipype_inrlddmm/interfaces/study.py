@@ -10,10 +10,6 @@ from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 from .. import io, steps
 from .base import VersionedInputSpec
 
-#: Manifest columns handed to the registration workflow, and whether a study needs them.
-PATIENT_FILES = {"moving": True, "fixed": True, "moving_labels": True, "fixed_labels": True, "fixed_mask": False}
-
-
 class _SelectPatientInputSpec(VersionedInputSpec):
     manifest = traits.File(exists=True, mandatory=True,
                            desc="study manifest (TSV/CSV: patient, moving, fixed, moving_labels, fixed_labels "
@@ -66,7 +62,7 @@ class SelectPatient(SimpleInterface):
         if self.inputs.patient not in rows:
             raise io.InputError(self.inputs.manifest, f"no patient {self.inputs.patient!r}")
         row = rows[self.inputs.patient]
-        for column, required in PATIENT_FILES.items():
+        for column, required in io.MANIFEST_FILES.items():
             if not row.get(column):
                 if required:
                     raise io.InputError(self.inputs.manifest, f"patient {self.inputs.patient!r} has no {column!r}")
