@@ -70,9 +70,14 @@ def staged_folder(path):
     never a field without its evaluation.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stage = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    stage.mkdir()
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "the output folder is a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+    except OSError as error:  # read-only, no permission, a file where a folder should be, a full disk
+        raise InputError(path, f"cannot write the outputs here ({error.strerror or error})") from error
     try:
         yield stage
         path.mkdir(exist_ok=True)

@@ -680,8 +680,12 @@ def work_folder_lock(work_dir):
     it ends with the process, so a killed run leaves none behind.
     """
     folder = Path(work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".inrlddmm-study.lock", "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".inrlddmm-study.lock", "a+")
+    except OSError as error:  # read-only, no permission, a file where a folder should be
+        raise io.InputError(folder, f"cannot write the work folder here ({error.strerror or error})") from error
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -700,6 +704,10 @@ def work_folder_lock(work_dir):
 def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> list[dict] | None:
     patients = list(workflow.get_node("patients").iterables[1])
     out_dir = Path(workflow.get_node("patient_sink").inputs.base_directory)
+    try:  # now, not after hours of computing, when the data sinks would find it
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise io.InputError(out_dir, f"cannot write the results here ({error.strerror or error})") from error
     failed = {}
 
     def record(node, status):
