@@ -25,21 +25,21 @@ demo: install
 # The SLURM tests need a running cluster: scripts/with-local-slurm.sh starts a private single-node
 # one (installing slurm-wlm and munge with apt when missing; root only) and stops it afterwards, even
 # when tests fail.  Where it cannot, the SLURM tests skip with the reason.
-# The report test opens report.html in headless Chromium: scripts/ensure-chromium.sh installs Debian's
-# chromium when missing (root with apt), and never fails; without it that test skips with the reason.
+# The report test opens report.html in headless Chromium: scripts/ensure-package.sh installs Debian's
+# chromium when missing (root with apt); where it cannot, the tests run and that one skips with the reason.
 test: install
-	scripts/ensure-chromium.sh
+	scripts/ensure-package.sh chromium chromium chromium-browser || echo "the headless-browser report test will skip"
 	scripts/with-local-slurm.sh $(BIN)/python -m pytest -q
 
 # The documentation (Sphinx, furo theme) in docs/_build/html, warnings as errors.  The workflow graphs
-# need Graphviz's `dot`: scripts/ensure-graphviz.sh installs Debian's graphviz when missing (root with
+# need Graphviz's `dot`: scripts/ensure-package.sh installs Debian's graphviz when missing (root with
 # apt) and fails, saying why, where it cannot.  No network, GPU or data is needed by the build itself.
 $(BIN)/.docs-installed: $(BIN)/.installed setup.py
 	$(BIN)/pip install --quiet -e '.[docs]'
 	touch $@
 
 docs: $(BIN)/.docs-installed
-	scripts/ensure-graphviz.sh
+	scripts/ensure-package.sh graphviz dot
 	rm -rf docs/_build
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 

@@ -44,7 +44,7 @@ def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make test` installs it as "
-                    "root through scripts/ensure-chromium.sh)")
+                    "root through scripts/ensure-package.sh)")
     return found
 
 
