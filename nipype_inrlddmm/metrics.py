@@ -21,6 +21,12 @@ def _dice_masks(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+def _positions(values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+    """Each value's position among the sorted label ids ``ranked``, or ``len(ranked)`` for any other value."""
+    position = np.searchsorted(ranked, values).clip(max=len(ranked) - 1)
+    return np.where(ranked[position] == values, position, len(ranked))
+
+
 def dice_scores(warped: np.ndarray, fixed: np.ndarray, labels, mask: np.ndarray | None = None) -> np.ndarray:
     """Dice of each of ``labels`` (NaN where absent from both maps), in one pass over the maps.
 
@@ -35,13 +41,7 @@ def dice_scores(warped: np.ndarray, fixed: np.ndarray, labels, mask: np.ndarray 
         warped, fixed = warped[mask], fixed[mask]
     # Any voxel order will do if both maps share it: NIfTI maps are read in Fortran order, and C order would copy.
     layout = "F" if warped.flags.f_contiguous and fixed.flags.f_contiguous else "C"
-
-    def rank(values):  # position among `ranked`, or len(labels) for a label not asked for
-        values = values.ravel(order=layout)
-        position = np.searchsorted(ranked, values).clip(max=len(ranked) - 1)
-        return np.where(ranked[position] == values, position, len(ranked))
-
-    warped_rank, fixed_rank = rank(warped), rank(fixed)
+    warped_rank, fixed_rank = (_positions(values.ravel(order=layout), ranked) for values in (warped, fixed))
     size = len(ranked) + 1
     both = np.bincount(warped_rank[warped_rank == fixed_rank], minlength=size)[:-1]
     total = np.bincount(warped_rank, minlength=size)[:-1] + np.bincount(fixed_rank, minlength=size)[:-1]
@@ -77,9 +77,9 @@ def _hd95_masks(a: np.ndarray, b: np.ndarray, spacing) -> float:
 
 def _label_boxes(labels_map: np.ndarray, ranked: np.ndarray) -> list:
     """The bounding box (slices) of each of the sorted label ids ``ranked`` in ``labels_map``; None if absent."""
-    position = np.searchsorted(ranked, labels_map).clip(max=len(ranked) - 1)
-    index = np.where(ranked[position] == labels_map, position + 1, 0)
-    return ndimage.find_objects(index, max_label=len(ranked))
+    position = _positions(labels_map, ranked)
+    # find_objects numbers objects from 1; 0 (and any label not asked for) is background.
+    return ndimage.find_objects(np.where(position < len(ranked), position + 1, 0), max_label=len(ranked))
 
 
 def _union(a, b) -> tuple[slice, ...]:
