@@ -221,9 +221,9 @@ def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.
     that volume's label alone (:func:`stacked_label_names` names them).
     """
     image, shape = open_volume(path, "label map", stacked=True)
-    if volume is not None and not 0 <= volume < (shape[3] if len(shape) == 4 else 1):
-        raise InputError(path, f"the label map has no volume {volume}: it holds "
-                         f"{shape[3] if len(shape) == 4 else 1} (counted from 0)")
+    volumes = shape[3] if len(shape) == 4 else 1
+    if volume is not None and not 0 <= volume < volumes:
+        raise InputError(path, f"the label map has no volume {volume}: it holds {volumes} (counted from 0)")
     with np.errstate(invalid="ignore"):
         data = _read_voxels(path, image, shape, "label map")
         if data.dtype.kind == "f":
@@ -234,7 +234,7 @@ def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.
                 raise InputError(path, "the label map holds non-integer values")
     if len(shape) == 4:
         stack, data = data, np.zeros(shape[:3], np.int32)
-        for k in range(shape[3]) if volume is None else (volume,):
+        for k in range(volumes) if volume is None else (volume,):
             data[stack[..., k] != 0] = k + 1
     low, high = data.min(), data.max()
     if low < _LABEL_RANGE[0] or high > _LABEL_RANGE[1]:
