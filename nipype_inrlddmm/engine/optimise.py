@@ -231,10 +231,11 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
     for iteration in bar:
         optimiser.zero_grad()
         loss, terms = objective(iteration)
+        value = loss.item()  # read once: on a GPU each read waits for the device
         reference = losses[DIVERGENCE_WARMUP - 1] if len(losses) >= DIVERGENCE_WARMUP else None
-        if good is not None and _diverged(loss.item(), reference):
+        if good is not None and _diverged(value, reference):
             if restarted is not None:
-                raise _divergence(stage, iteration, loss.item(), restarted)
+                raise _divergence(stage, iteration, value, restarted)
             with torch.no_grad():
                 for parameter, kept in zip(parameters, good):
                     parameter.copy_(kept)
@@ -242,14 +243,15 @@ def _optimise(velocity, objective, config: StageConfig, *, stage: str, progress:
             rate = config.learning_rate / 10
             optimiser = CosineAdam(parameters, rate, rate / 10, config.iterations - iteration)
             LOGGER.warning("the %s stage diverged at iteration %d (loss %.4g): restarting from its last good "
-                           "weights with a tenth of the step", stage, iteration, loss.item())
+                           "weights with a tenth of the step", stage, iteration, value)
             loss, terms = objective(iteration)
-            if _diverged(loss.item(), reference):
-                raise _divergence(stage, iteration, loss.item(), restarted)
+            value = loss.item()
+            if _diverged(value, reference):
+                raise _divergence(stage, iteration, value, restarted)
         good = [parameter.detach().clone() for parameter in parameters]
         loss.backward()
         optimiser.step()
-        row = {"stage": stage, "iteration": iteration, "loss": loss.item()}
+        row = {"stage": stage, "iteration": iteration, "loss": value}
         row.update({name: value.item() for name, value in terms.items()})
         row["seconds"] = time.perf_counter() - start
         log.append(row)
