@@ -161,7 +161,8 @@ def checked_affine_register(moving, moving_affine, fixed, fixed_affine, config: 
         return matching(moving, moving_affine, fixed, fixed_affine, matrix, fixed_mask=fixed_mask,
                         max_points=config.max_points, seed=seed)
 
-    start = match(start_transform(moving, moving_affine, fixed, fixed_affine, config.start))
+    start_matrix = start_transform(moving, moving_affine, fixed, fixed_affine, config.start)
+    start = match(start_matrix)
     notes = []
     for transform in ("affine", "rigid") if config.transform == "affine" else ("rigid",):
         matrix = affine_register(moving, moving_affine, fixed, fixed_affine, replace(config, transform=transform),
@@ -173,7 +174,7 @@ def checked_affine_register(moving, moving_affine, fixed, fixed_affine, config: 
             return matrix, notes
         notes.append(f"the {transform} pre-alignment from the {config.start} start was rejected: {why}")
     notes.append(f"kept its {config.start} start alone ({_START_MEANING[config.start]})")
-    return start_transform(moving, moving_affine, fixed, fixed_affine, config.start), notes
+    return start_matrix, notes
 
 
 def _rotation(axis_angle: torch.Tensor) -> torch.Tensor:
