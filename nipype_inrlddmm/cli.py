@@ -57,19 +57,12 @@ _CHOICES = {"encoding": ENCODINGS, "similarity": SIMILARITIES}
 
 def _engine_default(name: str) -> str:
     """The value the engine uses for registration option ``name`` when it is not given."""
-    from .engine import StageConfig, config_from_options
+    from .engine import config_from_options, option_values
 
-    config = config_from_options()
-    stage, _, field = name.partition("_")
-    if hasattr(config.model, name):
-        return str(getattr(config.model, name))
-    if stage in ("coarse", "distill", "fine") and field in StageConfig.__dataclass_fields__:
-        return str(getattr(getattr(config, stage), field))
-    if name in StageConfig.__dataclass_fields__:
-        values = [getattr(getattr(config, stage), name) for stage in ("coarse", "distill", "fine")]
-        return str(values[0]) if len(set(values)) == 1 else "coarse / distill / fine " + " / ".join(map(str, values))
-    value = getattr(config, name)
-    return "sized to the grid" if value is None else str(value)
+    values = option_values(config_from_options(), name)
+    if len(set(values)) > 1:
+        return "coarse / distill / fine " + " / ".join(map(str, values))
+    return "sized to the grid" if values[0] is None else str(values[0])
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

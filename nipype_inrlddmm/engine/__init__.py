@@ -13,6 +13,7 @@ from .stages import (
     fine_stage,
     new_velocity_field,
     normalise_intensity,
+    option_values,
     register_volumes,
     resolve_device,
     stage_factors,
@@ -26,6 +27,6 @@ __all__ = [
     "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
     "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",
-    "new_velocity_field", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
+    "new_velocity_field", "option_values", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
     "resolve_device", "sample", "stage_factors", "warp", "world_grid",
 ]

@@ -330,6 +330,28 @@ def register_volumes(
     return RegistrationResult(fine.displacement, warped, fine.velocity, coarse, distilled, fine)
 
 
+_STAGE_NAMES = ("coarse", "distill", "fine")
+
+
+def _locate(option: str) -> tuple[str, tuple[str, ...], str]:
+    """Where flat ``option`` lives in a :class:`RegistrationConfig`: ``(part, stages, field)``.
+
+    ``part`` is ``"model"``, ``"stages"`` (``stages`` names them: one for a
+    ``coarse_``/``distill_``/``fine_`` prefix, all three for a bare stage
+    field) or ``"top"``.
+    """
+    prefix, _, rest = option.partition("_")
+    if option in ModelConfig.__dataclass_fields__:
+        return "model", (), option
+    if prefix in _STAGE_NAMES and rest in StageConfig.__dataclass_fields__:
+        return "stages", (prefix,), rest
+    if option in StageConfig.__dataclass_fields__:
+        return "stages", _STAGE_NAMES, option
+    if option in RegistrationConfig.__dataclass_fields__ and option not in _STAGE_NAMES and option != "model":
+        return "top", (), option
+    raise TypeError(f"unknown registration option {option!r}")
+
+
 def config_from_options(**options) -> RegistrationConfig:
     """Build a :class:`RegistrationConfig` from flat keyword options.
 
@@ -341,22 +363,18 @@ def config_from_options(**options) -> RegistrationConfig:
     * ``coarse_factor``, ``fine_factor``, ``field_stride``, ``seed`` as in :class:`RegistrationConfig`.
     """
     base = RegistrationConfig()
-    model, stages, top = {}, {"coarse": {}, "distill": {}, "fine": {}}, {}
-    model_fields = ModelConfig.__dataclass_fields__
-    stage_fields = StageConfig.__dataclass_fields__
+    model, stages, top = {}, {stage: {} for stage in _STAGE_NAMES}, {}
     for key, value in options.items():
-        prefix, _, rest = key.partition("_")
-        if key in model_fields:
-            model[key] = value
-        elif prefix in stages and rest in stage_fields:
-            stages[prefix][rest] = value
-        elif key in stage_fields:
-            for stage in stages.values():
-                stage.setdefault(key, value)
-        elif key in RegistrationConfig.__dataclass_fields__ and key not in stages and key != "model":
-            top[key] = value
+        part, named, field_name = _locate(key)
+        if part == "model":
+            model[field_name] = value
+        elif part == "top":
+            top[field_name] = value
+        elif len(named) == 1:  # a prefixed setting wins over a bare one, whatever their order
+            stages[named[0]][field_name] = value
         else:
-            raise TypeError(f"unknown registration option {key!r}")
+            for stage in named:
+                stages[stage].setdefault(field_name, value)
     return replace(
         base,
         model=replace(base.model, **model),
@@ -365,3 +383,14 @@ def config_from_options(**options) -> RegistrationConfig:
         fine=replace(base.fine, **stages["fine"]),
         **top,
     )
+
+
+def option_values(config: RegistrationConfig, option: str) -> list:
+    """The value of flat ``option`` (as :func:`config_from_options` takes it) in ``config``: one per stage
+    it sets (coarse, distillation, fine), otherwise one."""
+    part, named, field_name = _locate(option)
+    if part == "model":
+        return [getattr(config.model, field_name)]
+    if part == "top":
+        return [getattr(config, field_name)]
+    return [getattr(getattr(config, stage), field_name) for stage in named]
