@@ -50,9 +50,15 @@ setup(
         "networkx>=3",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # DICOM in and out (nipype_inrlddmm.dicom): pydicom reads and writes the files; scikit-image turns
+        # contours into voxels and back.  Not rt-utils: it needs OpenCV (with libGL) and places pixels wrongly
+        # on images with non-square pixels or rows and columns of different counts; the tests use it only to read
+        # back what we write, as another program would.
+        "pydicom>=3.0",
+        "scikit-image>=0.22",
     ],
     extras_require={
-        "tests": ["pytest>=7", "hypothesis>=6", "nitransforms>=23"],
+        "tests": ["pytest>=7", "hypothesis>=6", "nitransforms>=23", "rt-utils>=1.2"],
         "benchmarks": ["antspyx>=0.4"],
         # `make docs`: Sphinx with the furo theme, Markdown pages through myst-parser; the interface
         # reference and workflow graphs come from nipype.sphinxext (Graphviz's dot for the graphs).
