@@ -1,0 +1,224 @@
+"""DICOM in and out: series geometry, RTSTRUCT contours, bad folders and files, the validator."""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from scipy.spatial.transform import Rotation
+
+from nipype_inrlddmm import dicom, io, metrics
+
+SHAPE = (20, 20, 6)
+
+
+def _affine(spacing, *, degrees=(0.0, 0.0, 0.0), origin=(-12.0, 8.5, -30.25)):
+    """A RAS affine with the given voxel size, turned by ``degrees`` about x, y and z (right-handed)."""
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix() @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def _labels(shape=SHAPE):
+    """A body (1) holding a lung (2) with a hole, and a cord (3): nested and touching the grid's border."""
+    x, y, z = np.indices(shape)
+    cx, cy = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    labels = np.zeros(shape, np.int32)
+    labels[(x - cx) ** 2 + (y - cy) ** 2 < (0.45 * shape[0]) ** 2] = 1
+    labels[((x - cx + 3) ** 2 + (y - cy) ** 2 < (0.2 * shape[0]) ** 2) & (z > 0)] = 2
+    labels[(x - cx + 3) ** 2 + (y - cy) ** 2 < 1.5] = 1  # a hole in the lung
+    labels[(x - cx - 4) ** 2 + (y - cy - 3) ** 2 < 3] = 3
+    labels[0, :, 2] = 1  # the body touches the border on one slice
+    return labels
+
+
+ROIS = (dicom.Roi(1, "BODY", 1, (0, 255, 0), "EXTERNAL", (2, 3)), dicom.Roi(2, "Lung_L", 7, (0, 0, 255), "ORGAN"),
+        dicom.Roi(3, "SpinalCord", 12, (255, 255, 0), "ORGAN"))
+
+
+@pytest.fixture
+def series(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1500, SHAPE).astype(np.float32)
+    return dicom.write_series(tmp_path / "ct", data, _affine((1.5, 1.5, 2.5)))
+
+
+@pytest.mark.parametrize("degrees", [(0.0, 0.0, 0.0), (17.0, -8.0, 31.0)], ids=["axial", "oblique"])
+def test_a_series_written_and_read_back_gives_the_same_array_and_affine(tmp_path, degrees):
+    rng = np.random.default_rng(1)
+    affine = _affine((0.8, 0.65, 2.5), degrees=degrees)
+    integers = rng.integers(-1024, 3000, (9, 7, 5)).astype(np.float32)
+    back = dicom.read_series(dicom.write_series(tmp_path / "int", integers, affine).folder)
+    np.testing.assert_array_equal(back.data, integers)  # a slope of 1: exact
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    floats = rng.normal(0.0, 300.0, (9, 7, 5)).astype(np.float32)
+    back = dicom.read_series(dicom.write_series(tmp_path / "float", floats, affine).folder)
+    slope = float(pydicom.dcmread(sorted((tmp_path / "float").iterdir())[0]).RescaleSlope)
+    assert slope < 0.05
+    np.testing.assert_allclose(back.data, floats, atol=slope / 2 + 1e-3)  # the rescale is applied
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    # The NIfTI a command line sees: the same voxels on the same RAS grid.
+    data, nifti_affine = io.load_image(dicom.as_nifti(tmp_path / "int", tmp_path / "nifti"))
+    np.testing.assert_array_equal(data, integers)
+    np.testing.assert_allclose(nifti_affine, affine, atol=1e-4)
+
+
+def test_slices_are_ordered_by_position_not_by_file_name(tmp_path, series):
+    files = sorted(series.folder.iterdir())
+    for n, path in enumerate(reversed(files)):  # names now run against the slices
+        path.rename(series.folder / f"x{n:03d}.tmp")
+    back = dicom.read_series(series.folder)
+    np.testing.assert_array_equal(back.data, series.data)
+    np.testing.assert_allclose(back.affine, series.affine, atol=1e-6)
+
+
+def _edit(path, change):
+    dataset = pydicom.dcmread(path)
+    change(dataset)
+    dataset.save_as(path)
+
+
+def _shift(offset):
+    def change(dataset):
+        dataset.ImagePositionPatient = [float(v) + o for v, o in zip(dataset.ImagePositionPatient, offset)]
+    return change
+
+
+def _two_series(series, tmp_path):
+    other = dicom.write_series(tmp_path / "other", series.data[:, :, :3], series.affine)
+    for path in other.folder.iterdir():
+        shutil.copy(path, series.folder / f"other-{path.name}")
+
+
+def _tilt(series, tmp_path):
+    for k, path in enumerate(sorted(series.folder.iterdir())):
+        _edit(path, _shift((0.3 * k, 0.0, 0.0)))  # 0.3 mm aside per 2.5 mm slice: about 7 degrees
+
+
+def _unreadable(series, tmp_path):
+    path = sorted(series.folder.iterdir())[2]
+    _edit(path, lambda dataset: setattr(dataset, "PixelData", dataset.PixelData[:100]))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_two_series, "holds 2 DICOM image series"),
+    (lambda s, t: sorted(s.folder.iterdir())[3].unlink(), "misses 1 slice(s) between CT.0003.dcm and CT.0005.dcm"),
+    (lambda s, t: shutil.copy(sorted(s.folder.iterdir())[2], s.folder / "copy.dcm"),
+     "holds duplicated slices: CT.0003.dcm and copy.dcm"),
+    (lambda s, t: _edit(sorted(s.folder.iterdir())[3], _shift((0, 0, 0.8))),
+     "has uneven slice spacing: CT.0003.dcm and CT.0004.dcm are 3.300 mm apart where the other slices are 2.500 mm"),
+    (_tilt, "not stacked along their normal (gantry tilt of about 6.84 degrees"),
+    (lambda s, t: _edit(sorted(s.folder.iterdir())[1], lambda d: setattr(d, "Rows", 18)), "its slices differ in rows"),
+    (lambda s, t: [p.unlink() for p in s.folder.iterdir()] and (s.folder / "notes.txt").write_text("no images"),
+     "holds no DICOM image"),
+], ids=["two-series", "missing", "duplicated", "uneven", "gantry-tilt", "sizes", "no-image"])
+def test_a_bad_series_is_refused_naming_the_folder_and_the_problem(series, tmp_path, damage, problem):
+    damage(series, tmp_path)
+    with pytest.raises(io.InputError, match="^" + str(series.folder)) as error:
+        dicom.read_series(series.folder)
+    assert problem in str(error.value)
+
+
+def test_pixels_that_cannot_be_decoded_are_refused_naming_the_file(series, tmp_path):
+    _unreadable(series, tmp_path)
+    with pytest.raises(io.InputError, match=f"^{sorted(series.folder.iterdir())[2]}: cannot read the pixels"):
+        dicom.read_series(series.folder)
+
+
+def test_rtstruct_round_trip_gives_the_label_map_back(series, tmp_path):
+    labels = _labels()
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", labels, ROIS, series, label="Test", name="round trip",
+                                description="written by the tests")
+    read = dicom.read_rtstruct(path, series)
+    np.testing.assert_array_equal(read.labels, labels)
+    assert [(r.label, r.name, r.number, r.colour, r.kind, r.within) for r in read.rois] == \
+        [(r.label, r.name, r.number, r.colour, r.kind, r.within) for r in ROIS]
+    written = pydicom.dcmread(path)
+    assert written.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == series.frame_of_reference_uid
+    referenced = written.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == series.series_uid
+    assert [i.ReferencedSOPInstanceUID for i in referenced.ContourImageSequence] == [u for _, u in series.instances]
+    assert written.ApprovalStatus == "UNAPPROVED"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_rtstruct_read_back_by_another_library_gives_the_same_masks(series, tmp_path):
+    """rt-utils fills polygons with OpenCV from rounded vertices, where we test voxel centres with scikit-image."""
+    rt_utils = pytest.importorskip("rt_utils", reason="rt-utils (OpenCV) is not installed: pip install rt-utils")
+    labels = _labels()
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", labels, ROIS, series, label="Test", name="rt-utils",
+                                description="written by the tests")
+    structures = rt_utils.RTStructBuilder.create_from(str(series.folder), str(path))
+    assert structures.get_roi_names() == ["BODY", "Lung_L", "SpinalCord"]
+    for roi in ROIS:
+        theirs = structures.get_roi_mask_by_name(roi.name).transpose(1, 0, 2)  # (rows, columns, slices) -> (i, j, k)
+        mine = roi.mask(labels)
+        assert metrics._dice_masks(theirs, mine) >= 0.97, roi.name
+        assert mine.sum() > 10
+
+
+def test_overlapping_rois_keep_the_smaller_and_an_enclosing_roi_its_whole(series, tmp_path):
+    """Planning systems list the body first or last: either way an organ inside it keeps its voxels."""
+    labels = _labels()
+    reordered = (ROIS[1], ROIS[2], ROIS[0])
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", labels, reordered, series, label="Test", name="order",
+                                description="body last")
+    read = dicom.read_rtstruct(path, series)
+    assert [r.name for r in read.rois] == ["Lung_L", "SpinalCord", "BODY"]
+    names = {r.name: r for r in read.rois}
+    for roi in ROIS:
+        np.testing.assert_array_equal(names[roi.name].mask(read.labels), roi.mask(labels))
+    # A PTV across the lung's edge: the shared voxels go to the smaller, and a warning names the two.
+    crossing = labels.copy()
+    crossing[(labels == 2) & (np.indices(SHAPE)[0] >= 7)] = 5  # lung and PTV
+    crossing[7:12, 8:12, 1:4][crossing[7:12, 8:12, 1:4] != 5] = 4  # PTV alone
+    rois = (dicom.Roi(2, "Lung_L", 7, None, "ORGAN", (5,)), dicom.Roi(4, "PTV", 20, None, "PTV", (5,)))
+    path = dicom.write_rtstruct(tmp_path / "ptv.dcm", crossing, rois, series, label="Test", name="overlap",
+                                description="partial overlap")
+    with pytest.warns(UserWarning, match=r"ROI 'Lung_L' overlaps 'PTV' by \d+ voxels, which the label map gives"):
+        read = dicom.read_rtstruct(path, series)
+    lung, ptv = read.rois
+    assert (lung.within, ptv.within) == ((), ())
+    sizes = {lung.label: np.isin(crossing, (2, 5)).sum(), ptv.label: np.isin(crossing, (4, 5)).sum()}
+    expected = np.select([crossing == 2, crossing == 4, crossing == 5],
+                         [lung.label, ptv.label, min(sizes, key=sizes.get)])
+    np.testing.assert_array_equal(read.labels, expected)
+
+
+def test_a_bad_rtstruct_is_refused_naming_the_file_and_the_roi(series, tmp_path):
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", _labels(), ROIS, series, label="Test", name="bad",
+                                description="to damage")
+    other = dicom.write_series(tmp_path / "other", series.data, series.affine)  # a new frame of reference
+    with pytest.raises(io.InputError, match=f"^{path}: ROI 'BODY' is in frame of reference "
+                       f"{series.frame_of_reference_uid}, the series {other.folder} in "
+                       f"{other.frame_of_reference_uid}"):
+        dicom.read_rtstruct(path, other)
+    _edit(path, lambda dataset: delattr(dataset.ROIContourSequence[1], "ContourSequence"))
+    with pytest.raises(io.InputError, match=f"^{path}: ROI 'Lung_L' \\(number 7\\) is empty: it has no contour"):
+        dicom.read_rtstruct(path, series)
+    with pytest.raises(io.InputError, match=f"^{series.folder / 'CT.0001.dcm'}: is not an RTSTRUCT"):
+        dicom.read_rtstruct(series.folder / "CT.0001.dcm", series)
+    thicker = dicom.write_series(tmp_path / "thick", series.data[:, :, :3], series.affine @ np.diag([1, 1, 2, 1]),
+                                 frame_of_reference_uid=series.frame_of_reference_uid)
+    good = dicom.write_rtstruct(tmp_path / "good.dcm", _labels(), ROIS, series, label="Test", name="good",
+                                description="on the thin slices")
+    with pytest.raises(io.InputError, match="contour .* of ROI 'BODY' does not lie in a slice of the series"):
+        dicom.read_rtstruct(good, thicker)
+
+
+def _validator_errors(path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_the_written_files_pass_the_dicom_validator(series, tmp_path):
+    if not shutil.which("dciodvfy"):
+        pytest.skip("dciodvfy is not installed (Debian: apt-get install dicom3tools; `make test` installs it as "
+                    "root through scripts/ensure-package.sh)")
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", _labels(), ROIS, series, label="Test", name="validated",
+                                description="for dciodvfy")
+    for written in (path, *sorted(series.folder.iterdir())[:2]):
+        assert _validator_errors(written) == [], written
