@@ -27,8 +27,10 @@ demo: install
 # when tests fail.  Where it cannot, the SLURM tests skip with the reason.
 # The report test opens report.html in headless Chromium: scripts/ensure-package.sh installs Debian's
 # chromium when missing (root with apt); where it cannot, the tests run and that one skips with the reason.
+# The DICOM tests check the written files with dciodvfy, from Debian's dicom3tools, installed the same way.
 test: install
 	scripts/ensure-package.sh chromium chromium chromium-browser || echo "the headless-browser report test will skip"
+	scripts/ensure-package.sh dicom3tools dciodvfy || echo "the DICOM validator test will skip"
 	scripts/with-local-slurm.sh $(BIN)/python -m pytest -q
 
 # The documentation (Sphinx, furo theme) in docs/_build/html, warnings as errors.  The workflow graphs
