@@ -199,6 +199,18 @@ def test_the_mutual_information_term_is_added_with_its_weight():
     assert whole == pytest.approx(2 * half, rel=1e-4)
     assert first_similarity(similarity="mi", mi_weight=0.5) == pytest.approx(first_similarity(similarity="mi",
                                                                                               mi_weight=0.0))
+    # With MIND descriptors the mutual information still compares the intensities, of the same samples.
+    mind_alone = first_similarity(similarity="mind", mi_weight=0.0)
+    assert 0 < mind_alone < 1
+    assert first_similarity(similarity="mind", mi_weight=0.5) - mind_alone == pytest.approx(half, rel=1e-4)
+
+
+def test_a_mind_stage_lowers_its_descriptor_distance():
+    def late_distance(**settings):  # over the last ten iterations' patches, the same draws in every run
+        log = _fit_small_phantom(iterations=40, similarity="mind", mi_weight=0.0, **settings)
+        return sum(row["similarity"] for row in log[-10:])
+
+    assert late_distance() < 0.85 * late_distance(learning_rate=1e-12)  # trained against (almost) untrained
 
 
 def test_stage_settings_are_checked():
@@ -206,5 +218,7 @@ def test_stage_settings_are_checked():
         engine.StageConfig(mi_weight=-0.5)
     with pytest.raises(ValueError, match="convergence_window"):
         engine.StageConfig(convergence_window=1)
+    with pytest.raises(ValueError, match="mind_distance_mm"):
+        engine.StageConfig(similarity="mind", mind_distance_mm=0)
     with pytest.raises(ValueError, match="convergence_threshold"):
         engine.StageConfig(convergence_threshold=-0.1)

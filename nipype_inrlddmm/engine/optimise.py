@@ -29,7 +29,7 @@ from .sampling import (
     MIN_AUTOMATIC_STRIDE, checked_stride, gather_patches, interpolate_patches, lattice_shape, lattice_strides,
     patch_lattice, patch_shape, per_axis_strides, random_patch_corners, random_voxels,
 )
-from .similarity import SIMILARITIES, lncc, mutual_information
+from .similarity import SIMILARITIES, lncc, mind, mind_ssc, mutual_information
 
 LOGGER = logging.getLogger("nipype_inrlddmm")
 
@@ -94,6 +94,8 @@ class StageConfig:
     learning_rate: float = 2e-3
     similarity: str = "lncc"
     lncc_window: int = 5
+    mind_distance_mm: float = 1.5
+    mind_radius_mm: float = 1.5
     mi_weight: float = 0.5
     n_patches: int = 48
     sampling_fraction: float | None = None
@@ -117,6 +119,8 @@ class StageConfig:
         object.__setattr__(self, "patch_stride", checked_stride(self.patch_stride, "patch_stride"))
         if self.n_patches < 1 or self.sampling_fraction is not None and not 0 < self.sampling_fraction <= 1:
             raise ValueError("n_patches must be >= 1, sampling_fraction None or in (0, 1]")
+        if min(self.mind_distance_mm, self.mind_radius_mm) <= 0:
+            raise ValueError("mind_distance_mm and mind_radius_mm must be > 0")
         if self.regularity_patches < 0 or self.jacobian_scale <= 0:
             raise ValueError("regularity_patches must be >= 0 and jacobian_scale > 0")
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
@@ -298,8 +302,21 @@ def fit_images(
         raise ValueError("the fixed mask is empty: no voxel to sample")
     device = fixed.device
 
+    descriptors = config.similarity == "mind"
+    moving_values, fixed_values = moving, fixed
+    if descriptors:
+        # Channel 0 keeps the intensity for the mutual information; the descriptors are computed once, on
+        # the stage's grid, and interpolated at the warped points like the intensity.
+        moving_values, fixed_values = (
+            torch.cat([volume[None], mind_ssc(volume, spacing(affine), distance_mm=config.mind_distance_mm,
+                                              radius_mm=config.mind_radius_mm)])
+            for volume, affine in ((moving, moving_affine), (fixed, fixed_affine)))
+
     def similarity(warped, target):
-        if config.similarity == "lncc":
+        if descriptors:
+            value = mind(warped[1:], target[1:])
+            warped, target = warped[0], target[0]
+        elif config.similarity == "lncc":
             value = lncc(warped, target, config.lncc_window)
         else:
             value = SIMILARITIES[config.similarity](warped, target)
@@ -328,14 +345,14 @@ def fit_images(
         if n_regularity:
             corners = torch.cat([corners, random_patch_corners(fixed.shape, n_regularity,
                                                                config.patch_size, generator=generator).to(device)])
-        target = gather_patches(fixed, corners[:n_patches], edge)
+        target = gather_patches(fixed_values, corners[:n_patches], edge)
         corner_voxels = corners.to(dtype)[:, None, None, None]
         displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, corner_voxels + lattice).reshape(-1, 3),
                                           n_steps)
         displacement = displacement.reshape(len(corners), *lattice.shape)
         shift = displacement[:n_patches] @ to_moving[:3, :3].T
         grid = patch_grid + corner_voxels[:n_patches] @ voxel_to_moving[:3, :3].T + interpolate_patches(shift, edge)
-        sim = similarity(sample_grid(moving, grid), target)
+        sim = similarity(sample_grid(moving_values, grid), target)
         loss, terms = sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
         if config.jacobian_weight:
             determinants = lattice_jacobian_determinants(displacement, knot_spacing, fixed_affine[:3, :3])

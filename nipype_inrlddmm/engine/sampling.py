@@ -46,9 +46,12 @@ def random_patch_corners(
 
 
 def gather_patches(volume: torch.Tensor, corners: torch.Tensor, edge) -> torch.Tensor:
-    """Values of an ``(X, Y, Z)`` volume in the patches at ``(B, 3)`` corners: ``(B, *edge)``."""
-    windows = volume.unfold(0, edge[0], 1).unfold(1, edge[1], 1).unfold(2, edge[2], 1)
-    return windows[corners[:, 0], corners[:, 1], corners[:, 2]]
+    """Values of an ``(X, Y, Z)`` or ``(C, X, Y, Z)`` volume in the patches at ``(B, 3)`` corners.
+
+    Returns ``(B, *edge)``, or ``(C, B, *edge)`` for a ``(C, X, Y, Z)`` volume.
+    """
+    windows = volume.unfold(-3, edge[0], 1).unfold(-3, edge[1], 1).unfold(-3, edge[2], 1)
+    return windows[..., corners[:, 0], corners[:, 1], corners[:, 2], :, :, :]
 
 
 def random_voxels(shape, n_points: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
