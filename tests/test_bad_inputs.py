@@ -657,6 +657,17 @@ def test_the_distillation_estimate_counts_the_points_its_sampling_fraction_draws
         engine.estimate_memory("distill", shape, ALL_PATCHES)["training"] * 6912 / 8192)
 
 
+def test_mind_descriptors_are_counted_on_each_stage_grid():
+    """13 float32 channels per image and the computation's peak: at least 52 + 52 + 212 bytes a stage voxel."""
+    shape = (96, 96, 48)
+    mind = engine.config_from_options(**FEW, similarity="mind")
+    for stage, grid_voxels in (("coarse", 48 * 48 * 24), ("fine", 96 * 96 * 48)):
+        extra = engine.estimate_memory(stage, shape, mind)["images"] - engine.estimate_memory(stage, shape,
+                                                                                             CONFIG)["images"]
+        assert 316 * grid_voxels <= extra < 400 * grid_voxels
+    assert engine.estimate_memory("distill", shape, mind) == engine.estimate_memory("distill", shape, CONFIG)
+
+
 def test_a_huge_fixed_grid_is_refused_by_its_estimate():
     """Real available memory, a grid no machine here holds: refused with the dense-field advice."""
     with pytest.raises(engine.InsufficientMemoryError) as caught:

@@ -7,7 +7,8 @@ calibrated against the peak resident memory of each stage on this package's
 phantoms, 86 k to 10.7 M voxels, where it errs on the high side by 0-20 %:
 
 * a fixed overhead (torch kernels, thread pools);
-* the images as float32, raw and normalised;
+* the images as float32, raw and normalised, and with ``similarity="mind"``
+  their descriptors on the stage's grid (:func:`~.similarity.mind_ssc`);
 * the larger of the training batch (activations of every Euler step kept
   for the backward pass) and the dense-field evaluation on the fixed grid
   (the integration sub-grid at ``field_stride``, the trilinear upsampling,
@@ -44,6 +45,10 @@ _SUBGRID_BYTES = 36.0  # per integrated point: its index, world position and dis
 _IMAGE_BYTES = 12.0
 #: Bytes per fixed-grid voxel of the distillation, which reads the fixed image for its grid (measured: 6).
 _DISTILL_IMAGE_BYTES = 8.0
+#: Bytes per stage-grid voxel of an image's MIND-SSC descriptors: 13 float32 channels kept (the intensity
+#: and 12 descriptors), and while the larger image's are computed, their shifted differences and box means
+#: (measured: a peak of 212 on a 200^3 grid).
+_DESCRIPTOR_BYTES, _DESCRIPTOR_PEAK_BYTES = 52.0, 215.0
 _STAGES = ("coarse", "distill", "fine")
 
 
@@ -134,6 +139,14 @@ def _training_grid(stage: str, fixed_shape, config) -> list[int]:
     return [-(-int(n) // int(f)) for n, f in zip(fixed_shape, factors)]
 
 
+def _descriptor_bytes(stage_voxels: int, fixed_voxels: int, moving_voxels: int) -> float:
+    """The MIND-SSC descriptors of both images on a stage grid of ``stage_voxels`` fixed voxels; the
+    moving image's grid is taken to shrink by the same ratio as the fixed one (an equal target in mm)."""
+    moving_stage = moving_voxels * stage_voxels / fixed_voxels
+    return _DESCRIPTOR_BYTES * (stage_voxels + moving_stage) + _DESCRIPTOR_PEAK_BYTES * max(stage_voxels,
+                                                                                              moving_stage)
+
+
 def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> dict[str, float]:
     """Peak memory of one stage, in bytes, by part.
 
@@ -171,6 +184,9 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         training = _training_bytes(config.fine.flow_points(_training_grid("fine", fixed_shape, config)), model)
         field = (_FIELD_BYTES["fine"] * fixed_voxels
                  + _SUBGRID_BYTES * _subgrid_points(fixed_shape, config.field_stride) + chunk)
+    if stage != "distill" and getattr(config, stage).similarity == "mind":
+        stage_grid = fixed_shape if stage == "fine" else _training_grid("coarse", fixed_shape, config)
+        images += _descriptor_bytes(math.prod(int(n) for n in stage_grid), fixed_voxels, moving_voxels)
     parts = {"overhead": _OVERHEAD, "images": images, "training": training, "field": field}
     parts["total"] = _OVERHEAD + images + max(training, field)
     return parts
