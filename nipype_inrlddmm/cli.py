@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -26,7 +27,7 @@ from .worker_server import start_worker_server
 #: out so that parsing arguments imports no torch.
 TRANSFORMS = ("rigid", "affine")
 STARTS = ("moments", "geometry", "identity")
-SIMILARITIES = ("lncc", "ncc", "mse", "mi")
+SIMILARITIES = ("lncc", "ncc", "mse", "mi", "mind")
 ENCODINGS = ("fourier", "siren", "none")
 
 #: CLI flag -> registration option, for the hyper-parameters users tune most.
@@ -35,7 +36,10 @@ _OPTIONS = {
     "width": (int, "hidden units per layer of the velocity MLP"),
     "depth": (int, "hidden layers of the velocity MLP (the paper uses 3)"),
     "encoding": (str, "input encoding of the velocity MLP"),
-    "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual information)"),
+    "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse, mi (Mattes mutual information) or mind "
+                        "(MIND-SSC descriptors, across modalities such as MR->ultrasound)"),
+    "mind_distance_mm": (float, "mind: distance between the neighbourhoods each descriptor compares (mm)"),
+    "mind_radius_mm": (float, "mind: half-width of the box over which neighbourhoods are compared (mm)"),
     "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
     "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
     "jacobian_weight": (float, "weight of the spread of log det J on the patch lattices (SDlogJ squared for small "
@@ -148,7 +152,14 @@ def _cmd_register(args) -> int:
     _check_init(args)
 
     label_names = args.label_names or (_label_names_beside(args.fixed_labels) if args.fixed_labels else None)
-    outputs = register_files(
+    dicom = args.moving_rtstruct or args.fixed_rtstruct or Path(args.moving).is_dir() or Path(args.fixed).is_dir()
+    if dicom:
+        from .propagate import register_dicom
+
+        register = partial(register_dicom, moving_rtstruct=args.moving_rtstruct, fixed_rtstruct=args.fixed_rtstruct)
+    else:
+        register = register_files
+    outputs = register(
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=label_names,
         label_volume=args.label_volume,
@@ -161,8 +172,19 @@ def _cmd_register(args) -> int:
     if args.timings:
         with io.atomic_path(args.timings) as temporary:
             Path(temporary).write_text(json.dumps(outputs["timings"], indent=2))
+    if "rtstruct" in outputs:
+        _print_rtstruct(outputs)
     _print_summary(outputs, args.out_dir)
     return 0
+
+
+def _print_rtstruct(outputs: dict) -> None:
+    """Where the carried contours are, and which ROIs were not carried or left the fixed image."""
+    print(f"\nRTSTRUCT on the fixed series: {outputs['rtstruct']} (ROIs named in {outputs['label_table']})")
+    if outputs["skipped_rois"]:
+        print(f"not carried (points or open lines only): {', '.join(outputs['skipped_rois'])}")
+    if outputs["empty_rois"]:
+        print(f"carried wholly outside the fixed image, written without contours: {', '.join(outputs['empty_rois'])}")
 
 
 #: The printed study table's summary columns and their headers.
@@ -309,8 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_HelpFormatter,
                               description="Register MOVING onto FIXED and write warped image, field, model, "
                               "log, QC figure and (with both label maps) Dice into --out-dir.")
-    reg.add_argument("--moving", required=True, help="moving image (NIfTI), e.g. the planning CT")
-    reg.add_argument("--fixed", required=True, help="fixed image (NIfTI), e.g. the day's CBCT")
+    reg.add_argument("--moving", required=True, help="moving image: a NIfTI file or a folder holding one DICOM "
+                     "series, e.g. the planning CT")
+    reg.add_argument("--fixed", required=True, help="fixed image: a NIfTI file or a folder holding one DICOM series, "
+                     "e.g. the day's CBCT")
+    reg.add_argument("--moving-rtstruct", metavar="RS", help="RTSTRUCT drawn on the moving DICOM series: its ROIs are "
+                     "the moving labels, carried onto the fixed DICOM series as OUT_DIR/rtstruct.dcm (with "
+                     "warped_labels.nii.gz and labels.tsv, the ROI names)")
+    reg.add_argument("--fixed-rtstruct", metavar="RS", help="RTSTRUCT drawn on the fixed DICOM series (the day's "
+                     "reference contours): its ROIs of the same names as --moving-rtstruct's are evaluated (dice.csv)")
     reg.add_argument("--moving-labels", help="label map on the moving grid, carried to the fixed grid")
     reg.add_argument("--fixed-labels", help="label map on the fixed grid, for Dice")
     reg.add_argument("--fixed-mask", help="mask on the fixed grid: where to sample and evaluate (e.g. CBCT FOV)")

@@ -20,6 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 LABELS = {1: "body", 2: "right_lung", 3: "left_lung", 4: "heart", 5: "spinal_cord", 6: "target"}
+#: Per label its RTSTRUCT display colour and RT ROI Interpreted Type (:func:`write_dicom`).
+ROI_STYLES = {1: ((0, 160, 0), "EXTERNAL"), 2: ((80, 160, 255), "ORGAN"), 3: ((0, 80, 255), "ORGAN"),
+              4: ((255, 0, 0), "ORGAN"), 5: ((255, 255, 0), "ORGAN"), 6: ((255, 0, 255), "GTV")}
 FIELD_OF_VIEW_MM = (360.0, 300.0, 240.0)
 AIR = -1000.0
 
@@ -197,14 +200,43 @@ def make_pair(
     )
 
 
-def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: int = 0) -> Path:
+def write_dicom(folder, pair: PhantomPair, patient: str) -> dict[str, Path]:
+    """One phantom patient in DICOM, as a planning system and a linac would give it.
+
+    Into ``folder``: ``ct/`` (the planning CT series) and ``ct_rtstruct.dcm``
+    (its labels as ROIs), ``cbct/`` (the day's CBCT series, its own study and
+    frame of reference) and ``cbct_rtstruct.dcm`` (the CBCT's labels, the
+    reference for the propagated contours).  The body ROI is the whole body,
+    the organs inside it included, as planning systems draw it.
+    """
+    from . import dicom
+
+    folder = Path(folder)
+    rois = [dicom.Roi(label, name, label, *ROI_STYLES[label], within=tuple(k for k in LABELS if k > 1) if label == 1
+                      else ()) for label, name in LABELS.items()]
+    written = {}
+    for name, image, labels, affine, description in (("ct", pair.ct, pair.ct_labels, pair.ct_affine, "planning CT"),
+                                                     ("cbct", pair.cbct, pair.cbct_labels, pair.affine, "CBCT")):
+        series = dicom.write_series(folder / name, image, affine, patient_id=patient, patient_name=f"Phantom^{patient}",
+                                    description=f"phantom {description}")
+        present = [roi for roi in rois if roi.mask(labels).any()]
+        written[name] = series.folder
+        written[f"{name}_rtstruct"] = dicom.write_rtstruct(
+            folder / f"{name}_rtstruct.dcm", labels, present, series, label="Phantom", name=f"phantom {description}",
+            description=f"the phantom's labels on its {description}, written by nipype_inrlddmm")
+    return written
+
+
+def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: int = 0, dicom: bool = False) -> Path:
     """Write a phantom cohort and its manifest; return the manifest path.
 
     Per patient ``pNN/``: ``ct.nii.gz`` (moving), ``ct_labels.nii.gz``,
     ``cbct.nii.gz`` (fixed), ``cbct_labels.nii.gz``, ``cbct_fov.nii.gz`` and
-    ``true_displacement.nii.gz`` (ITK/ANTs convention).  ``manifest.tsv``
-    lists them with paths relative to ``out_dir``; ``labels.tsv`` names the
-    labels.  Existing files are rewritten identically (same seeds).
+    ``true_displacement.nii.gz`` (ITK/ANTs convention); with ``dicom`` also
+    the CT and CBCT as DICOM series with an RTSTRUCT each (:func:`write_dicom`).
+    ``manifest.tsv`` lists the NIfTI files with paths relative to ``out_dir``;
+    ``labels.tsv`` names the labels.  Existing NIfTI files are rewritten
+    identically (same seeds); DICOM files get new UIDs.
     """
     from . import io
 
@@ -226,6 +258,8 @@ def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: in
             io.save_image(folder / name, data, pair.affine)
             row[column] = f"{patient}/{name}"
         io.save_displacement(folder / "true_displacement.nii.gz", pair.displacement, pair.affine)
+        if dicom:
+            write_dicom(folder, pair, patient)
         rows.append(row)
     io.write_csv(out_dir / "manifest.tsv", rows, delimiter="\t")
     io.write_csv(out_dir / "labels.tsv", [{"index": k, "name": v} for k, v in LABELS.items()], delimiter="\t")

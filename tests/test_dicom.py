@@ -1,8 +1,10 @@
 """DICOM in and out: series geometry, RTSTRUCT contours, bad folders and files, the validator."""
 
+import csv
 import shutil
 import subprocess
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -222,3 +224,63 @@ def test_the_written_files_pass_the_dicom_validator(series, tmp_path):
                                 description="for dciodvfy")
     for written in (path, *sorted(series.folder.iterdir())[:2]):
         assert _validator_errors(written) == [], written
+
+
+FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """One phantom patient in NIfTI and in DICOM (data/generate_cohort.py --dicom)."""
+    from nipype_inrlddmm.phantom import write_cohort
+
+    return write_cohort(tmp_path_factory.mktemp("cohort"), 1, shape=(64, 56, 24), dicom=True).parent / "p01"
+
+
+def test_registering_through_dicom_carries_the_rois_as_the_nifti_route_does(phantom, tmp_path, capsys):
+    from nipype_inrlddmm import cli
+    from nipype_inrlddmm.phantom import LABELS
+
+    nifti = ["--moving", str(phantom / "ct.nii.gz"), "--fixed", str(phantom / "cbct.nii.gz"),
+             "--moving-labels", str(phantom / "ct_labels.nii.gz"),
+             "--fixed-labels", str(phantom / "cbct_labels.nii.gz")]
+    assert cli.main(["register", *nifti, "--out-dir", str(tmp_path / "nifti"), *FEW]) == 0
+    through_dicom = ["--moving", str(phantom / "ct"), "--fixed", str(phantom / "cbct"),
+                     "--moving-rtstruct", str(phantom / "ct_rtstruct.dcm"),
+                     "--fixed-rtstruct", str(phantom / "cbct_rtstruct.dcm")]
+    out = tmp_path / "dicom"
+    capsys.readouterr()
+    assert cli.main(["register", *through_dicom, "--out-dir", str(out), *FEW]) == 0
+    assert f"RTSTRUCT on the fixed series: {out / 'rtstruct.dcm'}" in capsys.readouterr().out
+    cbct = dicom.read_series(phantom / "cbct")
+    written = pydicom.dcmread(out / "rtstruct.dcm")
+    assert [item.ROIName for item in written.StructureSetROISequence] == list(LABELS.values())
+    frame = written.ReferencedFrameOfReferenceSequence[0]
+    assert frame.FrameOfReferenceUID == cbct.frame_of_reference_uid
+    referenced = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == cbct.series_uid
+    assert [i.ReferencedSOPInstanceUID for i in referenced.ContourImageSequence] == [u for _, u in cbct.instances]
+    assert "Propagated by INR-LDDMM" in written.StructureSetDescription
+    carried = dicom.read_rtstruct(out / "rtstruct.dcm", cbct)
+    by_nifti = np.asarray(nib.load(tmp_path / "nifti" / "warped_labels.nii.gz").dataobj)
+    for roi in carried.rois:  # the body encloses the organs in both: the voxels of every label
+        assert metrics._dice_masks(roi.mask(carried.labels), roi.mask(by_nifti)) >= 0.97, roi.name
+    assert [row["name"] for row in csv.DictReader(open(out / "labels.tsv"), delimiter="\t")] == list(LABELS.values())
+    assert [row["name"] for row in csv.DictReader(open(out / "dice.csv"))] == list(LABELS.values())
+    assert (out / "warped_labels.nii.gz").is_file()
+
+
+def test_a_moving_rtstruct_needs_dicom_series_and_nothing_is_written_otherwise(phantom, tmp_path, capsys):
+    from nipype_inrlddmm import cli
+
+    out = tmp_path / "out"
+    code = cli.main(["register", "--moving", str(phantom / "ct"), "--fixed", str(phantom / "cbct.nii.gz"),
+                     "--moving-rtstruct", str(phantom / "ct_rtstruct.dcm"), "--out-dir", str(out), *FEW])
+    assert code == 2
+    assert "--moving-rtstruct: is carried onto the fixed series as rtstruct.dcm: give --fixed as a folder" \
+        in capsys.readouterr().err
+    code = cli.main(["register", "--moving", str(phantom / "ct"), "--fixed", str(phantom / "cbct"),
+                     "--moving-rtstruct", str(phantom / "cbct_rtstruct.dcm"), "--out-dir", str(out), *FEW])
+    assert code == 2
+    assert f"{phantom / 'cbct_rtstruct.dcm'}: ROI 'body' is in frame of reference" in capsys.readouterr().err
+    assert not out.exists()
