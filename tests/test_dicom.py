@@ -216,14 +216,6 @@ def _validator_errors(path) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_the_written_files_pass_the_dicom_validator(series, tmp_path):
-    if not shutil.which("dciodvfy"):
-        pytest.skip("dciodvfy is not installed (Debian: apt-get install dicom3tools; `make test` installs it as "
-                    "root through scripts/ensure-package.sh)")
-    path = dicom.write_rtstruct(tmp_path / "rs.dcm", _labels(), ROIS, series, label="Test", name="validated",
-                                description="for dciodvfy")
-    for written in (path, *sorted(series.folder.iterdir())[:2]):
-        assert _validator_errors(written) == [], written
 
 
 FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
@@ -284,3 +276,35 @@ def test_a_moving_rtstruct_needs_dicom_series_and_nothing_is_written_otherwise(p
     assert code == 2
     assert f"{phantom / 'cbct_rtstruct.dcm'}: ROI 'body' is in frame of reference" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_written_files_pass_the_dicom_validator(series, phantom, tmp_path):
+    if not shutil.which("dciodvfy"):
+        pytest.skip("dciodvfy is not installed (Debian: apt-get install dicom3tools; `make test` installs it as "
+                    "root through scripts/ensure-package.sh)")
+    path = dicom.write_rtstruct(tmp_path / "rs.dcm", _labels(), ROIS, series, label="Test", name="validated",
+                                description="for dciodvfy")
+    generated = [phantom / "ct" / "CT.0001.dcm", phantom / "cbct" / "CT.0001.dcm", phantom / "ct_rtstruct.dcm",
+                 phantom / "cbct_rtstruct.dcm"]
+    for written in (path, *sorted(series.folder.iterdir())[:2], *generated):
+        assert _validator_errors(written) == [], written
+
+
+@pytest.mark.parametrize("affine", [[], ["--affine", "rigid"]], ids=["deformable", "pre-aligned"])
+def test_the_rois_are_carried_the_same_with_or_without_reference_contours(phantom, tmp_path, affine):
+    """Without --fixed-rtstruct nothing is evaluated, and the labels are carried through the written field (and
+    the pre-aligned header): the same voxels as the registration's own evaluation carries."""
+    from nipype_inrlddmm import cli
+
+    series = ["--moving", str(phantom / "ct"), "--fixed", str(phantom / "cbct"),
+              "--moving-rtstruct", str(phantom / "ct_rtstruct.dcm")]
+    reference = ["--fixed-rtstruct", str(phantom / "cbct_rtstruct.dcm")]
+    for name, extra in (("evaluated", reference), ("alone", [])):
+        assert cli.main(["register", *series, *extra, *affine, "--out-dir", str(tmp_path / name), *FEW]) == 0
+    assert not (tmp_path / "alone" / "dice.csv").exists()
+    warped = [np.asarray(nib.load(tmp_path / name / "warped_labels.nii.gz").dataobj) for name in ("evaluated", "alone")]
+    np.testing.assert_array_equal(*warped)
+    cbct = dicom.read_series(phantom / "cbct")
+    carried = [dicom.read_rtstruct(tmp_path / name / "rtstruct.dcm", cbct).labels for name in ("evaluated", "alone")]
+    np.testing.assert_array_equal(*carried)
+    np.testing.assert_array_equal(carried[0], warped[0])
