@@ -202,7 +202,7 @@ def test_help_shows_every_default_and_the_choices():
     flat = " ".join(out.split())
     assert f"iterations of the fine stage (default: {config.fine.iterations})" in flat
     assert f"--width WIDTH hidden units per layer of the velocity MLP (default: {config.model.width})" in flat
-    assert "{lncc,ncc,mse,mi}" in out and "{fourier,siren,none}" in out
+    assert "{lncc,ncc,mse,mi,mind}" in out and "{fourier,siren,none}" in out
     assert "(default: sized to the grid)" in flat
 
 

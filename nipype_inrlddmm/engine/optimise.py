@@ -52,6 +52,12 @@ class StageConfig:
     :meth:`points`).  The learning rate
     decays along a cosine to a tenth of ``learning_rate``.
 
+    ``similarity="mind"`` compares MIND-SSC descriptors
+    (:func:`~.similarity.mind_ssc`) of both images, computed once on the
+    stage's grid with neighbourhoods ``mind_distance_mm`` apart and boxes of
+    half-width ``mind_radius_mm``, where no intensity mapping relates the
+    modalities (MR -> ultrasound).
+
     ``jacobian_weight`` adds that much of the spread of ``log det J`` of
     the displacement at the corners of the lattice cells, measured where the
     field is computed (:func:`~.regularity.log_jacobian_spread`): SDlogJ

@@ -16,9 +16,10 @@ DEFAULTS = engine.RegistrationConfig()
 _MODEL = DEFAULTS.model
 
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
-IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mi_weight", "n_patches",
-                      "sampling_fraction", "patch_size", "patch_stride", "reg_weight", "jacobian_weight",
-                      "jacobian_scale", "regularity_patches", "convergence_window", "convergence_threshold")
+IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mind_distance_mm", "mind_radius_mm",
+                      "mi_weight", "n_patches", "sampling_fraction", "patch_size", "patch_stride", "reg_weight",
+                      "jacobian_weight", "jacobian_scale", "regularity_patches", "convergence_window",
+                      "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -171,10 +172,15 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="mask on the fixed grid: patches are drawn inside it "
                              "(body, lungs, CBCT field of view)")
     similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
-                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse or mi (Mattes mutual "
-                             "information)")
+                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse, mi (Mattes mutual "
+                             "information) or mind (MIND-SSC descriptors, across modalities such as MR->ultrasound)")
     lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
                                desc="edge of the LNCC window, in voxels")
+    mind_distance_mm = traits.Range(low=0.0, value=DEFAULTS.coarse.mind_distance_mm, exclude_low=True,
+                                    usedefault=True,
+                                    desc="mind: distance between the neighbourhoods each descriptor compares (mm)")
+    mind_radius_mm = traits.Range(low=0.0, value=DEFAULTS.coarse.mind_radius_mm, exclude_low=True, usedefault=True,
+                                  desc="mind: half-width of the box over which neighbourhoods are compared (mm)")
     mi_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.mi_weight, usedefault=True,
                              desc="weight of a Mattes mutual information term (32 bins, over all patch voxels) "
                              "added to the similarity (unless that is mi), as a second ANTs metric; 0 turns it off")
