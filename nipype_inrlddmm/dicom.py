@@ -22,6 +22,7 @@ atomic (:func:`~nipype_inrlddmm.io.atomic_path`).
 
 from __future__ import annotations
 
+import csv
 import datetime
 import warnings
 from dataclasses import dataclass, field
@@ -564,7 +565,31 @@ def write_rtstruct(path, labels: np.ndarray, rois, series: Series, *, label: str
 
 
 def label_table(rois) -> list[dict]:
-    """Rows of ``labels.tsv`` for :func:`~nipype_inrlddmm.io.write_csv`: label id, ROI name, number, colour, type."""
+    """Rows of ``labels.tsv`` for :func:`~nipype_inrlddmm.io.write_csv`: label id, ROI name, number, colour
+    (``R G B``), interpreted type and the labels it encloses (space-separated ids)."""
     return [{"index": roi.label, "name": roi.name, "roi_number": roi.number,
-             "colour": "" if roi.colour is None else " ".join(map(str, roi.colour)), "type": roi.kind}
-            for roi in rois]
+             "colour": "" if roi.colour is None else " ".join(map(str, roi.colour)), "type": roi.kind,
+             "within": " ".join(map(str, roi.within))} for roi in rois]
+
+
+def read_label_table(path) -> tuple[Roi, ...]:
+    """The ROIs of a ``labels.tsv`` (:func:`label_table`); of a plain one (columns ``index`` and ``name``),
+    ROI numbers are the label ids, with no colour, type or enclosed labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise io.InputError(path, "label table does not exist")
+    rows = list(csv.DictReader(path.read_text().splitlines(), delimiter="\t"))
+    if not rows or not {"index", "name"} <= set(rows[0]):
+        raise io.InputError(path, "expected a TSV with columns 'index' and 'name' (and optionally 'roi_number', "
+                            "'colour', 'type', 'within') and at least one row")
+    try:
+        rois = tuple(Roi(int(row["index"]), row["name"], int(row.get("roi_number") or row["index"]),
+                         tuple(int(c) for c in row["colour"].split()) if row.get("colour") else None,
+                         row.get("type") or "", tuple(int(k) for k in (row.get("within") or "").split()))
+                     for row in rows)
+    except ValueError as error:
+        raise io.InputError(path, f"an id, ROI number or colour is not an integer ({error})") from error
+    for roi in rois:
+        if roi.colour is not None and (len(roi.colour) != 3 or not all(0 <= c <= 255 for c in roi.colour)):
+            raise io.InputError(path, f"the colour of ROI {roi.name!r} is not three values 0-255: {roi.colour}")
+    return rois

@@ -308,3 +308,47 @@ def test_the_rois_are_carried_the_same_with_or_without_reference_contours(phanto
     carried = [dicom.read_rtstruct(tmp_path / name / "rtstruct.dcm", cbct).labels for name in ("evaluated", "alone")]
     np.testing.assert_array_equal(*carried)
     np.testing.assert_array_equal(carried[0], warped[0])
+
+
+def test_the_conversion_interfaces_chain_as_nodes(phantom, tmp_path):
+    """Series -> NIfTI, RTSTRUCT -> labels on the CT, and those labels on the CBCT -> an RTSTRUCT of the CBCT."""
+    from nipype import Node
+
+    from nipype_inrlddmm.interfaces import DicomToNifti, LabelsToRTStruct, RTStructToLabels
+    from nipype_inrlddmm.phantom import LABELS
+
+    def run(interface, name):
+        return Node(interface, name=name, base_dir=str(tmp_path)).run().outputs
+
+    image = run(DicomToNifti(dicom_folder=str(phantom / "ct")), "series")
+    ct = dicom.read_series(phantom / "ct")
+    assert image.out_file == str(tmp_path / "series" / "ct.nii.gz")
+    assert (image.series_uid, image.frame_of_reference_uid) == (ct.series_uid, ct.frame_of_reference_uid)
+    data, affine = io.load_image(image.out_file)
+    np.testing.assert_allclose(data, io.load_image(phantom / "ct.nii.gz")[0], atol=0.02)  # the rescale's rounding
+    np.testing.assert_allclose(affine, io.load_image(phantom / "ct.nii.gz")[1], atol=1e-4)
+    labels = run(RTStructToLabels(rtstruct=str(phantom / "ct_rtstruct.dcm"), dicom_folder=str(phantom / "ct")),
+                 "labels")
+    np.testing.assert_array_equal(io.load_labels(labels.out_file)[0], io.load_labels(phantom / "ct_labels.nii.gz")[0])
+    assert io.load_label_names(labels.label_table) == LABELS and labels.skipped == []
+    written = run(LabelsToRTStruct(labels=str(phantom / "cbct_labels.nii.gz"), label_table=labels.label_table,
+                                   dicom_folder=str(phantom / "cbct")), "rtstruct")
+    cbct = dicom.read_series(phantom / "cbct")
+    back = dicom.read_rtstruct(written.out_file, cbct)
+    np.testing.assert_array_equal(back.labels, io.load_labels(phantom / "cbct_labels.nii.gz")[0])
+    assert back.rois[0].within == (2, 3, 4, 5, 6)  # the body is written whole, as the CT's RTSTRUCT had it
+    assert pydicom.dcmread(written.out_file).ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == \
+        cbct.frame_of_reference_uid
+
+
+def test_labels_off_the_series_grid_are_refused_naming_the_file(phantom, tmp_path):
+    from nipype_inrlddmm.interfaces import LabelsToRTStruct
+
+    moved = dicom.read_series(phantom / "cbct").affine.copy()
+    moved[:3, 3] += 1.0  # a millimetre off
+    shifted = io.save_image(tmp_path / "shifted.nii.gz", io.load_labels(phantom / "cbct_labels.nii.gz")[0], moved)
+    table = io.write_csv(tmp_path / "labels.tsv", [{"index": 1, "name": "body"}], delimiter="\t")
+    with pytest.raises(io.InputError, match=f"^{shifted}: the label map is not on the grid of its image "
+                       f"{phantom / 'cbct'}"):
+        LabelsToRTStruct(labels=str(shifted), label_table=str(table), dicom_folder=str(phantom / "cbct")).run(
+            cwd=str(tmp_path))

@@ -1,21 +1,25 @@
 """Nipype interfaces of INR-LDDMM.
 
-=============  ===============================================================
-AffineInit     rigid/affine pre-alignment (or an ITK/ANTs affine), by header
-CoarseINR      coarse stage on block-averaged images
-DistillINR     refit the coarse network at full resolution
-FineINR        fine stage; the final field, model and warped image
-ApplyWarp      carry an image or label map through a displacement field, or back (invert)
-DiceEval       per-label Dice/HD95 and Jacobian statistics
-QCReport       the per-patient QC figure (slices, contours, checkerboard, det J)
-Trajectory     the moving image at K times of the flow (4-D NIfTI, GIF)
-LandmarkTRE    target registration error of landmark pairs
-SelectPatient  one patient's files from a study manifest
-GatherDice     the study table (a JoinNode over patients)
-=============  ===============================================================
+================  ==============================================================
+AffineInit        rigid/affine pre-alignment (or an ITK/ANTs affine), by header
+CoarseINR         coarse stage on block-averaged images
+DistillINR        refit the coarse network at full resolution
+FineINR           fine stage; the final field, model and warped image
+ApplyWarp         carry an image or label map through a displacement field, or back (invert)
+DiceEval          per-label Dice/HD95 and Jacobian statistics
+QCReport          the per-patient QC figure (slices, contours, checkerboard, det J)
+Trajectory        the moving image at K times of the flow (4-D NIfTI, GIF)
+LandmarkTRE       target registration error of landmark pairs
+SelectPatient     one patient's files from a study manifest
+GatherDice        the study table (a JoinNode over patients)
+DicomToNifti      a DICOM image series as a NIfTI volume
+RTStructToLabels  an RTSTRUCT's ROIs as a label map on its series' grid
+LabelsToRTStruct  a label map on a series' grid as a new RTSTRUCT
+================  ==============================================================
 
 Each is a :class:`~nipype.interfaces.base.SimpleInterface` over
-:mod:`nipype_inrlddmm.steps`; outputs are written into the node's working
+:mod:`nipype_inrlddmm.steps` (the DICOM conversions over
+:mod:`nipype_inrlddmm.dicom`); outputs are written into the node's working
 directory.  Every interface takes a hashed ``version`` input (the package
 version) so that upgrading the package invalidates Nipype's cache; the
 optimisation interfaces take ``num_threads`` (not hashed), which a Node
@@ -23,11 +27,13 @@ reports as its ``n_procs``.
 """
 
 from .affine import AffineInit
+from .dicom import DicomToNifti, LabelsToRTStruct, RTStructToLabels
 from .evaluation import DiceEval, LandmarkTRE
 from .qc import QCReport, Trajectory
 from .registration import CoarseINR, DistillINR, FineINR
 from .study import GatherDice, SelectPatient
 from .warp import ApplyWarp
 
-__all__ = ["AffineInit", "ApplyWarp", "CoarseINR", "DiceEval", "DistillINR", "FineINR", "GatherDice",
-           "LandmarkTRE", "QCReport", "SelectPatient", "Trajectory"]
+__all__ = ["AffineInit", "ApplyWarp", "CoarseINR", "DiceEval", "DicomToNifti", "DistillINR", "FineINR",
+           "GatherDice", "LabelsToRTStruct", "LandmarkTRE", "QCReport", "RTStructToLabels", "SelectPatient",
+           "Trajectory"]
