@@ -9,7 +9,9 @@ over the slices in increasing position along ``row x column``, so that
 
 Contours are closed planar polygons in a slice.  A voxel belongs to an ROI
 when its centre lies inside the ROI's polygons of its slice, counted with the
-even-odd rule (an inner polygon is a hole).  Written contours run a quarter
+even-odd rule (an inner polygon is a hole), or on one of them (as where
+contours are drawn through the centres of an ROI's outermost voxels, the way
+rt-utils and many planning systems write them).  Written contours run a quarter
 of a voxel inside the border between an ROI's voxels and the rest: both
 common readings of a polygon (voxel centres inside it, as here; vertices
 rounded to voxels and edges filled, as OpenCV and rt-utils do) then give back
@@ -49,6 +51,9 @@ SLICE_TOLERANCE = 0.01
 #: A contour's plane may stray from a slice by this fraction of the slice gap (rounded coordinates); beyond it
 #: the contour was drawn on another series' slices and would land on the wrong one.
 CONTOUR_TOLERANCE = 0.05
+#: A voxel whose centre lies this close to a contour (in voxels) is on it, and the ROI's: planning systems and
+#: rt-utils draw contours through the centres of an ROI's outermost voxels.
+ON_CONTOUR = 0.1
 #: Where written contours cross between an ROI voxel (1) and an outside one (0): a quarter voxel inside.
 _CONTOUR_LEVEL = 0.75
 #: Referenced SOP class of an RTSTRUCT's referenced study (what planning systems write there).
@@ -367,7 +372,7 @@ def _rasterise(path: Path, name: str, contours, series: Series) -> np.ndarray:
     """The voxels of an ROI's closed planar contours (LPS mm) on the series grid, bool ``(X, Y, Z)``."""
     shape = series.data.shape
     to_voxel = np.linalg.inv(series.lps_affine)
-    mask = np.zeros(shape, bool)
+    mask, edges = np.zeros(shape, bool), []
     for number, points in enumerate(contours, 1):
         ijk = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         k = float(np.median(ijk[:, 2]))
@@ -382,7 +387,31 @@ def _rasterise(path: Path, name: str, contours, series: Series) -> np.ndarray:
         plane = np.zeros(shape[:2], bool)
         plane[rows, columns] = True
         mask[:, :, round(k)] ^= plane  # even-odd: a contour inside another is a hole
+        edges.append((round(k), _on_contour(ijk[:, :2], shape[:2])))
+    for k, (rows, columns) in edges:  # after every hole: a voxel on a hole's contour is the ROI's too
+        mask[rows, columns, k] = True
     return mask
+
+
+def _on_contour(vertices: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels ``(i, j)`` whose centres lie on a closed polygon's edges, within :data:`ON_CONTOUR` voxel.
+
+    Each edge is sampled every quarter voxel along its longer axis, so that
+    the sample nearest to such a centre rounds to it; each rounded sample is
+    then kept if it lies that close to its edge.
+    """
+    start, end = vertices, np.roll(vertices, -1, axis=0)
+    counts = 4 * np.ceil(np.abs(end - start).max(axis=1)).astype(int) + 1
+    edge = np.repeat(np.arange(len(start)), counts)
+    fraction = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) / np.repeat(
+        np.maximum(counts - 1, 1), counts)
+    step = end[edge] - start[edge]
+    centres = np.rint(start[edge] + fraction[:, None] * step)
+    along = np.clip(((centres - start[edge]) * step).sum(axis=1) / np.maximum((step * step).sum(axis=1), 1e-12), 0, 1)
+    near = np.linalg.norm(centres - start[edge] - along[:, None] * step, axis=1) <= ON_CONTOUR
+    inside = near & (centres >= 0).all(axis=1) & (centres < np.asarray(shape)).all(axis=1)
+    rows, columns = centres[inside].astype(int).T
+    return rows, columns
 
 
 def _roi_contours(path: Path, dataset: Dataset) -> dict[int, tuple]:

@@ -162,6 +162,21 @@ def test_rtstruct_read_back_by_another_library_gives_the_same_masks(series, tmp_
         assert mine.sum() > 10
 
 
+@pytest.mark.filterwarnings("ignore:'FileDataset.is_implicit_VR':DeprecationWarning")  # rt-utils' use of pydicom
+def test_an_rtstruct_written_by_another_library_is_read_as_its_masks(series, tmp_path):
+    """rt-utils (OpenCV) draws contours through the centres of an ROI's outermost voxels: those voxels are the ROI's."""
+    rt_utils = pytest.importorskip("rt_utils", reason="rt-utils (OpenCV) is not installed: pip install rt-utils")
+    labels = _labels()
+    structures = rt_utils.RTStructBuilder.create_new(str(series.folder))
+    for roi in ROIS:
+        structures.add_roi(mask=roi.mask(labels).transpose(1, 0, 2), name=roi.name)  # (rows, columns, slices)
+    structures.save(str(tmp_path / "theirs.dcm"))
+    read = dicom.read_rtstruct(tmp_path / "theirs.dcm", series)
+    assert [roi.name for roi in read.rois] == [roi.name for roi in ROIS]
+    for theirs, mine in zip(read.rois, ROIS):
+        assert metrics._dice_masks(theirs.mask(read.labels), mine.mask(labels)) >= 0.97, mine.name
+
+
 def test_overlapping_rois_keep_the_smaller_and_an_enclosing_roi_its_whole(series, tmp_path):
     """Planning systems list the body first or last: either way an organ inside it keeps its voxels."""
     labels = _labels()
