@@ -162,7 +162,7 @@ def test_rtstruct_read_back_by_another_library_gives_the_same_masks(series, tmp_
         assert mine.sum() > 10
 
 
-@pytest.mark.filterwarnings("ignore:'FileDataset.is_implicit_VR':DeprecationWarning")  # rt-utils' use of pydicom
+@pytest.mark.filterwarnings("ignore:'FileDataset.is_:DeprecationWarning")  # how rt-utils writes with pydicom
 def test_an_rtstruct_written_by_another_library_is_read_as_its_masks(series, tmp_path):
     """rt-utils (OpenCV) draws contours through the centres of an ROI's outermost voxels: those voxels are the ROI's."""
     rt_utils = pytest.importorskip("rt_utils", reason="rt-utils (OpenCV) is not installed: pip install rt-utils")
