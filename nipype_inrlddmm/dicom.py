@@ -257,13 +257,17 @@ def read_series(folder) -> Series:
                   frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")), header=first)
 
 
-def as_nifti(path, folder) -> Path:
-    """A NIfTI file's path as it is; a folder holding one DICOM series converted to ``folder/<its name>.nii.gz``."""
+def as_nifti(path, folder) -> tuple[Path, Series | None]:
+    """An image given as a NIfTI file or a folder holding one DICOM series, as a NIfTI file and its series.
+
+    A file is returned as it is, with no series; a folder's series is read
+    and written to ``folder/<its name>.nii.gz``.
+    """
     path = Path(path)
     if not path.is_dir():
-        return path
+        return path, None
     series = read_series(path)
-    return io.save_image(Path(folder) / f"{path.name}.nii.gz", series.data, series.affine)
+    return io.save_image(Path(folder) / f"{path.name}.nii.gz", series.data, series.affine), series
 
 
 def _ds(values) -> list[str]:

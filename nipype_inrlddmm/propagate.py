@@ -103,11 +103,10 @@ def register_dicom(moving, fixed, out_dir, *, moving_rtstruct=None, fixed_rtstru
                    moving_labels=moving_labels, fixed_labels=fixed_labels, label_names=label_names)
     with tempfile.TemporaryDirectory(prefix="inrlddmm-dicom-") as scratch:
         scratch = Path(scratch)
-        moving_series = dicom.read_series(moving) if moving.is_dir() else None
-        fixed_series = dicom.read_series(fixed) if fixed.is_dir() else None
-        moving_file, fixed_file = (io.save_image(scratch / f"{path.name}.nii.gz", series.data, series.affine)
-                                   if series else path for path, series in ((moving, moving_series),
-                                                                            (fixed, fixed_series)))
+        # A folder each: the two series' folders may have the same name (planning/CT, day1/CT).
+        (moving_file, moving_series), (fixed_file, fixed_series) = (dicom.as_nifti(path, scratch / role)
+                                                                    for path, role in ((moving, "moving"),
+                                                                                       (fixed, "fixed")))
         structures = None
         if moving_rtstruct:
             structures = dicom.read_rtstruct(moving_rtstruct, moving_series)

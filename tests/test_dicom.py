@@ -62,7 +62,9 @@ def test_a_series_written_and_read_back_gives_the_same_array_and_affine(tmp_path
     np.testing.assert_allclose(back.data, floats, atol=slope / 2 + 1e-3)  # the rescale is applied
     np.testing.assert_allclose(back.affine, affine, atol=1e-4)
     # The NIfTI a command line sees: the same voxels on the same RAS grid.
-    data, nifti_affine = io.load_image(dicom.as_nifti(tmp_path / "int", tmp_path / "nifti"))
+    converted, read = dicom.as_nifti(tmp_path / "int", tmp_path / "nifti")
+    assert read.folder == tmp_path / "int" and dicom.as_nifti(converted, tmp_path) == (converted, None)
+    data, nifti_affine = io.load_image(converted)
     np.testing.assert_array_equal(data, integers)
     np.testing.assert_allclose(nifti_affine, affine, atol=1e-4)
 
@@ -252,7 +254,9 @@ def test_registering_through_dicom_carries_the_rois_as_the_nifti_route_does(phan
              "--moving-labels", str(phantom / "ct_labels.nii.gz"),
              "--fixed-labels", str(phantom / "cbct_labels.nii.gz")]
     assert cli.main(["register", *nifti, "--out-dir", str(tmp_path / "nifti"), *FEW]) == 0
-    through_dicom = ["--moving", str(phantom / "ct"), "--fixed", str(phantom / "cbct"),
+    day = tmp_path / "day" / "ct"  # the day's series in a folder of the planning series' name
+    shutil.copytree(phantom / "cbct", day)
+    through_dicom = ["--moving", str(phantom / "ct"), "--fixed", str(day),
                      "--moving-rtstruct", str(phantom / "ct_rtstruct.dcm"),
                      "--fixed-rtstruct", str(phantom / "cbct_rtstruct.dcm")]
     out = tmp_path / "dicom"
