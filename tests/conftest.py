@@ -93,3 +93,23 @@ def assert_report_renders(report: Path, patients: dict[str, str], *, figures: in
     assert 'id="dice-boxplot"' in dom
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
     assert pixels.var() > 0 and (pixels < 250).mean() > 0.02, "the screenshot is blank"
+
+
+def finished_nodes(work_dir, name="inrlddmm_study") -> dict[str, int]:
+    """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file, finished nodes only.
+
+    Read from Nipype's own records, never from timing: a node counts as finished once Nipype has replaced
+    its ``_0x<hash>_unfinished.json`` by ``_0x<hash>.json``.
+    """
+    root = Path(work_dir) / name
+    nodes = {}
+    for result in root.glob("**/result_*.pklz"):
+        if any(not h.name.endswith("_unfinished.json") for h in result.parent.glob("_0x*.json")):
+            nodes[str(result.parent.relative_to(root))] = result.stat().st_mtime_ns
+    return nodes
+
+
+def rerun_nodes(before: dict, after: dict) -> set[str]:
+    """Nodes that executed between two :func:`finished_nodes` snapshots, data sinks aside (Nipype runs them
+    every time, and they copy only what changed: not a recomputation)."""
+    return {node for node, mtime in after.items() if before.get(node) != mtime and not node.endswith("_sink")}

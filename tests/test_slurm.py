@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import finished_nodes, rerun_nodes
 from nipype.utils.filemanip import loadpkl
 
 from nipype_inrlddmm import cli
@@ -82,16 +83,6 @@ def _job_log_tail(work_dir, job) -> str:
     """The end of a SLURM job's output file (``slurm-<job>.out`` beside Nipype's batch scripts)."""
     log = Path(work_dir) / "inrlddmm_study" / "batch" / f"slurm-{job}.out"
     return f"job {job}: {log.read_text()[-3000:] if log.exists() else 'no log'}"
-
-
-def _finished_nodes(work_dir) -> dict[str, int]:
-    """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file, finished nodes only."""
-    root = Path(work_dir) / "inrlddmm_study"
-    nodes = {}
-    for result in root.glob("**/result_*.pklz"):
-        if any(not h.name.endswith("_unfinished.json") for h in result.parent.glob("_0x*.json")):
-            nodes[str(result.parent.relative_to(root))] = result.stat().st_mtime_ns
-    return nodes
 
 
 def _slurm_jobs_of_nodes(work_dir) -> dict[str, dict]:
@@ -184,7 +175,7 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     first = json.loads(next(line[5:] for line in stdout.splitlines() if line.startswith("ROWS=")))
     assert sorted(first.values()) == ["failed", "ok"], (first, stderr[-2000:])
     failed = next(patient for patient, status in first.items() if status == "failed")
-    finished = _finished_nodes(tmp_path / "work")
+    finished = finished_nodes(tmp_path / "work")
     # This failed once in about 14 runs, with no record of why; the cancelled job's own log says how far it got.
     assert f"registration/_patient_{failed}/coarse" in finished, _job_log_tail(tmp_path / "work", cancelled)
     assert f"registration/_patient_{failed}/distill" not in finished, _job_log_tail(tmp_path / "work", cancelled)
@@ -192,8 +183,8 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=FAST)
     assert [row["status"] for row in rows] == ["ok", "ok"]
     assert (tmp_path / "out" / "study_dice.csv").read_text() == reference
-    after = _finished_nodes(tmp_path / "work")
-    rerun = {node for node, mtime in after.items() if finished.get(node) != mtime and not node.endswith("_sink")}
+    after = finished_nodes(tmp_path / "work")
+    rerun = rerun_nodes(finished, after)
     assert rerun == {f"registration/_patient_{failed}/{stage}" for stage in STAGES[1:]} | {"gather_dice"}
     jobs = _assert_ran_as_slurm_jobs(tmp_path / "work", cohort)
     assert cancelled not in {v["SLURM_JOB_ID"] for v in jobs.values()}
@@ -209,10 +200,10 @@ def test_slurmgraph_submits_and_exits_then_collect_gathers(slurm, cohort, refere
     assert "still queued or running" in capsys.readouterr().out
 
     _queue_empty(work)
-    before = _finished_nodes(work)
+    before = finished_nodes(work)
     assert cli.main([*command, "--collect"]) == 0, capsys.readouterr()
     assert (out / "study_dice.csv").read_text() == reference
     _assert_ran_as_slurm_jobs(work, cohort, graph=True)
-    after = _finished_nodes(work)
-    assert {node for node in before if after[node] != before[node] and not node.endswith("_sink")} == set()
+    after = finished_nodes(work)
+    assert not rerun_nodes(before, after)
     assert study_slurm_jobs(_study(cohort, tmp_path)) == []

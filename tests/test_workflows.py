@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+from conftest import finished_nodes, rerun_nodes
 
 from nipype_inrlddmm import cli, engine
 from nipype_inrlddmm.phantom import write_cohort
@@ -34,33 +35,9 @@ def _study(manifest, root, **options):
                          label_names=Path(manifest).parent / "labels.tsv", **{**FEW, **options})
 
 
-def _finished_nodes(work_dir, name="inrlddmm_study") -> dict[str, int]:
-    """Node folder (e.g. ``registration/_patient_p01/coarse``) -> mtime of its result file.
-
-    A node counts as finished once Nipype has replaced its ``_0x<hash>_unfinished.json``
-    by ``_0x<hash>.json``.
-    """
-    root = Path(work_dir) / name
-    nodes = {}
-    for result in root.glob("**/result_*.pklz"):
-        if any(not h.name.endswith("_unfinished.json") for h in result.parent.glob("_0x*.json")):
-            nodes[str(result.parent.relative_to(root))] = result.stat().st_mtime_ns
-    return nodes
-
-
-def _rerun(before: dict, after: dict) -> set[str]:
-    """Nodes that executed between two snapshots."""
-    return {node for node, mtime in after.items() if before.get(node) != mtime}
-
-
 def _table(out_dir) -> list[dict]:
     with open(Path(out_dir) / "study_dice.csv", newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _is_sink(node: str) -> bool:
-    # DataSinks always run (Nipype's default) and copy only what changed: not a recomputation.
-    return node.endswith("_sink")
 
 
 @pytest.fixture(scope="module")
@@ -167,21 +144,21 @@ def test_linear_and_multiproc_give_the_same_table(linear_study, cohort, tmp_path
 def test_a_rerun_recomputes_nothing(linear_study, cohort):
     root, _ = linear_study
     run_study(_study(cohort, root))  # the reference state, whatever ran before
-    nodes = _finished_nodes(root / "work")
+    nodes = finished_nodes(root / "work")
     outputs = {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*") if path.is_file()}
     run_study(_study(cohort, root))
-    rerun = _rerun(nodes, _finished_nodes(root / "work"))
+    rerun = rerun_nodes(nodes, finished_nodes(root / "work"))
     assert len(nodes) == 3 * 8 + 2  # per patient: select, coarse, distill, fine, warp_labels, dice, qc, sink
-    assert all(_is_sink(node) for node in rerun), rerun
+    assert not rerun, rerun
     assert {path: path.stat().st_mtime_ns for path in outputs} == outputs  # no output rewritten
 
 
 def test_a_fine_parameter_change_reruns_only_fine_and_what_follows(linear_study, cohort):
     root, _ = linear_study
     run_study(_study(cohort, root))
-    before = _finished_nodes(root / "work")
+    before = finished_nodes(root / "work")
     run_study(_study(cohort, root, fine_iterations=12))
-    rerun = {node for node in _rerun(before, _finished_nodes(root / "work")) if not _is_sink(node)}
+    rerun = rerun_nodes(before, finished_nodes(root / "work"))
     expected = {f"registration/_patient_{p}/{stage}" for p in PATIENTS
                 for stage in ("fine", "warp_labels", "dice", "qc")}
     assert rerun == expected | {"gather_dice"}
@@ -196,21 +173,21 @@ def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     try:
-        while first_coarse not in _finished_nodes(tmp_path / "work"):
+        while first_coarse not in finished_nodes(tmp_path / "work"):
             assert process.poll() is None, "the study ended before it could be killed"
             assert time.monotonic() < deadline, "the first coarse stage never finished"
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    finished = _finished_nodes(tmp_path / "work")
+    finished = finished_nodes(tmp_path / "work")
     assert not (tmp_path / "out" / "study_dice.csv").exists()
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [row["status"] for row in _table(tmp_path / "out")] == ["ok"] * 3
-    after = _finished_nodes(tmp_path / "work")
-    recomputed = {node for node in _rerun(finished, after) if node in finished and not _is_sink(node)}
+    after = finished_nodes(tmp_path / "work")
+    recomputed = {node for node in rerun_nodes(finished, after) if node in finished}
     assert not recomputed, recomputed
     assert first_coarse in finished and after[first_coarse] == finished[first_coarse]
 
@@ -232,10 +209,10 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
 
     # Repaired, the rerun registers only the failed patient.
     shutil.copy(cohort.parent / "p02" / "cbct.nii.gz", data / "p02" / "cbct.nii.gz")
-    before = _finished_nodes(tmp_path / "work")
+    before = finished_nodes(tmp_path / "work")
     rows = run_study(_study(data / "manifest.tsv", tmp_path))
     assert [row["status"] for row in rows] == ["ok"] * 3
-    rerun = {node for node in _rerun(before, _finished_nodes(tmp_path / "work")) if not _is_sink(node)}
+    rerun = rerun_nodes(before, finished_nodes(tmp_path / "work"))
     assert {node for node in rerun if "_patient_" in node} == {
         f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice", "qc")
     }
@@ -259,13 +236,13 @@ def test_a_cut_short_cached_result_is_recomputed_not_failed_on(linear_study, coh
     follows it for that patient, and nothing of the other patients."""
     root, _ = linear_study
     run_study(_study(cohort, root))  # the reference state, whatever ran before
-    nodes = _finished_nodes(root / "work")
+    nodes = finished_nodes(root / "work")
     result = root / "work" / "inrlddmm_study" / "registration" / "_patient_p02" / "coarse" / "result_coarse.pklz"
     result.write_bytes(result.read_bytes()[:100])
     with caplog.at_level("WARNING", logger="nipype.workflow"):
         rows = run_study(_study(cohort, root))
     assert [row["status"] for row in rows] == ["ok"] * 3
     assert "_patient_p02/coarse: its cached result could not be read" in caplog.text
-    rerun = {node for node in _rerun(nodes, _finished_nodes(root / "work")) if not _is_sink(node)}
+    rerun = rerun_nodes(nodes, finished_nodes(root / "work"))
     assert "registration/_patient_p02/coarse" in rerun, rerun
     assert all("_patient_p02" in node or node == "gather_dice" for node in rerun), rerun  # and the study table
