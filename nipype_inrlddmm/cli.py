@@ -13,6 +13,7 @@ two cores at the same time.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -432,6 +433,14 @@ def main(argv=None) -> int:
         return 2
     except DivergenceError as error:  # not the input's fault: exit 1, as a failed study
         print(f"inrlddmm: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every output is staged and moved into place whole, so what a full disk interrupted left nothing behind.
+        where = error.filename or getattr(args, "out_dir", None) or os.getcwd()
+        print(f"inrlddmm: error: no space left on the device holding {where} ({error.strerror}); nothing "
+              "half-written was kept: free some space and run the same command again", file=sys.stderr)
         return 1
 
 

@@ -606,14 +606,25 @@ def _patient_of(node) -> str | None:
     return None
 
 
-def _failure_reason(node) -> str:
-    """``"<node>: <exception line>"`` from the failed node's result file."""
+def _failure_reason(node, stopped: Exception | None = None) -> str:
+    """``"<node>: <exception line>"`` from the failed node's result file.
+
+    ``stopped`` is the exception that ended the whole run, if one did: when
+    a node's failure could not even be recorded (no result, no traceback;
+    a full disk also refuses the crash file), it is that failure's cause.
+    """
     try:
         traceback = node.result.runtime.traceback or ""
         last = [line.strip() for line in traceback.splitlines() if line.strip()][-1]
-    except Exception:  # no result file (killed worker or SLURM job, ...): the crash file has the details
-        if "results file does not exist" in "".join(getattr(node, "_traceback", None) or []):
+    except Exception:  # no result file (killed worker or SLURM job, a full disk, ...)
+        details = "".join(getattr(node, "_traceback", None) or [])
+        if "results file does not exist" in details:
             return f"{node.name}: its SLURM job ended without a result (cancelled, or out of time or memory?)"
+        last = [line.strip() for line in details.splitlines() if line.strip()][-1:]
+        if last:
+            return f"{node.name}: {last[0]}"[:500]
+        if stopped is not None:
+            return f"{node.name}: {type(stopped).__name__}: {stopped}"[:500]
         return f"{node.name} failed (see the crash file)"
     return f"{node.name}: {last}"[:500]
 
@@ -730,12 +741,14 @@ def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> lis
     # of torch, scipy and matplotlib dominated a small study's scheduling (docs: decisions).  Frozen, they
     # are not scanned again: each collection sees only what the run itself creates.
     gc.freeze()
+    stopped = None
     try:
         workflow.run(plugin=SLURMPlugin(plugin_args=arguments) if plugin == "SLURM" else plugin,
                      plugin_args=arguments)
-    except Exception:
+    except Exception as error:
         if not failed:
             raise  # not a node failure (a broken graph, a dead worker pool, ...)
+        stopped = error
     finally:
         gc.unfreeze()
     if None in failed:
@@ -744,10 +757,14 @@ def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> lis
     rows = []
     for patient in patients:
         if patient in failed:
-            rows.append(steps.failed_row(patient, _failure_reason(failed[patient])))
+            rows.append(steps.failed_row(patient, _failure_reason(failed[patient], stopped)))
+        elif not (out_dir / patient / "dice.json").is_file():
+            # Nipype stops scheduling when it cannot even record a failure (a full disk): the patients after
+            # it never ran, and a rerun takes them up.
+            rows.append(steps.failed_row(patient, "not run: the study stopped at another patient's failure"))
         else:
             rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
-    if failed:
+    if any(row["status"] == "failed" for row in rows):
         steps.write_study_table(out_dir / "study_dice.csv", rows)
     report.write_study_report(out_dir, rows, parameters=study_parameters(workflow),
                               manifest=workflow.get_node("select").inputs.manifest)
