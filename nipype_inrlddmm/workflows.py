@@ -98,7 +98,10 @@ EXECUTION = {
 #: NFS) are moved into the workflow's execution config.  SLURMGraph submits only unfinished nodes.
 PLUGIN_DEFAULTS = {
     "MultiProc": {"mp_context": "forkserver"},
-    "SLURM": {"max_jobs": 100, "poll_sleep_duration": 2.0, "job_finished_timeout": 5.0},
+    # sbatch is retried for a minute (Nipype's default: twice, 2 s apart), so a controller restart does not
+    # fail the node being submitted.
+    "SLURM": {"max_jobs": 100, "poll_sleep_duration": 2.0, "job_finished_timeout": 5.0, "max_tries": 30,
+              "retry_timeout": 2.0},
     "SLURMGraph": {"dont_resubmit_completed_jobs": True},
 }
 
@@ -532,18 +535,53 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
     return workflow
 
 
+#: Seconds the SLURM controller may stay unreachable (a restart, a fail-over) before a study gives up on it.
+CONTROLLER_PATIENCE = 600.0
+#: What ``squeue`` and ``sbatch`` say when they cannot reach the controller.
+_UNREACHABLE = ("Unable to contact slurm controller", "Connection refused")
+
+
 class SLURMPlugin(_NipypeSLURMPlugin):
-    """Nipype's SLURM plugin; a job that ends without a result fails its node, not the whole run.
+    """Nipype's SLURM plugin; a job that ends without a result fails its node, not the whole run, and a
+    controller that restarts is waited for.
 
     A job killed by ``scancel``, its time limit or the out-of-memory killer leaves no result file.
     Nipype 1.11 then builds the crash report by adding a list to a string and raises a TypeError
     that stops the run, other patients included; the traceback is passed as a list here.
+
+    While ``slurmctld`` restarts, ``squeue`` fails, and Nipype took that for a finished job, which then
+    failed for want of its result; yet the jobs run on, and the controller recovers them from its saved
+    state.  Here a job is taken as still running while the controller does not answer, for up to
+    :data:`CONTROLLER_PATIENCE` seconds, and then the study stops saying that the controller is gone.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._unreachable_since = None
 
     def _report_crash(self, node, result=None):
         if result is not None and isinstance(result.get("traceback"), str):
             result = {**result, "traceback": result["traceback"].splitlines(keepends=True)}
         return super()._report_crash(node, result=result)
+
+    def _is_pending(self, taskid):
+        # Nipype's own check reads a failed squeue as "not in the queue": during a controller restart every
+        # running job would look finished, and fail for want of its result.
+        answer = subprocess.run(["squeue", "-h", "-j", str(taskid), "-o", "%i"], capture_output=True, text=True)
+        message = " ".join((answer.stderr or answer.stdout).split())
+        if answer.returncode == 0 or "Invalid job id" in message:  # the latter: finished and forgotten
+            self._unreachable_since = None
+            return answer.returncode == 0 and str(taskid) in answer.stdout.split()
+        if not any(text in message for text in _UNREACHABLE):
+            raise RuntimeError(f"squeue -j {taskid} failed: {message}")
+        now = time.monotonic()
+        self._unreachable_since = self._unreachable_since or now
+        if now - self._unreachable_since > CONTROLLER_PATIENCE:
+            raise RuntimeError(f"the SLURM controller has not answered for {CONTROLLER_PATIENCE:.0f} s ({message}); "
+                               "its jobs may still run: rerun the study once it is back")
+        LOGGER.warning("the SLURM controller does not answer (%s): job %s is taken as still running", message,
+                       taskid)
+        return True
 
 
 def _prepare_slurm(workflow: Workflow, arguments: dict) -> None:

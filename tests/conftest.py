@@ -113,3 +113,71 @@ def rerun_nodes(before: dict, after: dict) -> set[str]:
     """Nodes that executed between two :func:`finished_nodes` snapshots, data sinks aside (Nipype runs them
     every time, and they copy only what changed: not a recomputation)."""
     return {node for node, mtime in after.items() if before.get(node) != mtime and not node.endswith("_sink")}
+
+
+SLURM_SCRIPT = REPO / "scripts" / "local-slurm.sh"
+#: Fast polling for a 2-patient study on an idle local cluster (the package's defaults suit real ones).
+SLURM_FAST = {"poll_sleep_duration": 0.2, "job_finished_timeout": 2.0}
+
+
+def local_cluster() -> str:
+    """SLURM_CONF of the running local cluster; skips (with the reason) when there is none."""
+    import subprocess
+
+    try:
+        status = subprocess.run(["bash", str(SLURM_SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"local SLURM cluster: `{SLURM_SCRIPT} status` failed: {error}")
+    if status.returncode != 0:
+        pytest.skip(f"local SLURM cluster not running: {(status.stdout + status.stderr).strip()} "
+                    f"(`make test` starts it; by hand, as root: scripts/local-slurm.sh start)")
+    return next(line.split("=", 1)[1] for line in status.stdout.splitlines() if line.startswith("export SLURM_CONF="))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The local cluster's SLURM_CONF in the environment, LOGNAME unset (as under some CI), fast polling."""
+    from nipype_inrlddmm.workflows import PLUGIN_DEFAULTS
+
+    conf = local_cluster()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", conf)
+        patch.delenv("LOGNAME", raising=False)  # Nipype's SLURM plugin needs it: the package sets it
+        patch.setitem(PLUGIN_DEFAULTS, "SLURM", {**PLUGIN_DEFAULTS["SLURM"], **SLURM_FAST})
+        yield conf
+
+
+_STUDY_DRIVER = """\
+import json, sys
+from nipype_inrlddmm.workflows import init_study_wf, run_study
+manifest, root, options, plugin, plugin_args = sys.argv[1:]
+wf = init_study_wf(manifest=manifest, out_dir=root + '/out', work_dir=root + '/work',
+                   label_names=manifest.rsplit('/', 1)[0] + '/labels.tsv', **json.loads(options))
+rows = run_study(wf, plugin=plugin, plugin_args=json.loads(plugin_args))
+print('ROWS=' + json.dumps({row['patient']: row['status'] for row in rows}), flush=True)
+"""
+
+
+def start_study(manifest, root, options: dict, *, plugin: str, plugin_args: dict):
+    """A study in its own process (to be disturbed while it runs): ``root/out``, ``root/work``."""
+    import json
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _STUDY_DRIVER, str(manifest), str(root), json.dumps(options),
+                             plugin, json.dumps(plugin_args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def study_outcome(process, timeout: float) -> tuple[dict[str, str], str]:
+    """``({patient: status}, log)`` of a :func:`start_study` process once it ends (its stdout, where Nipype
+    logs, and stderr); fails if it died."""
+    import json
+
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "ROWS=" in stdout, f"the study died: {(stdout + stderr)[-3000:]}"
+    return json.loads(next(line[5:] for line in stdout.splitlines() if line.startswith("ROWS="))), stdout + stderr

@@ -10,7 +10,6 @@ each node's interface ran in (``result_<node>.pklz``: ``SLURM_JOB_ID``, ``SLURM_
 Nipype wrote in ``<work_dir>/inrlddmm_study/batch/``.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,46 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import finished_nodes, rerun_nodes
+from conftest import SLURM_FAST, finished_nodes, rerun_nodes, start_study, study_outcome
 from nipype.utils.filemanip import loadpkl
 
 from nipype_inrlddmm import cli
 from nipype_inrlddmm.phantom import write_cohort
-from nipype_inrlddmm.workflows import (PLUGIN_DEFAULTS, init_study_wf, run_study, slurm_sbatch_args,
-                                      study_slurm_jobs)
+from nipype_inrlddmm.workflows import init_study_wf, run_study, slurm_sbatch_args, study_slurm_jobs
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "local-slurm.sh"
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 FEW_FLAGS = ["--coarse-iterations", "5", "--distill-iterations", "3", "--fine-iterations", "5", "--quiet"]
 PATIENTS = ["p01", "p02"]
 STAGES = ["coarse", "distill", "fine", "warp_labels", "dice", "qc"]
-#: Fast polling for a 2-patient study on an idle local cluster (the package's defaults suit real ones).
-FAST = {"poll_sleep_duration": 0.2, "job_finished_timeout": 2.0}
-
-
-def _local_cluster() -> str:
-    """SLURM_CONF of the running local cluster; skips (with the reason) when there is none."""
-    try:
-        status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"local SLURM cluster: `{SCRIPT} status` failed: {error}")
-    if status.returncode != 0:
-        pytest.skip(f"local SLURM cluster not running: {(status.stdout + status.stderr).strip()} "
-                    f"(`make test` starts it; by hand, as root: scripts/local-slurm.sh start)")
-    conf = next(line.split("=", 1)[1] for line in status.stdout.splitlines() if line.startswith("export SLURM_CONF="))
-    return conf
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """The local cluster's SLURM_CONF in the environment, LOGNAME unset (as under some CI), fast polling."""
-    conf = _local_cluster()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLURM_CONF", conf)
-        patch.delenv("LOGNAME", raising=False)  # Nipype's SLURM plugin needs it: the package sets it
-        patch.setitem(PLUGIN_DEFAULTS, "SLURM", {**PLUGIN_DEFAULTS["SLURM"], **FAST})
-        yield conf
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +111,7 @@ def test_a_study_through_the_slurm_plugin_runs_each_node_as_a_job(slurm, cohort,
 
 def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tmp_path):
     """scancel a running distill job: its patient fails, the other finishes; the rerun only finishes."""
-    driver = (
-        "import json, sys\n"
-        "from nipype_inrlddmm.workflows import init_study_wf, run_study\n"
-        "manifest, root, few, fast = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])\n"
-        "wf = init_study_wf(manifest=manifest, out_dir=root + '/out', work_dir=root + '/work',\n"
-        "                   label_names=manifest.rsplit('/', 1)[0] + '/labels.tsv', **few)\n"
-        "rows = run_study(wf, plugin='SLURM', plugin_args=fast)\n"
-        "print('ROWS=' + json.dumps({row['patient']: row['status'] for row in rows}), flush=True)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", driver, str(cohort), str(tmp_path), json.dumps(FEW),
-                                json.dumps(FAST)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_study(cohort, tmp_path, FEW, plugin="SLURM", plugin_args=SLURM_FAST)
     cancelled = None
     deadline = time.monotonic() + 180
     try:
@@ -167,20 +127,18 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
                     cancelled = job
                     break
             time.sleep(0.1)
-        stdout, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert "ROWS=" in stdout, f"the study died: {stderr[-3000:]}"
-    first = json.loads(next(line[5:] for line in stdout.splitlines() if line.startswith("ROWS=")))
-    assert sorted(first.values()) == ["failed", "ok"], (first, stderr[-2000:])
+    except BaseException:
+        process.kill()
+        raise
+    first, log = study_outcome(process, timeout=300)
+    assert sorted(first.values()) == ["failed", "ok"], (first, log[-2000:])
     failed = next(patient for patient, status in first.items() if status == "failed")
     finished = finished_nodes(tmp_path / "work")
     # This failed once in about 14 runs, with no record of why; the cancelled job's own log says how far it got.
     assert f"registration/_patient_{failed}/coarse" in finished, _job_log_tail(tmp_path / "work", cancelled)
     assert f"registration/_patient_{failed}/distill" not in finished, _job_log_tail(tmp_path / "work", cancelled)
 
-    rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=FAST)
+    rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=SLURM_FAST)
     assert [row["status"] for row in rows] == ["ok", "ok"]
     assert (tmp_path / "out" / "study_dice.csv").read_text() == reference
     after = finished_nodes(tmp_path / "work")
