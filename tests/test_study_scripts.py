@@ -32,6 +32,8 @@ def test_prostate_study_extracts_the_gland_into_its_work_dir(real_data, tmp_path
     workflow = module.build_workflow(tmp_path / "out", tmp_path / "work", data=real_data / "prostate-mr-us")
     assert len(workflow.get_node("patients").iterables[1]) == 8
     assert "affine" in _registration_nodes(workflow)
+    registration = workflow.get_node("registration")
+    assert {registration.get_node(stage).inputs.similarity for stage in ("coarse", "fine")} == {"mind"}
     source = nib.load(real_data / "prostate-mr-us" / "mr_labels" / "case000000.nii.gz")
     gland = nib.load(tmp_path / "work" / "inputs" / "case000000_mr_gland.nii.gz")
     assert source.ndim == 4 and gland.shape == source.shape[:3]
