@@ -180,8 +180,9 @@ def score(case: Case, run: dict) -> dict:
     return {"wall": run["wall"], "mean_dice": float(np.nanmean(dice)), **metrics.determinant_summary(run["jacobian"])}
 
 
-def run_study(n_patients: int, scratch: Path, threads: int, env: dict) -> dict:
-    """``inrlddmm study`` of a fresh phantom cohort with MultiProc, one node per core: where its wall time goes.
+def run_study(n_patients: int, scratch: Path, threads: int, env: dict, *, plugin: str = "MultiProc",
+              shape=(64, 56, 24)) -> dict:
+    """``inrlddmm study`` of a fresh phantom cohort, one node per core: where its wall time goes.
 
     Each node's start, end and run time are read from its result in the
     work folder.  From the command's start to the first node's start is
@@ -190,8 +191,10 @@ def run_study(n_patients: int, scratch: Path, threads: int, env: dict) -> dict:
     study report and the exit.  In between Nipype runs the nodes: with
     ``threads`` workers they take at least their summed run time over
     ``threads``, and the rest of that window is Nipype's own (scheduling,
-    the worker pool, hashing, result files, the data sinks, and workers
-    idle for want of a ready node).
+    the worker pool or the SLURM jobs' own start, hashing, result files, the
+    data sinks, and workers idle for want of a ready node).  ``plugin`` is
+    ``MultiProc`` (``threads`` workers) or ``SLURM`` (a cluster with
+    ``threads`` cores, whose ``SLURM_CONF`` is in ``env``).
     """
     from datetime import datetime
 
@@ -199,11 +202,12 @@ def run_study(n_patients: int, scratch: Path, threads: int, env: dict) -> dict:
 
     from nipype_inrlddmm.phantom import write_cohort
 
-    manifest = write_cohort(scratch / "cohort", n_patients, shape=(64, 56, 24))
-    out, work = scratch / "study", scratch / "study_work"
+    cohort = scratch / "cohort"
+    manifest = cohort / "manifest.tsv" if cohort.is_dir() else write_cohort(cohort, n_patients, shape=shape)
+    out, work = scratch / f"study_{plugin}", scratch / f"study_work_{plugin}"
     command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"), "study", str(manifest),
-               "--out-dir", str(out), "--work-dir", str(work), "--plugin", "MultiProc", "--n-procs", str(threads),
-               "--num-threads", "1", "--quiet"]
+               "--out-dir", str(out), "--work-dir", str(work), "--plugin", plugin, "--num-threads", "1", "--quiet"]
+    command += ["--n-procs", str(threads)] if plugin == "MultiProc" else []
     started = time.time()
     wall = _timed(command, env)
     runtimes = [loadpkl(result).runtime for result in work.rglob("result_*.pklz")]
@@ -211,7 +215,7 @@ def run_study(n_patients: int, scratch: Path, threads: int, env: dict) -> dict:
     last = max(datetime.fromisoformat(r.endTime).timestamp() for r in runtimes) - started
     busy = sum(r.duration for r in runtimes) / threads
     return {"patients": n_patients, "nodes": len(runtimes), "wall": wall, "node_seconds": busy * threads,
-            "start_up": first, "nipype": last - first - busy, "report_and_exit": wall - last,
+            "out": str(out), "start_up": first, "nipype": last - first - busy, "report_and_exit": wall - last,
             "nipype_share": (last - first - busy) / wall}
 
 
