@@ -66,6 +66,7 @@ def register(
     fixed,
     *,
     fixed_mask=None,
+    initial: engine.VelocityField | None = None,
     device: str = "auto",
     num_threads: int | None = None,
     progress: bool = False,
@@ -79,6 +80,12 @@ def register(
         may differ in shape, spacing and orientation.
     fixed_mask : optional mask on the fixed grid (same forms); iterations
         sample patches inside it.
+    initial : optional velocity network to start from (a previous
+        :class:`Registration`'s ``model``, or
+        :func:`nipype_inrlddmm.io.load_checkpoint`'s): a warm start, the fine
+        stage alone, ``warm_iterations`` from ``warm_learning_rate``
+        (:func:`~nipype_inrlddmm.engine.register_volumes`), e.g. the same
+        planning CT against the next day's CBCT.
     device : ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     num_threads : torch CPU threads (``None`` leaves torch's setting).
     **options : registration settings, see
@@ -110,7 +117,7 @@ def register(
 
     result = engine.register_volumes(
         *(as_tensor(a, device) for a in (moving_data, moving_affine, fixed_data, fixed_affine)), config,
-        fixed_mask=mask, progress=progress,
+        fixed_mask=mask, initial=initial, progress=progress,
     )
     return Registration(
         displacement=result.displacement.cpu().numpy(),

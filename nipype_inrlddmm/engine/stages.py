@@ -40,7 +40,10 @@ class RegistrationConfig:
     lattice about 4 mm apart, so the field between those points is
     unconstrained; interpolated from the same spacing, it is the field the
     training saw, at a fraction of every voxel's work on 1 mm grids
-    (docs/decisions.md, "Dense field").
+    (docs/decisions.md, "Dense field").  ``warm_iterations`` and
+    ``warm_learning_rate`` replace the fine stage's when it continues a
+    given network (:func:`register_volumes` with ``initial``,
+    :func:`warm_config`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -67,10 +70,18 @@ class RegistrationConfig:
     fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4,
                                                                   sampling_fraction=0.1))
     field_stride: int | tuple[int, int, int] | None = None
+    # A warm start (register_volumes with an initial field) runs the fine stage alone, this many iterations
+    # from a third of its learning rate: the network holds a whole field already, which the full rate
+    # scatters before it refines it.  Figures: docs/decisions.md ("Warm start over a course").
+    warm_iterations: int = 150
+    warm_learning_rate: float = 3e-4
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "field_stride", checked_stride(self.field_stride, "field_stride"))
+        if self.warm_iterations < 0 or not self.warm_learning_rate > 0:
+            raise ValueError(f"warm_iterations must be 0 or more and warm_learning_rate positive, got "
+                             f"{self.warm_iterations} and {self.warm_learning_rate}")
 
 
 @dataclass
@@ -289,18 +300,49 @@ def warp(
 
 @dataclass
 class RegistrationResult:
-    """What :func:`register_volumes` returns."""
+    """What :func:`register_volumes` returns; ``coarse`` and ``distilled`` are None after a warm start."""
 
     displacement: torch.Tensor  # (X, Y, Z, 3) mm, RAS, on the fixed grid
     warped: torch.Tensor  # moving image on the fixed grid
     velocity: VelocityField
-    coarse: StageResult
-    distilled: StageResult
+    coarse: StageResult | None
+    distilled: StageResult | None
     fine: StageResult
 
     @property
     def log(self) -> list[dict]:
-        return self.coarse.log + self.distilled.log + self.fine.log
+        return [row for stage in (self.coarse, self.distilled, self.fine) if stage is not None for row in stage.log]
+
+
+def _uncovered_mm(velocity: VelocityField, shape, affine: torch.Tensor) -> torch.Tensor:
+    """How far (mm, ``(3,)`` per world axis, 0 where inside) a grid's voxel centres reach beyond the box
+    that ``velocity``'s inputs are normalised to: the fixed grid it was fitted on."""
+    low, high = bounding_box(shape, affine)
+    velocity_low, velocity_high = velocity.center - velocity.half_extent, velocity.center + velocity.half_extent
+    return torch.maximum(velocity_low.to(low) - low, high - velocity_high.to(high)).clamp(min=0)
+
+
+def warm_start_mismatch(velocity: VelocityField, shape, affine: torch.Tensor) -> str | None:
+    """Why ``velocity`` cannot start a registration on the fixed grid ``(shape, affine)``, or None.
+
+    A network fitted on one fixed grid is a field in world mm over that
+    grid's box; another grid (a later day's scan, even of another size or
+    spacing) may start from it where it lies within that box, give or take
+    one of its own voxels.  Beyond it the network was never fitted, and a
+    sine network's values there are arbitrary.
+    """
+    excess = _uncovered_mm(velocity, shape, affine)
+    tolerance = float(spacing(affine).max())
+    if float(excess.max()) <= tolerance:
+        return None
+    reach = ", ".join(f"{float(mm):.1f} mm along {axis}" for mm, axis in zip(excess, "xyz") if mm > tolerance)
+    return f"the fixed grid reaches beyond the box the network was fitted on ({reach}; more than one voxel)"
+
+
+def warm_config(config: RegistrationConfig) -> RegistrationConfig:
+    """``config`` for a warm start: the fine stage's iterations and learning rate are the warm ones."""
+    return replace(config, fine=replace(config.fine, iterations=config.warm_iterations,
+                                        learning_rate=config.warm_learning_rate))
 
 
 def register_volumes(
@@ -311,20 +353,39 @@ def register_volumes(
     config: RegistrationConfig = RegistrationConfig(),
     *,
     fixed_mask: torch.Tensor | None = None,
+    initial: VelocityField | None = None,
     progress: bool = False,
 ) -> RegistrationResult:
     """Coarse stage -> distillation -> fine stage, then warp the moving image.
 
+    With ``initial`` (a velocity network fitted on this fixed grid's box,
+    such as the previous fraction's of a course of treatment: the same
+    moving image against another day's fixed image), a warm start: there is
+    no coarse stage or distillation, since the network is a field at full
+    resolution already, and the fine stage continues a copy of it
+    (:func:`warm_config`); its architecture is ``initial``'s
+    (``config.model`` is ignored).  A grid outside its box raises
+    ValueError (:func:`warm_start_mismatch`).
+
     Raises :class:`~nipype_inrlddmm.engine.memory.InsufficientMemoryError`
     before anything is trained when a stage would not fit in memory.
     """
-    for stage in ("coarse", "distill", "fine"):
+    if initial is not None:
+        mismatch = warm_start_mismatch(initial, fixed.shape, fixed_affine)
+        if mismatch:
+            raise ValueError(f"cannot start from this initial velocity network: {mismatch}")
+        config = replace(warm_config(config), model=initial.config)
+    stages = ("coarse", "distill", "fine") if initial is None else ("fine",)
+    for stage in stages:
         check_memory(stage, fixed.shape, config, moving_shape=moving.shape, device=fixed.device)
     moving_n, fixed_n = normalise_intensity(moving), normalise_intensity(fixed)
-    coarse = coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config,
-                          fixed_mask=fixed_mask, progress=progress)
-    distilled = distill_stage(coarse, fixed.shape, fixed_affine, config, progress=progress)
-    fine = fine_stage(distilled.velocity, moving_n, moving_affine, fixed_n, fixed_affine, config,
+    coarse = distilled = None
+    if initial is None:
+        coarse = coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config,
+                              fixed_mask=fixed_mask, progress=progress)
+        distilled = distill_stage(coarse, fixed.shape, fixed_affine, config, progress=progress)
+        initial = distilled.velocity
+    fine = fine_stage(initial, moving_n, moving_affine, fixed_n, fixed_affine, config,
                       fixed_mask=fixed_mask, progress=progress)
     warped = warp(moving, moving_affine, fine.displacement, fixed_affine)
     return RegistrationResult(fine.displacement, warped, fine.velocity, coarse, distilled, fine)
