@@ -170,11 +170,19 @@ def make_pair(
     affine = grid_affine(shape, field_of_view)
     points = _grid_points(shape, affine)
     ct_shape, ct_affine = ct_grid if ct_grid is not None else (shape, affine)
-
     ct, ct_labels = anatomy(_grid_points(ct_shape, ct_affine))
     u = breathing_and_setup(points, rng)
-    cbct, cbct_labels = anatomy(points + u)
+    return _day_scan(anatomy, ct.reshape(ct_shape).astype(np.float32), ct_labels.reshape(ct_shape).astype(np.uint8),
+                     np.asarray(ct_affine, float), u, shape, affine, field_of_view, rng)
 
+
+def _day_scan(anatomy, ct, ct_labels, ct_affine, u, shape, affine, field_of_view, rng) -> PhantomPair:
+    """The CBCT of ``anatomy`` deformed by ``u`` (``(N, 3)`` mm at the grid's points), paired with the CT.
+
+    The CBCT's intensity change, cupping, noise and field of view are drawn from ``rng``.
+    """
+    points = _grid_points(shape, affine)
+    cbct, cbct_labels = anatomy(points + u)
     x, y, z = points.T
     cylinder = np.sqrt(x**2 + y**2) / 155.0
     fov = (cylinder <= 1.0) & (np.abs(z) <= 0.42 * field_of_view[2])
@@ -185,19 +193,38 @@ def make_pair(
     cbct[~fov] = AIR
     cbct_labels[~fov] = 0
 
-    def volume(values, dtype, grid=shape):
-        return values.reshape(grid).astype(dtype)
+    def volume(values, dtype):
+        return values.reshape(shape).astype(dtype)
 
-    return PhantomPair(
-        ct=volume(ct, np.float32, ct_shape),
-        ct_labels=volume(ct_labels, np.uint8, ct_shape),
-        cbct=volume(cbct, np.float32),
-        cbct_labels=volume(cbct_labels, np.uint8),
-        cbct_fov=volume(fov, bool),
-        displacement=u.reshape(*shape, 3).astype(np.float32),
-        affine=affine,
-        ct_affine=np.asarray(ct_affine, float),
-    )
+    return PhantomPair(ct=ct, ct_labels=ct_labels, cbct=volume(cbct, np.float32),
+                       cbct_labels=volume(cbct_labels, np.uint8), cbct_fov=volume(fov, bool),
+                       displacement=u.reshape(*shape, 3).astype(np.float32), affine=affine, ct_affine=ct_affine)
+
+
+def make_course(shape=(128, 112, 48), n_fractions: int = 5, *, seed: int = 0,
+                field_of_view=FIELD_OF_VIEW_MM) -> list[PhantomPair]:
+    """One patient's course of treatment: the same planning CT against ``n_fractions`` daily CBCTs.
+
+    The deformation drifts slowly from day to day: fraction ``k`` of ``n``
+    is ``u_k = (1 - s) u_A + s u_B`` with ``s = k / (n - 1)`` between two
+    draws of :func:`breathing_and_setup`, so consecutive days differ by a
+    fraction of one day's deformation (setup shift and breathing included).
+    A convex combination of two fields whose gradients stay below 1 keeps
+    that bound: every ``x -> x + u_k(x)`` is a diffeomorphism.  Each day
+    gets its own CBCT intensity change and noise.  Every pair holds the same
+    CT arrays; ``seed`` is the patient.
+    """
+    if n_fractions < 1:
+        raise ValueError(f"a course needs at least one fraction, got {n_fractions}")
+    rng = np.random.default_rng(seed)
+    anatomy = _Anatomy(rng)
+    affine = grid_affine(shape, field_of_view)
+    points = _grid_points(shape, affine)
+    ct, ct_labels = (values.reshape(shape).astype(dtype) for values, dtype in zip(anatomy(points),
+                                                                                   (np.float32, np.uint8)))
+    first, last = breathing_and_setup(points, rng), breathing_and_setup(points, rng)
+    return [_day_scan(anatomy, ct, ct_labels, affine, (1 - s) * first + s * last, shape, affine, field_of_view, rng)
+            for s in np.linspace(0.0, 1.0, n_fractions)]
 
 
 def write_dicom(folder, pair: PhantomPair, patient: str) -> dict[str, Path]:
