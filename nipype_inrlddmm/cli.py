@@ -50,6 +50,8 @@ _OPTIONS = {
     "coarse_iterations": (int, "iterations of the coarse stage"),
     "distill_iterations": (int, "iterations of the distillation stage"),
     "fine_iterations": (int, "iterations of the fine stage"),
+    "warm_iterations": (int, "iterations of the fine stage when it starts from a previous registration's model "
+                             "(register: --init-model; study: the manifest's init_model column), the only stage then"),
     "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
                                 "(0: never stop early)"),
     "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),
@@ -164,8 +166,8 @@ def _cmd_register(args) -> int:
         args.moving, args.fixed, args.out_dir, moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask, label_names=label_names,
         label_volume=args.label_volume,
-        affine=args.affine, affine_start=args.init, device=args.device, num_threads=args.num_threads,
-        progress=not args.quiet,
+        affine=args.affine, affine_start=args.init, init_model=args.init_model, device=args.device,
+        num_threads=args.num_threads, progress=not args.quiet,
         trajectory=args.trajectory, **_registration_options(args),
     )
     if "rows" in outputs:
@@ -351,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="of 4-D label files (one structure per volume, e.g. a gland then landmarks), evaluate "
                      "volume K alone, counted from 0 (default: every volume, volume k as label k + 1)")
     reg.add_argument("--out-dir", required=True, help="output folder (created)")
+    reg.add_argument("--init-model", metavar="MODEL", help="start from the model.pt of a registration of the same "
+                     "moving image, e.g. the previous fraction's of a course (the planning CT against each day's "
+                     "CBCT): no coarse stage or distillation, --warm-iterations of the fine stage; that registration's "
+                     "fixed grid must cover this fixed image's (default: none, a cold start)")
     reg.add_argument("--trajectory", type=int, default=0, metavar="K",
                      help="also write the moving image at K times t in [0, 1] of the flow: trajectory.nii.gz "
                      "(4-D) and trajectory.gif (the axial centre slice); t = 0 is the moving image, t = 1 the "

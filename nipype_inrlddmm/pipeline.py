@@ -52,8 +52,8 @@ def _stage_seconds(log: list[dict]) -> float:
 
 def register_files(
     moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
-    label_volume=None, affine=None, affine_start="moments", device="auto", num_threads=None, progress=True,
-    trajectory=0, **options,
+    label_volume=None, affine=None, affine_start="moments", init_model=None, device="auto", num_threads=None,
+    progress=True, trajectory=0, **options,
 ) -> dict:
     """Register two NIfTI files and write every output into ``out_dir``.
 
@@ -71,7 +71,12 @@ def register_files(
     ``moving_aligned.nii.gz`` with its header rewritten, voxels untouched),
     and registered from there; ``antsApplyTransforms ... -t
     displacement.nii.gz -t affine.txt`` applies both to the original moving
-    image.  All inputs are validated before any optimisation starts, and
+    image.  With ``init_model`` (the ``model.pt`` of a registration of the
+    same moving image onto a fixed image whose grid covers this one: the
+    previous fraction of a course), a warm start: the fine stage alone
+    continues that network, ``warm_iterations`` from ``warm_learning_rate``
+    (:func:`~nipype_inrlddmm.steps.warm_start_model` checks the file and the
+    grids).  All inputs are validated before any optimisation starts, and
     a run that fails leaves ``out_dir`` as it found it
     (:func:`~nipype_inrlddmm.io.staged_folder`).
 
@@ -96,6 +101,13 @@ def register_files(
                                fixed_mask=fixed_mask, label_volume=label_volume)
         names = (io.load_label_names(label_names) if label_names else
                  io.stacked_label_names(fixed_labels, label_volume) if fixed_labels else None)
+        initial = None
+        if init_model:
+            initial = steps.warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
+                                             model_options={name: value for name, value in options.items()
+                                                            if name in engine.ModelConfig.__dataclass_fields__})
+            say(f"warm start from {init_model}: no coarse stage or distillation, {config.warm_iterations} fine "
+                "iterations")
     evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
     fixed_affine, moving_affine = pair.fixed_affine, pair.moving_affine
     outputs = {}
@@ -114,8 +126,8 @@ def register_files(
 
         start = time.perf_counter()
         mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
-        result = register((pair.moving, moving_affine), (pair.fixed, fixed_affine), fixed_mask=mask, device=device,
-                          progress=progress, **options)
+        result = register((pair.moving, moving_affine), (pair.fixed, fixed_affine), fixed_mask=mask, initial=initial,
+                          device=device, progress=progress, **options)
         clock.seconds["stages"] = _stage_seconds(result.log)
         clock.seconds["dense field and warp"] = time.perf_counter() - start - clock.seconds["stages"]
 

@@ -29,6 +29,7 @@ import torch
 from . import engine, io
 from .api import as_tensor
 from .engine.affine import AffineConfig, checked_affine_register
+from .engine.grid import bounding_box
 
 LOGGER = logging.getLogger("nipype_inrlddmm")
 
@@ -187,16 +188,61 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
     }
 
 
+def warm_start_model(path, fixed, fixed_shape, fixed_affine: np.ndarray, *,
+                     model_options: dict | None = None) -> engine.VelocityField:
+    """The velocity network of checkpoint ``path`` (a previous registration's ``model.pt``), to start a
+    registration on the fixed image ``fixed`` (its grid: ``fixed_shape``, ``fixed_affine``) from.
+
+    Refused with an :class:`~nipype_inrlddmm.io.InputError` naming ``path``
+    when it cannot be read, comes from another version, or was fitted on a
+    fixed grid that does not cover this one
+    (:func:`~nipype_inrlddmm.engine.warm_start_mismatch`: both grids are
+    then named), and when ``model_options`` (architecture settings the user
+    gave, :class:`~nipype_inrlddmm.engine.ModelConfig` fields) contradict
+    the network's.
+    """
+    velocity = io.load_checkpoint(path)
+    mismatch = engine.warm_start_mismatch(velocity, fixed_shape, as_tensor(fixed_affine))
+    if mismatch:
+        shape, affine = io.checkpoint_grid(path)
+        raise io.InputError(path, f"cannot start the registration onto {fixed} from this model: {mismatch}; it was "
+                            f"fitted on {_grid_text(shape, affine)}, the fixed image is "
+                            f"{_grid_text(fixed_shape, fixed_affine)}")
+    contradicted = {name: value for name, value in (model_options or {}).items()
+                    if getattr(velocity.config, name) != value}
+    if contradicted:
+        raise io.InputError(path, "the network's architecture is fixed by the model: "
+                            + ", ".join(f"{name} is {getattr(velocity.config, name)!r}, not {value!r}"
+                                        for name, value in contradicted.items()) + "; leave those options out")
+    return velocity
+
+
+def _grid_text(shape, affine) -> str:
+    """A grid in words: its shape, voxel size and the world box of its voxel centres (mm, RAS)."""
+    low, high = (point.tolist() for point in bounding_box(shape, as_tensor(affine)))
+    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    return (f"{' x '.join(str(int(n)) for n in shape)} voxels of {' x '.join(f'{v:.2f}' for v in sizes)} mm from "
+            f"({', '.join(f'{v:.1f}' for v in low)}) to ({', '.join(f'{v:.1f}' for v in high)}) mm")
+
+
 def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
-             device="auto", progress=False) -> dict[str, Path]:
+             warm_start=False, device="auto", progress=False) -> dict[str, Path]:
     """Fine stage at full resolution from ``init_model``, then warp the moving image.
 
     The architecture comes from ``init_model`` (``config.model`` is ignored).
+    ``init_model`` is this registration's distillation, fitted on this
+    fixed grid; with ``warm_start``, another registration's of the moving
+    image, whose fixed grid covers this one (:func:`warm_start_model`).
+    ``config.fine`` is what runs (a warm start's is
+    :func:`~nipype_inrlddmm.engine.warm_config`'s: the workflow sets it).
     Writes the model, the displacement on the fixed grid (ITK/ANTs field),
     the warped moving image and the log; keys as :data:`FINE_OUTPUTS`.
     """
     pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
-    velocity = io.load_checkpoint(init_model, shape=pair.fixed.shape, affine=pair.fixed_affine)
+    if warm_start:
+        velocity = warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine)
+    else:
+        velocity = io.load_checkpoint(init_model, shape=pair.fixed.shape, affine=pair.fixed_affine)
     device = engine.resolve_device(device)
     config = replace(config, model=velocity.config)
     check_memory("fine", pair.fixed.shape, config, moving_shape=pair.moving.shape, device=device, source=fixed)

@@ -142,6 +142,10 @@ class DistillINR(SimpleInterface):
 class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
     init_model = traits.File(exists=True, mandatory=True,
                              desc="checkpoint to start from (DistillINR's), fitted on the fixed image's grid")
+    warm_start = traits.Bool(False, usedefault=True,
+                             desc="init_model is another registration's of the same moving image (the previous "
+                             "fraction of a course), fitted on a fixed grid that covers this one, not this "
+                             "registration's distillation")
     iterations = traits.Range(low=0, value=DEFAULTS.fine.iterations, usedefault=True,
                               desc="Adam iterations of the fine stage")
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
@@ -162,6 +166,10 @@ class _FineINROutputSpec(TraitedSpec):
 
 class FineINR(SimpleInterface):
     """Fine stage: continue a network on the full-resolution images; write the final field.
+
+    With ``warm_start`` the network is a previous registration's of the same
+    moving image (:func:`~nipype_inrlddmm.steps.warm_start_model`): this
+    node is then the whole optimisation.
 
     When the moving image went through :class:`AffineInit`, the displacement
     maps the fixed grid into the *pre-aligned* moving image; to carry an
@@ -193,7 +201,8 @@ class FineINR(SimpleInterface):
         with steps.torch_threads(inputs.num_threads):
             outputs = steps.run_fine(
                 inputs.moving_image, inputs.fixed_image, inputs.init_model, runtime.cwd, stage_config(inputs, "fine"),
-                fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=progress_of(inputs),
+                fixed_mask=optional(inputs.fixed_mask), warm_start=inputs.warm_start, device=inputs.device,
+                progress=progress_of(inputs),
             )
         self._results.update({name: str(path) for name, path in outputs.items()})
         return runtime
