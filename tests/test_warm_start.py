@@ -1,0 +1,120 @@
+"""Warm start over a course: `inrlddmm register --init-model` continues a previous registration's network."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nipype_inrlddmm import cli, engine, io
+from nipype_inrlddmm.phantom import grid_affine, make_course
+
+SHAPE = (48, 40, 20)
+FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """A planning CT and two days' CBCTs of one phantom patient, with labels and field-of-view masks."""
+    root = tmp_path_factory.mktemp("course")
+    fractions = make_course(SHAPE, 2, seed=4)
+    io.save_image(root / "ct.nii.gz", fractions[0].ct, fractions[0].ct_affine)
+    io.save_image(root / "ct_labels.nii.gz", fractions[0].ct_labels, fractions[0].ct_affine)
+    for k, pair in enumerate(fractions, 1):
+        io.save_image(root / f"fx{k}" / "cbct.nii.gz", pair.cbct, pair.affine)
+        io.save_image(root / f"fx{k}" / "cbct_labels.nii.gz", pair.cbct_labels, pair.affine)
+        io.save_image(root / f"fx{k}" / "cbct_fov.nii.gz", pair.cbct_fov.astype(np.uint8), pair.affine)
+    return root
+
+
+def _register(course, fraction, out, *extra) -> int:
+    day = course / f"fx{fraction}"
+    return cli.main(["register", "--moving", str(course / "ct.nii.gz"), "--fixed", str(day / "cbct.nii.gz"),
+                     "--moving-labels", str(course / "ct_labels.nii.gz"),
+                     "--fixed-labels", str(day / "cbct_labels.nii.gz"), "--fixed-mask", str(day / "cbct_fov.nii.gz"),
+                     "--num-threads", "2", "--out-dir", str(out), *FEW, *extra])
+
+
+def _stages(out) -> list[str]:
+    return [row["stage"] for row in csv.DictReader(open(out / "log.csv"))]
+
+
+def _mean_dice(out) -> float:
+    return json.loads((out / "dice.json").read_text())["mean_dice"]
+
+
+@pytest.fixture(scope="module")
+def first(course, tmp_path_factory):
+    """Fraction 1 registered from scratch."""
+    out = tmp_path_factory.mktemp("fx1")
+    assert _register(course, 1, out) == 0
+    return out
+
+
+def test_the_next_fraction_starts_from_the_model_without_coarse_stage_or_distillation(course, first, tmp_path):
+    assert _register(course, 2, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "7") == 0
+    assert _stages(tmp_path) == ["fine"] * 7
+    start = io.load_checkpoint(first / "model.pt")
+    continued = io.load_checkpoint(tmp_path / "model.pt")
+    assert continued.config == start.config
+    torch.testing.assert_close(continued.center, start.center)  # the network keeps the box it was fitted on
+    for name in ("warped.nii.gz", "displacement.nii.gz", "dice.csv", "qc.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_a_warm_start_of_the_same_pair_keeps_its_dice_with_fewer_iterations(course, first, tmp_path):
+    assert _register(course, 1, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "5") == 0
+    assert len(_stages(tmp_path)) == 5 < len(_stages(first))
+    assert _mean_dice(tmp_path) >= _mean_dice(first)
+
+
+def test_a_model_of_another_grid_is_refused_naming_the_file_and_both_grids(course, tmp_path, capsys):
+    smaller = grid_affine(SHAPE, (200.0, 160.0, 240.0))  # a narrower field of view: the CBCT reaches beyond it
+    velocity = engine.new_velocity_field(SHAPE, torch.as_tensor(smaller, dtype=torch.float32), engine.ModelConfig(), 0)
+    model = io.save_checkpoint(tmp_path / "narrow.pt", velocity, shape=SHAPE, affine=smaller)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _register(course, 2, out, "--init-model", str(model)) == 2
+    error = capsys.readouterr().err
+    assert f"{model}: cannot start the registration onto {course / 'fx2' / 'cbct.nii.gz'} from this model" in error
+    assert "reaches beyond the box the network was fitted on (78.3 mm along x, 68.2 mm along y; more than one " \
+        "voxel)" in error
+    assert "48 x 40 x 20 voxels of 4.17 x 4.00 x 12.00 mm" in error and "7.50 x 7.50 x 12.00 mm" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]), "cannot read the checkpoint"),
+    (lambda path: path.write_text("not a model"), "cannot read the checkpoint"),
+], ids=["truncated", "not-a-checkpoint"])
+def test_a_corrupt_model_is_refused_naming_the_file(course, first, tmp_path, capsys, damage, problem):
+    model = tmp_path / "model.pt"
+    model.write_bytes((first / "model.pt").read_bytes())
+    damage(model)
+    capsys.readouterr()
+    assert _register(course, 2, tmp_path / "out", "--init-model", str(model)) == 2
+    assert f"{model}: {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_architecture_options_that_contradict_the_model_are_refused(course, first, tmp_path, capsys):
+    capsys.readouterr()
+    assert _register(course, 2, tmp_path / "out", "--init-model", str(first / "model.pt"), "--width", "32") == 2
+    assert f"{first / 'model.pt'}: the network's architecture is fixed by the model: width is 96, not 32" in \
+        capsys.readouterr().err
+
+
+def test_the_engine_refuses_a_network_of_another_box():
+    affine = torch.as_tensor(grid_affine(SHAPE), dtype=torch.float32)
+    narrow = torch.as_tensor(grid_affine(SHAPE, (200.0, 160.0, 240.0)), dtype=torch.float32)
+    velocity = engine.new_velocity_field(SHAPE, narrow, engine.ModelConfig(width=8, depth=1), 0)
+    image = torch.rand(SHAPE)
+    with pytest.raises(ValueError, match="reaches beyond the box the network was fitted on"):
+        engine.register_volumes(image, affine, image, affine, initial=velocity)
+    assert engine.warm_start_mismatch(velocity, SHAPE, narrow) is None
+    # One voxel beyond the box is tolerated: a day's grid placed a little differently.
+    shifted = affine.clone()
+    shifted[0, 3] += 2.0
+    wide = engine.new_velocity_field(SHAPE, affine, engine.ModelConfig(width=8, depth=1), 0)
+    assert engine.warm_start_mismatch(wide, SHAPE, shifted) is None
