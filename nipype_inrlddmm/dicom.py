@@ -501,6 +501,28 @@ def read_rtstruct(path, series: Series) -> Structures:
     return Structures(labels, tuple(rois), tuple(skipped))
 
 
+def match_rois(structures: Structures, rois, path) -> Structures:
+    """``structures`` (read from the RTSTRUCT ``path``) renumbered by ROI name as ``rois``: a day's
+    reference contours in the labels of the planning ROIs, to be compared with them.
+
+    Each ROI of a name in ``rois`` takes that ROI's label; the others are
+    left out.  Returns the label map with the matched ROIs of ``rois``, by
+    label (and ``structures``' skipped ones).  Raises :class:`~nipype_inrlddmm.io.InputError` naming ``path``
+    when no name is shared, listing both.
+    """
+    by_name = {roi.name: roi for roi in rois}
+    labels, matched = np.zeros(structures.labels.shape, np.int32), []
+    for roi in structures.rois:
+        if roi.name in by_name:
+            labels[structures.labels == roi.label] = by_name[roi.name].label
+            matched.append(by_name[roi.name])
+    if not matched:
+        raise io.InputError(path, f"shares no ROI name with the moving RTSTRUCT (its ROIs: "
+                            f"{', '.join(r.name for r in structures.rois)}; the moving ones: "
+                            f"{', '.join(r.name for r in rois)})")
+    return Structures(labels, tuple(sorted(matched, key=lambda roi: roi.label)), structures.skipped)
+
+
 def _slice_contours(plane: np.ndarray) -> list[np.ndarray]:
     """Closed polygons (without the repeated first vertex) ``(N, 2)`` in ``(i, j)`` voxels around a 2-D mask."""
     padded = np.pad(plane, 1).astype(np.float32)  # closes the polygons of ROIs touching the border

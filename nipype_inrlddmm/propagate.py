@@ -43,22 +43,6 @@ def _check_options(moving: Path, fixed: Path, *, moving_rtstruct, fixed_rtstruct
                             f"as a folder holding one DICOM series, not {fixed}")
 
 
-def _fixed_labels(path, series: dicom.Series, rois) -> tuple[np.ndarray, list[dicom.Roi]]:
-    """The day's reference ROIs as a label map with the moving ROIs' labels, matched by name; those matched."""
-    reference = dicom.read_rtstruct(path, series)
-    by_name = {roi.name: roi for roi in rois}
-    labels, matched = np.zeros(reference.labels.shape, np.int32), []
-    for roi in reference.rois:
-        if roi.name in by_name:
-            labels[reference.labels == roi.label] = by_name[roi.name].label
-            matched.append(by_name[roi.name])
-    if not matched:
-        raise io.InputError(path, f"shares no ROI name with the moving RTSTRUCT (its ROIs: "
-                            f"{', '.join(r.name for r in reference.rois)}; the moving ones: "
-                            f"{', '.join(r.name for r in rois)})")
-    return labels, sorted(matched, key=lambda roi: roi.label)
-
-
 def _warped_labels(outputs: dict, stage: Path, moving_labels: Path, fixed: Path, affine) -> np.ndarray:
     """The moving labels on the fixed grid: the registration's when it evaluated them, else carried now
     through the field it wrote (and the pre-aligned header, with ``affine``), as it would have."""
@@ -112,9 +96,10 @@ def register_dicom(moving, fixed, out_dir, *, moving_rtstruct=None, fixed_rtstru
             structures = dicom.read_rtstruct(moving_rtstruct, moving_series)
             moving_labels = io.save_image(scratch / "moving_labels.nii.gz", structures.labels, moving_series.affine)
         if fixed_rtstruct:
-            labels, matched = _fixed_labels(fixed_rtstruct, fixed_series, structures.rois)
-            fixed_labels = io.save_image(scratch / "fixed_labels.nii.gz", labels, fixed_series.affine)
-            label_names = io.write_csv(scratch / "evaluated.tsv", dicom.label_table(matched), delimiter="\t")
+            reference = dicom.match_rois(dicom.read_rtstruct(fixed_rtstruct, fixed_series), structures.rois,
+                                         fixed_rtstruct)
+            fixed_labels = io.save_image(scratch / "fixed_labels.nii.gz", reference.labels, fixed_series.affine)
+            label_names = io.write_csv(scratch / "evaluated.tsv", dicom.label_table(reference.rois), delimiter="\t")
         with io.staged_folder(final) as stage:
             outputs = register_files(moving_file, fixed_file, stage, moving_labels=moving_labels,
                                      fixed_labels=fixed_labels, label_names=label_names, affine=affine, **options)

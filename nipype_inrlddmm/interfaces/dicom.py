@@ -71,6 +71,10 @@ class _RTStructToLabelsInputSpec(VersionedInputSpec):
     rtstruct = traits.File(exists=True, mandatory=True, desc="RTSTRUCT drawn on the series of dicom_folder")
     dicom_folder = traits.Directory(exists=True, mandatory=True,
                                     desc="folder of the image series the RTSTRUCT was drawn on: the output grid")
+    match_table = traits.File(exists=True, mandatory=False,
+                              desc="label table of other ROIs (RTStructToLabels' of the planning RTSTRUCT): the ROIs "
+                              "of their names take their labels and the others are left out, so that a day's "
+                              "reference contours are compared with the planning ROIs carried onto that day")
     out_file = traits.Str("labels.nii.gz", usedefault=True, desc="output label map file name")
     out_table = traits.Str("labels.tsv", usedefault=True, desc="output label table file name")
 
@@ -90,6 +94,9 @@ class RTStructToLabels(SimpleInterface):
     records which labels an ROI encloses, so that :class:`LabelsToRTStruct`
     writes it back whole.  An RTSTRUCT in another frame of reference than
     the series, or an empty ROI, is refused, naming the file and the ROI.
+    With ``match_table`` the ROIs are renumbered by name as that table's
+    (:func:`~nipype_inrlddmm.dicom.match_rois`), and the label table lists
+    those matched.
 
     Examples
     --------
@@ -118,6 +125,9 @@ class RTStructToLabels(SimpleInterface):
     def _run_interface(self, runtime):
         series = dicom.read_series(self.inputs.dicom_folder)
         structures = dicom.read_rtstruct(self.inputs.rtstruct, series)
+        if isdefined(self.inputs.match_table):
+            structures = dicom.match_rois(structures, dicom.read_label_table(self.inputs.match_table),
+                                          self.inputs.rtstruct)
         self._results["out_file"] = str(io.save_image(_out_path(runtime, self.inputs.out_file), structures.labels,
                                                       series.affine))
         self._results["label_table"] = str(io.write_csv(_out_path(runtime, self.inputs.out_table),
