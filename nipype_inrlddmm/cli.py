@@ -379,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
   patient  moving            fixed               moving_labels            fixed_labels              fixed_mask
   p01      p01/ct.nii.gz     p01/cbct.nii.gz     p01/ct_labels.nii.gz     p01/cbct_labels.nii.gz    p01/cbct_fov.nii.gz
 (fixed_mask is optional.)  `python data/generate_cohort.py DIR` writes a phantom cohort with its manifest.
+DICOM: moving and fixed may be folders each holding one DICOM series, with moving_rtstruct and fixed_rtstruct
+columns instead of the label maps; each such patient also gets rtstruct.dcm (the moving ROIs on the fixed series)
+and labels.tsv (`generate_cohort.py DIR --dicom` writes DIR/dicom_manifest.tsv).  A course of treatment: an
+init_model column (a previous fraction's model.pt) starts that row from it (--warm-iterations of the fine stage
+alone); a row without one registers from scratch.
 
 caching: WORK_DIR is Nipype's cache.  Rerunning the same command recomputes nothing; after a crash or a kill
 it recomputes only what had not finished; changing a fine-stage option (e.g. --fine-iterations) reruns the

@@ -512,22 +512,49 @@ def load_label_names(path) -> dict[int, str]:
         raise InputError(path, f"a label id is not an integer ({error})") from error
 
 
-#: The one rule of a study manifest: its file columns (paths relative to the manifest's folder, or
-#: absolute), and whether every row needs one: a study evaluates, so both label maps are needed.
-MANIFEST_FILES = {"moving": True, "fixed": True, "moving_labels": True, "fixed_labels": True, "fixed_mask": False}
+#: The file columns of a study manifest (paths relative to the manifest's folder, or absolute).  ``moving``
+#: and ``fixed`` are NIfTI files, or folders each holding one DICOM series; the others are files.
+MANIFEST_FILES = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_rtstruct", "fixed_rtstruct",
+                  "fixed_mask", "init_model")
 #: The columns every manifest has.
-MANIFEST_COLUMNS = ("patient", *(column for column, needed in MANIFEST_FILES.items() if needed))
+MANIFEST_COLUMNS = ("patient", "moving", "fixed")
+#: The one rule of the labels, which a study evaluates: every row fills one of these pairs of columns, label
+#: maps or (with DICOM series) RTSTRUCTs, and the manifest has at least one of them.
+MANIFEST_LABELS = (("moving_labels", "fixed_labels"), ("moving_rtstruct", "fixed_rtstruct"))
+
+
+def _missing_columns(columns) -> list[str]:
+    """The columns a manifest's header lacks: the required ones, and the label maps' when it has no label pair."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+    if not any(set(pair) <= set(columns) for pair in MANIFEST_LABELS):
+        missing += [c for c in MANIFEST_LABELS[0] if c not in columns]
+    return missing
+
+
+def _row_labels_problem(row) -> str | None:
+    """What is wrong with a manifest row's label columns (:data:`MANIFEST_LABELS`), or None."""
+    filled = [pair for pair in MANIFEST_LABELS if any(row.get(column) for column in pair)]
+    if len(filled) > 1:
+        return "gives both label maps and RTSTRUCTs: give one pair"
+    for column in (filled or MANIFEST_LABELS)[0]:
+        if not row.get(column):
+            return f"empty {column!r}"
+    return None
 
 
 def read_manifest(path, *, check_files: bool = True) -> list[dict]:
     """Rows of a study manifest (TSV or CSV) with paths made absolute.
 
-    Columns (:data:`MANIFEST_FILES`): ``patient``, ``moving``, ``fixed``,
-    ``moving_labels``, ``fixed_labels``, each non-empty on every row, and
-    optionally ``fixed_mask``.  Relative paths are
+    Columns (:data:`MANIFEST_FILES`): ``patient``, ``moving``, ``fixed``
+    (NIfTI files or DICOM series folders), each non-empty on every row;
+    labels on every row, ``moving_labels`` and ``fixed_labels`` (label
+    maps) or ``moving_rtstruct`` and ``fixed_rtstruct`` (RTSTRUCTs drawn
+    on the DICOM series); optionally ``fixed_mask`` and ``init_model`` (a
+    previous registration's ``model.pt`` to start from; a row without one
+    registers from scratch).  Relative paths are
     relative to the manifest's folder.  Patient ids must be unique, non-empty
     and usable as a folder name.  With ``check_files`` (the default) every
-    referenced file must exist; the error names the manifest's line, the
+    referenced file (or folder) must exist; the error names the manifest's line, the
     patient and the column of each missing one.
     """
     path = Path(path)
@@ -544,10 +571,12 @@ def read_manifest(path, *, check_files: bool = True) -> list[dict]:
     except csv.Error as error:
         raise InputError(path, f"cannot parse the manifest ({error})") from error
     columns = reader.fieldnames or []
-    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+    missing = _missing_columns(columns)
     if missing or not rows:
         separated = "tab" if delimiter == "\t" else "comma"
-        raise InputError(path, f"manifest needs columns {MANIFEST_COLUMNS}; "
+        needed = (*MANIFEST_COLUMNS, *MANIFEST_LABELS[0])
+        raise InputError(path, f"manifest needs columns {needed} (or, for DICOM series, {MANIFEST_LABELS[1]} "
+                         f"for the labels); "
                          + (f"missing {missing} (found {columns}, read as {separated}-separated)" if missing
                             else "it has no rows"))
     seen, absent = {}, []
@@ -566,10 +595,14 @@ def read_manifest(path, *, check_files: bool = True) -> list[dict]:
         for column in MANIFEST_COLUMNS[1:]:
             if not row[column]:
                 raise InputError(path, f"{where} (patient {patient!r}): empty {column!r}")
+        problem = _row_labels_problem(row)
+        if problem:
+            raise InputError(path, f"{where} (patient {patient!r}): {problem}")
         for column in MANIFEST_FILES:
             if row.get(column):
                 row[column] = str((path.parent / row[column]).resolve())
-                if check_files and not Path(row[column]).is_file():
+                found = Path(row[column]).exists() if column in ("moving", "fixed") else Path(row[column]).is_file()
+                if check_files and not found:
                     absent.append(f"{where} (patient {patient!r}), column {column!r}: {row[column]}")
     if absent:
         shown = "; ".join(absent[:10]) + (f"; and {len(absent) - 10} more" if len(absent) > 10 else "")

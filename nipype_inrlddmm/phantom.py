@@ -260,15 +260,16 @@ def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: in
     Per patient ``pNN/``: ``ct.nii.gz`` (moving), ``ct_labels.nii.gz``,
     ``cbct.nii.gz`` (fixed), ``cbct_labels.nii.gz``, ``cbct_fov.nii.gz`` and
     ``true_displacement.nii.gz`` (ITK/ANTs convention); with ``dicom`` also
-    the CT and CBCT as DICOM series with an RTSTRUCT each (:func:`write_dicom`).
-    ``manifest.tsv`` lists the NIfTI files with paths relative to ``out_dir``;
-    ``labels.tsv`` names the labels.  Existing NIfTI files are rewritten
+    the CT and CBCT as DICOM series with an RTSTRUCT each (:func:`write_dicom`),
+    listed by ``dicom_manifest.tsv`` (a study manifest of series folders and
+    RTSTRUCTs).  ``manifest.tsv`` lists the NIfTI files with paths relative
+    to ``out_dir``; ``labels.tsv`` names the labels.  Existing NIfTI files are rewritten
     identically (same seeds); DICOM files get new UIDs.
     """
     from . import io
 
     out_dir = Path(out_dir)
-    rows = []
+    rows, dicom_rows = [], []
     for index in range(n_patients):
         patient = f"p{index + 1:02d}"
         pair = make_pair(shape, seed=seed + index)
@@ -286,8 +287,14 @@ def write_cohort(out_dir, n_patients: int = 3, *, shape=(128, 112, 48), seed: in
             row[column] = f"{patient}/{name}"
         io.save_displacement(folder / "true_displacement.nii.gz", pair.displacement, pair.affine)
         if dicom:
-            write_dicom(folder, pair, patient)
+            written = write_dicom(folder, pair, patient)
+            dicom_rows.append({"patient": patient, **{column: str(written[name].relative_to(out_dir)) for column, name
+                                                      in (("moving", "ct"), ("fixed", "cbct"),
+                                                          ("moving_rtstruct", "ct_rtstruct"),
+                                                          ("fixed_rtstruct", "cbct_rtstruct"))}})
         rows.append(row)
     io.write_csv(out_dir / "manifest.tsv", rows, delimiter="\t")
+    if dicom:
+        io.write_csv(out_dir / "dicom_manifest.tsv", dicom_rows, delimiter="\t")
     io.write_csv(out_dir / "labels.tsv", [{"index": k, "name": v} for k, v in LABELS.items()], delimiter="\t")
     return out_dir / "manifest.tsv"

@@ -60,8 +60,8 @@ from nipype.utils.filemanip import loadpkl
 
 from . import engine, io, steps
 from . import report
-from .interfaces import (AffineInit, ApplyWarp, CoarseINR, DiceEval, DistillINR, FineINR, GatherDice, QCReport,
-                         SelectPatient, Trajectory)
+from .interfaces import (AffineInit, ApplyWarp, CoarseINR, DiceEval, DicomToNifti, DistillINR, FineINR, GatherDice,
+                         LabelsToRTStruct, QCReport, RTStructToLabels, SelectPatient, Trajectory)
 from .interfaces.base import stage_inputs
 from .worker_server import start_worker_server
 
@@ -122,6 +122,13 @@ _DERIVED = "inrlddmm_derived"
 SINK_FIELDS = ("warped_image", "displacement", "model", "warped_labels", "dice_csv", "dice_json", "coarse_log",
                "distill_log", "fine_log", "affine_transform", "qc_figure", "trajectory", "trajectory_animation")
 
+#: A study registers each kind of manifest row in a branch of its own, with its own iterables over its
+#: patients (Nipype runs every node of a graph for every iterable): (DICOM series, warm start) -> the prefix
+#: of the branch's node names.  Rows of NIfTI files registered from scratch keep the plain names.
+BRANCHES = {(False, False): "", (False, True): "warm_", (True, False): "dicom_", (True, True): "dicom_warm_"}
+#: How the study report names each branch's settings.
+_BRANCH_TITLES = {"": "", "warm_": " (warm start)", "dicom_": " (DICOM)", "dicom_warm_": " (DICOM, warm start)"}
+
 
 def estimate_mem_gb(stage: str, shape=None, config: engine.RegistrationConfig | None = None) -> float:
     """Nipype ``mem_gb`` of a node for images of ``shape`` (the larger of the pair; None: 128^3).
@@ -161,6 +168,7 @@ def init_registration_wf(
     progress: bool = False,
     qc: bool = True,
     trajectory: int = 0,
+    warm_start: bool = False,
     **options,
 ) -> Workflow:
     """Coarse-to-fine INR-LDDMM of one pair, with label propagation and Dice.
@@ -168,7 +176,8 @@ def init_registration_wf(
     Coarse stage, distillation, fine stage, then the warp of the labels,
     their evaluation and the QC figure; with ``affine`` an
     :class:`~nipype_inrlddmm.interfaces.AffineInit` node pre-aligns the
-    moving image first.
+    moving image first.  With ``warm_start`` the fine stage alone
+    continues a given model (a previous fraction's) for ``warm_iterations``.
 
     .. workflow::
         :graph2use: orig
@@ -199,6 +208,11 @@ def init_registration_wf(
     trajectory : with ``K >= 2``, write the moving image at ``K`` times of
         the flow (:class:`~nipype_inrlddmm.interfaces.Trajectory`, node
         ``trajectory``): a 4-D NIfTI and an animated GIF.
+    warm_start : no coarse stage or distillation: the inputnode's
+        ``init_model`` (the ``model.pt`` of a registration of the same
+        moving image onto a fixed grid covering this one) starts the fine
+        stage (:func:`~nipype_inrlddmm.steps.warm_start_model`), which runs
+        ``warm_iterations`` from ``warm_learning_rate``.
     **options : registration settings, as
         :func:`nipype_inrlddmm.engine.config_from_options` (``seed``,
         ``fine_iterations``, ``width``, ``similarity``, ``reg_weight``, ...),
@@ -210,9 +224,12 @@ def init_registration_wf(
     ``moving_labels``, ``fixed_labels``, ``fixed_mask`` (optional: where
     patches are drawn and Dice is evaluated), ``label_names`` (optional).
 
+    With ``warm_start`` also ``init_model``.
+
     Outputs (``outputnode``): ``coarse_model``, ``coarse_displacement``,
-    ``distilled_model``, ``model``, ``displacement`` (ITK/ANTs field on the
-    fixed grid), ``warped_image``, the three stage logs, and with
+    ``distilled_model`` (none of the three with ``warm_start``), ``model``,
+    ``displacement`` (ITK/ANTs field on the fixed grid), ``warped_image``,
+    the logs of the stages that run, and with
     ``evaluate`` ``warped_labels``, ``dice_csv``, ``dice_json``,
     ``mean_dice``; with ``affine`` ``aligned_image`` and ``affine_transform``;
     with ``qc`` ``qc_figure``; with ``trajectory`` ``trajectory`` and
@@ -240,8 +257,11 @@ def init_registration_wf(
     workflow = Workflow(name=name)
     workflow.config["execution"] = dict(EXECUTION)
     fields = ["moving_image", "fixed_image", "moving_labels", "fixed_labels", "fixed_mask", "label_names"]
-    outputs = ["coarse_model", "coarse_displacement", "coarse_log", "distilled_model", "distill_log", "model",
-               "displacement", "warped_image", "fine_log"]
+    outputs = ["model", "displacement", "warped_image", "fine_log"]
+    if warm_start:
+        fields.append("init_model")
+    else:
+        outputs = ["coarse_model", "coarse_displacement", "coarse_log", "distilled_model", "distill_log", *outputs]
     if evaluate:
         outputs += ["warped_labels", "dice_csv", "dice_json", "mean_dice"]
     if affine_kind:
@@ -254,9 +274,11 @@ def init_registration_wf(
     inputnode = Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = Node(IdentityInterface(fields=outputs), name="outputnode")
 
-    coarse = node(CoarseINR(**stage_inputs(config, "coarse"), progress=progress, **common), "coarse")
-    distill = node(DistillINR(**stage_inputs(config, "distill"), progress=progress, **common), "distill")
-    fine = node(FineINR(**stage_inputs(config, "fine"), progress=progress, **common), "fine")
+    if warm_start:
+        fine = node(FineINR(**stage_inputs(engine.warm_config(config), "fine"), warm_start=True, progress=progress,
+                            **common), "fine")
+    else:
+        fine = node(FineINR(**stage_inputs(config, "fine"), progress=progress, **common), "fine")
 
     moving, moving_labels = (inputnode, "moving_image"), (inputnode, "moving_labels")
     if affine_kind:
@@ -272,19 +294,26 @@ def init_registration_wf(
         moving, moving_labels = (align, "aligned_image"), (align, "aligned_labels")
 
     workflow.connect([
-        (moving[0], coarse, [(moving[1], "moving_image")]),
         (moving[0], fine, [(moving[1], "moving_image")]),
-        (inputnode, coarse, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask")]),
-        (coarse, distill, [("model", "coarse_model"), ("displacement", "coarse_displacement")]),
-        (inputnode, distill, [("fixed_image", "fixed_image")]),
-        (distill, fine, [("model", "init_model")]),
         (inputnode, fine, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask")]),
-        (coarse, outputnode, [("model", "coarse_model"), ("displacement", "coarse_displacement"),
-                              ("log", "coarse_log")]),
-        (distill, outputnode, [("model", "distilled_model"), ("log", "distill_log")]),
         (fine, outputnode, [("model", "model"), ("displacement", "displacement"),
                             ("warped_image", "warped_image"), ("log", "fine_log")]),
     ])
+    if warm_start:
+        workflow.connect(inputnode, "init_model", fine, "init_model")
+    else:
+        coarse = node(CoarseINR(**stage_inputs(config, "coarse"), progress=progress, **common), "coarse")
+        distill = node(DistillINR(**stage_inputs(config, "distill"), progress=progress, **common), "distill")
+        workflow.connect([
+            (moving[0], coarse, [(moving[1], "moving_image")]),
+            (inputnode, coarse, [("fixed_image", "fixed_image"), ("fixed_mask", "fixed_mask")]),
+            (coarse, distill, [("model", "coarse_model"), ("displacement", "coarse_displacement")]),
+            (inputnode, distill, [("fixed_image", "fixed_image")]),
+            (distill, fine, [("model", "init_model")]),
+            (coarse, outputnode, [("model", "coarse_model"), ("displacement", "coarse_displacement"),
+                                  ("log", "coarse_log")]),
+            (distill, outputnode, [("model", "distilled_model"), ("log", "distill_log")]),
+        ])
     if evaluate:
         warp_labels = node(ApplyWarp(interpolation="label", out_file="warped_labels.nii.gz"), "warp_labels",
                            threads=False)
@@ -378,9 +407,12 @@ def init_study_wf(
     Parameters
     ----------
     manifest : TSV/CSV with columns ``patient``, ``moving``, ``fixed``,
-        ``moving_labels``, ``fixed_labels`` and optionally ``fixed_mask``
-        (paths relative to the manifest); see :func:`nipype_inrlddmm.io.read_manifest`.
-        A malformed manifest (missing column, duplicate patient ids) raises
+        ``moving_labels``, ``fixed_labels`` (or, where ``moving`` and
+        ``fixed`` are DICOM series folders, ``moving_rtstruct`` and
+        ``fixed_rtstruct``) and optionally ``fixed_mask`` and
+        ``init_model`` (paths relative to the manifest); see
+        :func:`nipype_inrlddmm.io.read_manifest`.  A malformed manifest
+        (missing column, duplicate patient ids) raises
         :class:`~nipype_inrlddmm.io.InputError` here; a file that does not
         exist, or a label map that cannot be used, fails only its own
         patient (in ``select``, before any optimisation), with a warning
@@ -388,11 +420,13 @@ def init_study_wf(
     out_dir : results: ``out_dir/<patient>/`` (warped.nii.gz,
         displacement.nii.gz, model.pt, warped_labels.nii.gz, dice.csv,
         dice.json, the stage logs, qc.png, affine.txt with ``affine``,
-        trajectory.nii.gz and trajectory.gif with ``trajectory``),
+        trajectory.nii.gz and trajectory.gif with ``trajectory``;
+        rtstruct.dcm and labels.tsv for DICOM series),
         ``out_dir/study_dice.csv`` and ``out_dir/report.html``.
     work_dir : Nipype's working directory (the cache; crash files in
         ``work_dir/crash``); None leaves ``base_dir`` unset.
-    label_names : JSON/TSV of label names for every patient (optional).
+    label_names : JSON/TSV of label names for every patient given label
+        maps (optional; RTSTRUCTs name their ROIs).
     num_threads, affine, affine_options, device, progress, trajectory : as
         :func:`init_registration_wf`.
     **options : registration options, as :func:`init_registration_wf`.
@@ -401,6 +435,19 @@ def init_study_wf(
     -----
     Run it with :func:`run_study`, which also writes the table when some
     patients failed (Nipype then skips the JoinNode).
+
+    Each kind of row is a branch of the graph (:data:`BRANCHES`), with its
+    own iterables, and its node names prefixed: ``warm_`` for rows with an
+    ``init_model`` (:func:`init_registration_wf` with ``warm_start``: the
+    fine stage alone), ``dicom_`` for DICOM series, whose branch converts
+    them first (:class:`~nipype_inrlddmm.interfaces.DicomToNifti`, and
+    :class:`~nipype_inrlddmm.interfaces.RTStructToLabels` for both
+    RTSTRUCTs, the fixed one's ROIs matched by name to the moving one's)
+    and writes the carried ROIs onto the fixed series after the
+    registration (:class:`~nipype_inrlddmm.interfaces.LabelsToRTStruct`,
+    ``rtstruct.dcm``), as ``inrlddmm register`` does.  A study of several
+    kinds has no JoinNode (one joins a single branch's iterables):
+    :func:`run_study` writes its table.
 
     Examples
     --------
@@ -430,40 +477,103 @@ def init_study_wf(
     if work_dir:
         workflow.config["execution"]["crashdump_dir"] = str(Path(work_dir).resolve() / "crash")
 
-    patients = Node(IdentityInterface(fields=["patient"]), name="patients")
-    patients.iterables = ("patient", [row["patient"] for row in rows])
-    select = Node(SelectPatient(manifest=str(manifest)), name="select", run_without_submitting=True)
-    registration = init_registration_wf(
-        name="registration", num_threads=num_threads, affine=affine, affine_options=affine_options, device=device,
-        image_shape=_largest_image(rows), progress=progress, trajectory=trajectory, **options,
-    )
-    if label_names:
-        registration.inputs.inputnode.label_names = str(Path(label_names).resolve())
-    gather = JoinNode(GatherDice(), joinsource="patients", joinfield=["patient", "dice_csv", "dice_json"],
-                      name="gather_dice", run_without_submitting=True)
-    # DataSinks always run (Nipype's default) but copy a file only when its content changed.
-    patient_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name="patient_sink",
-                        run_without_submitting=True)
-    study_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name="study_sink",
-                      run_without_submitting=True)
-
-    produced = registration.get_node("outputnode").inputs.copyable_trait_names()
-    sink_fields = [f for f in SINK_FIELDS if f in produced]
-    workflow.connect([
-        (patients, registration, [("patient", "qc.title")]
-         + ([("patient", "trajectory.title")] if trajectory else [])
-         + ([("patient", f"{stage}.progress_label") for stage in ("coarse", "distill", "fine")] if progress else [])),
-        (patients, select, [("patient", "patient")]),
-        (select, registration, [("moving_image", "inputnode.moving_image"), ("fixed_image", "inputnode.fixed_image"),
-                                ("moving_labels", "inputnode.moving_labels"),
-                                ("fixed_labels", "inputnode.fixed_labels"), ("fixed_mask", "inputnode.fixed_mask")]),
-        (patients, patient_sink, [("patient", "container")]),
-        (registration, patient_sink, [(f"outputnode.{field}", f"@{field}") for field in sink_fields]),
-        (patients, gather, [("patient", "patient")]),
-        (registration, gather, [("outputnode.dice_csv", "dice_csv"), ("outputnode.dice_json", "dice_json")]),
-        (gather, study_sink, [("study_table", "@study_table")]),
-    ])
+    branches = {}
+    for row in rows:
+        branches.setdefault(row_branch(row), []).append(row["patient"])
+    for prefix, patients in branches.items():
+        registration = init_registration_wf(
+            name=f"{prefix}registration", num_threads=num_threads, affine=affine, affine_options=affine_options,
+            device=device, image_shape=_largest_image(rows), progress=progress, trajectory=trajectory,
+            warm_start="warm" in prefix, **options,
+        )
+        _add_branch(workflow, prefix, patients, registration, manifest=manifest, out_dir=out_dir,
+                    label_names=label_names, progress=progress, join=len(branches) == 1)
     return workflow
+
+
+def row_branch(row: dict) -> str:
+    """The prefix of the study branch (:data:`BRANCHES`) that registers a manifest row."""
+    return BRANCHES[bool(row.get("moving_rtstruct")), bool(row.get("init_model"))]
+
+
+def _add_branch(workflow: Workflow, prefix: str, patients: list[str], registration: Workflow, *, manifest: Path,
+                out_dir: Path, label_names, progress: bool, join: bool) -> None:
+    """One branch of a study: iterables over ``patients``, their files, ``registration``, the DataSink, and
+    with ``join`` the JoinNode of the study table.  A DICOM branch converts the series and RTSTRUCTs first and
+    writes ``rtstruct.dcm`` after (:func:`_connect_dicom`)."""
+    iterate = Node(IdentityInterface(fields=["patient"]), name=f"{prefix}patients")
+    iterate.iterables = ("patient", patients)
+    select = Node(SelectPatient(manifest=str(manifest)), name=f"{prefix}select", run_without_submitting=True)
+    # DataSinks always run (Nipype's default) but copy a file only when its content changed.
+    patient_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False),
+                        name=f"{prefix}patient_sink", run_without_submitting=True)
+    produced = registration.get_node("outputnode").inputs.copyable_trait_names()
+    stages = [stage for stage in _STAGES if registration.get_node(stage) is not None]
+    workflow.connect([
+        (iterate, registration, [("patient", "qc.title")]
+         + ([("patient", "trajectory.title")] if registration.get_node("trajectory") else [])
+         + ([("patient", f"{stage}.progress_label") for stage in stages] if progress else [])),
+        (iterate, select, [("patient", "patient")]),
+        (select, registration, [("fixed_mask", "inputnode.fixed_mask")]
+         + ([("init_model", "inputnode.init_model")] if "warm" in prefix else [])),
+        (iterate, patient_sink, [("patient", "container")]),
+        (registration, patient_sink, [(f"outputnode.{field}", f"@{field}") for field in SINK_FIELDS
+                                      if field in produced]),
+    ])
+    if "dicom" in prefix:
+        _connect_dicom(workflow, prefix, select, registration, patient_sink)
+    else:
+        workflow.connect(select, "moving_image", registration, "inputnode.moving_image")
+        workflow.connect(select, "fixed_image", registration, "inputnode.fixed_image")
+        workflow.connect(select, "moving_labels", registration, "inputnode.moving_labels")
+        workflow.connect(select, "fixed_labels", registration, "inputnode.fixed_labels")
+        if label_names:
+            registration.inputs.inputnode.label_names = str(Path(label_names).resolve())
+    if join:
+        gather = JoinNode(GatherDice(), joinsource=f"{prefix}patients", joinfield=["patient", "dice_csv", "dice_json"],
+                          name=f"{prefix}gather_dice", run_without_submitting=True)
+        study_sink = Node(DataSink(base_directory=str(out_dir), parameterization=False), name=f"{prefix}study_sink",
+                          run_without_submitting=True)
+        workflow.connect([
+            (iterate, gather, [("patient", "patient")]),
+            (registration, gather, [("outputnode.dice_csv", "dice_csv"), ("outputnode.dice_json", "dice_json")]),
+            (gather, study_sink, [("study_table", "@study_table")]),
+        ])
+
+
+def _connect_dicom(workflow: Workflow, prefix: str, select, registration: Workflow, patient_sink) -> None:
+    """DICOM series and RTSTRUCTs into a registration, and its warped labels onto the fixed series.
+
+    The series become NIfTI volumes and the RTSTRUCTs label maps on them,
+    the fixed (reference) ROIs numbered by name as the moving ones, whose
+    matched table names the labels evaluated; the warped labels are written
+    as ``rtstruct.dcm`` on the fixed series, the moving ROIs' table as
+    ``labels.tsv``.
+    """
+    def node(interface, name):
+        return Node(interface, name=f"{prefix}{name}")
+
+    series = {role: node(DicomToNifti(out_file=f"{role}.nii.gz"), f"{role}_series") for role in ("moving", "fixed")}
+    moving_rois = node(RTStructToLabels(out_file="moving_labels.nii.gz"), "moving_rois")
+    fixed_rois = node(RTStructToLabels(out_file="fixed_labels.nii.gz", out_table="evaluated.tsv"), "fixed_rois")
+    rtstruct = node(LabelsToRTStruct(), "rtstruct")
+    workflow.connect([
+        (select, series["moving"], [("moving_image", "dicom_folder")]),
+        (select, series["fixed"], [("fixed_image", "dicom_folder")]),
+        (select, moving_rois, [("moving_rtstruct", "rtstruct"), ("moving_image", "dicom_folder")]),
+        (select, fixed_rois, [("fixed_rtstruct", "rtstruct"), ("fixed_image", "dicom_folder")]),
+        (moving_rois, fixed_rois, [("label_table", "match_table")]),
+        (series["moving"], registration, [("out_file", "inputnode.moving_image")]),
+        (series["fixed"], registration, [("out_file", "inputnode.fixed_image")]),
+        (moving_rois, registration, [("out_file", "inputnode.moving_labels")]),
+        (fixed_rois, registration, [("out_file", "inputnode.fixed_labels"),
+                                    ("label_table", "inputnode.label_names")]),
+        (registration, rtstruct, [("outputnode.warped_labels", "labels")]),
+        (moving_rois, rtstruct, [("label_table", "label_table")]),
+        (select, rtstruct, [("fixed_image", "dicom_folder")]),
+        (rtstruct, patient_sink, [("out_file", "@rtstruct")]),
+        (moving_rois, patient_sink, [("label_table", "@label_table")]),
+    ])
 
 
 #: Registration nodes whose settings the study report lists.
@@ -475,19 +585,27 @@ def study_parameters(workflow: Workflow) -> dict[str, dict]:
 
     Read from the nodes themselves (what ran, not what was meant to): every
     defined input except files (connected per patient), ``version`` (listed
-    apart) and ``progress``.
+    apart) and ``progress``.  The stages of a branch other than the plain
+    one (:data:`BRANCHES`) are named with it, e.g. ``fine (warm start)``.
     """
-    registration = workflow.get_node("registration")
     parameters = {}
-    for name in _REPORTED_NODES:
-        node = registration.get_node(name)
-        if node is None:
-            continue
-        spec = node.inputs
-        parameters[name] = {key: value for key, value in sorted(spec.get().items())
-                            if isdefined(value) and key not in ("version", "progress")
-                            and not spec.trait(key).is_trait_type(traits.File)}
+    for prefix in _branch_prefixes(workflow):
+        registration = workflow.get_node(f"{prefix}registration")
+        for name in _REPORTED_NODES:
+            node = registration.get_node(name)
+            if node is None:
+                continue
+            spec = node.inputs
+            parameters[name + _BRANCH_TITLES[prefix]] = {
+                key: value for key, value in sorted(spec.get().items())
+                if isdefined(value) and key not in ("version", "progress")
+                and not spec.trait(key).is_trait_type(traits.File)}
     return parameters
+
+
+def _branch_prefixes(workflow: Workflow) -> list[str]:
+    """The prefixes of the branches (:data:`BRANCHES`) a study workflow has."""
+    return [prefix for prefix in BRANCHES.values() if workflow.get_node(f"{prefix}registration") is not None]
 
 
 def slurm_sbatch_args(node, *, time_limit: str | None = None, extra: str | None = None) -> str:
@@ -751,8 +869,13 @@ def work_folder_lock(work_dir):
 
 
 def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> list[dict] | None:
-    patients = list(workflow.get_node("patients").iterables[1])
-    out_dir = Path(workflow.get_node("patient_sink").inputs.base_directory)
+    prefixes = _branch_prefixes(workflow)
+    manifest = workflow.get_node(f"{prefixes[0]}select").inputs.manifest
+    # Each branch holds the patients of one kind; the table keeps the manifest's order.
+    branch_patients = {p for prefix in prefixes for p in workflow.get_node(f"{prefix}patients").iterables[1]}
+    patients = [row["patient"] for row in io.read_manifest(manifest, check_files=False)
+                if row["patient"] in branch_patients]
+    out_dir = Path(workflow.get_node(f"{prefixes[0]}patient_sink").inputs.base_directory)
     try:  # now, not after hours of computing, when the data sinks would find it
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -802,8 +925,8 @@ def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> lis
             rows.append(steps.failed_row(patient, "not run: the study stopped at another patient's failure"))
         else:
             rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
-    if any(row["status"] == "failed" for row in rows):
+    # Otherwise the JoinNode's table is in out_dir already; a study of several branches has none.
+    if any(row["status"] == "failed" for row in rows) or len(prefixes) > 1:
         steps.write_study_table(out_dir / "study_dice.csv", rows)
-    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow),
-                              manifest=workflow.get_node("select").inputs.manifest)
+    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow), manifest=manifest)
     return rows

@@ -12,27 +12,48 @@ from .base import VersionedInputSpec
 
 class _SelectPatientInputSpec(VersionedInputSpec):
     manifest = traits.File(exists=True, mandatory=True,
-                           desc="study manifest (TSV/CSV: patient, moving, fixed, moving_labels, fixed_labels "
-                           "[, fixed_mask]; paths relative to the manifest)")
+                           desc="study manifest (TSV/CSV: patient, moving, fixed, then moving_labels, fixed_labels "
+                           "or moving_rtstruct, fixed_rtstruct [, fixed_mask, init_model]; paths relative to the "
+                           "manifest)")
     patient = traits.Str(mandatory=True, desc="patient id (the manifest's 'patient' column)")
 
 
 class _SelectPatientOutputSpec(TraitedSpec):
-    moving_image = traits.File(desc="moving image of the patient")
-    fixed_image = traits.File(desc="fixed image of the patient")
-    moving_labels = traits.File(desc="moving label map")
-    fixed_labels = traits.File(desc="fixed label map")
+    moving_image = traits.Str(desc="moving image of the patient: a NIfTI file, or a DICOM series folder")
+    fixed_image = traits.Str(desc="fixed image of the patient: a NIfTI file, or a DICOM series folder")
+    moving_labels = traits.File(desc="moving label map (undefined for DICOM series: moving_rtstruct)")
+    fixed_labels = traits.File(desc="fixed label map (undefined for DICOM series: fixed_rtstruct)")
+    moving_rtstruct = traits.File(desc="RTSTRUCT drawn on the moving series (undefined for NIfTI images)")
+    fixed_rtstruct = traits.File(desc="RTSTRUCT drawn on the fixed series (undefined for NIfTI images)")
     fixed_mask = traits.File(desc="fixed mask (undefined when the manifest has none for this patient)")
+    init_model = traits.File(desc="model.pt of a previous registration to start from (undefined when the manifest "
+                             "has none for this patient)")
+
+
+#: SelectPatient's output of each manifest column (the others keep the column's name).
+_OUTPUTS = {"moving": "moving_image", "fixed": "fixed_image"}
+
+
+def _check_image_kinds(manifest, patient: str, row: dict) -> None:
+    """RTSTRUCTs come with DICOM series folders, label maps with NIfTI files: anything else, named."""
+    dicom = bool(row.get("moving_rtstruct"))
+    for column in ("moving", "fixed"):
+        if Path(row[column]).is_dir() != dicom:
+            need = ("a folder holding one DICOM series (the RTSTRUCTs are drawn on it)" if dicom else
+                    "a NIfTI file (a DICOM series takes its labels as moving_rtstruct and fixed_rtstruct)")
+            raise io.InputError(row[column], f"the {column} image of patient {patient!r} must be {need} "
+                                f"(manifest {manifest}, column {column!r})")
 
 
 class SelectPatient(SimpleInterface):
     """One patient's files from a study manifest (absolute paths), label maps validated.
 
-    Every file must exist, and the label maps must be usable (integer,
-    non-empty, on their image's grid): checked here, before any optimisation
-    starts, so that a bad label map fails its patient at once rather than
-    after the registration.  The images themselves are validated by the
-    stages that read them.
+    Every file must exist, the images must be NIfTI files with label maps or
+    DICOM series folders with RTSTRUCTs, and the label maps must be usable
+    (integer, non-empty, on their image's grid): checked here, before any
+    optimisation starts, so that a bad label map fails its patient at once
+    rather than after the registration.  The images themselves (and the
+    RTSTRUCTs) are validated by the nodes that read them.
 
     Examples
     --------
@@ -58,20 +79,19 @@ class SelectPatient(SimpleInterface):
 
     def _run_interface(self, runtime):
         # Other patients' missing files are theirs to report: check only this patient's.
-        rows = {row["patient"]: row for row in io.read_manifest(self.inputs.manifest, check_files=False)}
-        if self.inputs.patient not in rows:
-            raise io.InputError(self.inputs.manifest, f"no patient {self.inputs.patient!r}")
-        row = rows[self.inputs.patient]
-        for column, required in io.MANIFEST_FILES.items():
+        manifest, patient = self.inputs.manifest, self.inputs.patient
+        rows = {row["patient"]: row for row in io.read_manifest(manifest, check_files=False)}
+        if patient not in rows:
+            raise io.InputError(manifest, f"no patient {patient!r}")
+        row = rows[patient]
+        for column in io.MANIFEST_FILES:
             if not row.get(column):
-                if required:
-                    raise io.InputError(self.inputs.manifest, f"patient {self.inputs.patient!r} has no {column!r}")
                 continue
-            if not Path(row[column]).is_file():
-                raise io.InputError(row[column], f"{column} file of patient {self.inputs.patient!r} does not exist "
-                                    f"(manifest {self.inputs.manifest}, column {column!r})")
-            name = column + "_image" if column in ("moving", "fixed") else column
-            self._results[name] = row[column]
+            if not Path(row[column]).exists():
+                raise io.InputError(row[column], f"{column} file of patient {patient!r} does not exist "
+                                    f"(manifest {manifest}, column {column!r})")
+            self._results[_OUTPUTS.get(column, column)] = row[column]
+        _check_image_kinds(manifest, patient, row)
         steps.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
                            fixed_labels=row.get("fixed_labels"))
         return runtime
