@@ -1,0 +1,87 @@
+"""Studies of DICOM series and of warm-started fractions: the manifest's other kinds of row."""
+
+import csv
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from nipype_inrlddmm import dicom, engine, io
+from nipype_inrlddmm.phantom import LABELS, write_cohort
+from nipype_inrlddmm.workflows import init_study_wf, run_study
+
+FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10, warm_iterations=4)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Two phantom patients in NIfTI and in DICOM (data/generate_cohort.py --dicom)."""
+    return write_cohort(tmp_path_factory.mktemp("cohort"), 2, shape=(40, 36, 16), dicom=True).parent
+
+
+def _manifest(path, rows: list[dict]):
+    return io.write_csv(path, rows, delimiter="\t")
+
+
+def _table(out_dir) -> list[dict]:
+    with open(out_dir / "study_dice.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_series(cohort, tmp_path):
+    manifest = cohort / "dicom_manifest.tsv"  # the generator's: series folders and RTSTRUCTs
+    assert (manifest.read_text().splitlines()[1].split("\t") ==
+            ["p01", "p01/ct", "p01/cbct", "p01/ct_rtstruct.dcm", "p01/cbct_rtstruct.dcm"])
+    out = tmp_path / "out"
+    workflow = init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work", **FEW)
+    assert workflow.get_node("dicom_patients").iterables == ("patient", ["p01", "p02"])
+    rows = run_study(workflow)
+    assert [(row["patient"], row["status"]) for row in rows] == [("p01", "ok"), ("p02", "ok")]
+    table = _table(out)
+    assert [row["patient"] for row in table] == ["p01", "p02"]
+    for row in table:
+        assert all(0.5 < float(row[name]) <= 1.0 for name in LABELS.values()), row
+    for patient in ("p01", "p02"):
+        folder, fixed = out / patient, dicom.read_series(cohort / patient / "cbct")
+        for name in ("rtstruct.dcm", "labels.tsv", "warped_labels.nii.gz", "dice.csv", "model.pt", "qc.png"):
+            assert (folder / name).is_file(), (patient, name)
+        written = pydicom.dcmread(folder / "rtstruct.dcm")
+        frame = written.ReferencedFrameOfReferenceSequence[0]
+        assert frame.FrameOfReferenceUID == fixed.frame_of_reference_uid
+        series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == fixed.series_uid
+        assert written.PatientID == patient
+        assert [item.ROIName for item in written.StructureSetROISequence] == list(LABELS.values())
+        # The contours are the study's warped labels, on the fixed series' grid.
+        carried = dicom.read_rtstruct(folder / "rtstruct.dcm", fixed).labels
+        np.testing.assert_array_equal(carried, io.load_labels(folder / "warped_labels.nii.gz")[0])
+        dice = {r["name"]: float(r["dice"]) for r in csv.DictReader(open(folder / "dice.csv"))}
+        assert dice == pytest.approx({name: float(table[int(patient[-1]) - 1][name]) for name in dice}, abs=1e-4)
+    assert (out / "report.html").is_file()
+
+
+def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratch(cohort, tmp_path):
+    """One study, two kinds of row (two branches of the graph): a table in the manifest's order."""
+    fixed_shape, fixed_affine = io.load_volume(cohort / "p01" / "cbct.nii.gz")[0].shape, \
+        io.load_volume(cohort / "p01" / "cbct.nii.gz")[1]
+    start = engine.new_velocity_field(fixed_shape, torch.as_tensor(fixed_affine, dtype=torch.float32),
+                                      engine.ModelConfig(), 0)
+    model = io.save_checkpoint(tmp_path / "previous.pt", start, shape=fixed_shape, affine=fixed_affine)
+    files = {column: name for column, name in (("moving", "ct.nii.gz"), ("fixed", "cbct.nii.gz"),
+                                                ("moving_labels", "ct_labels.nii.gz"),
+                                                ("fixed_labels", "cbct_labels.nii.gz"),
+                                                ("fixed_mask", "cbct_fov.nii.gz"))}
+    manifest = _manifest(cohort / "course.tsv", [
+        {"patient": "warm", **{c: f"p01/{n}" for c, n in files.items()}, "init_model": str(model)},
+        {"patient": "cold", **{c: f"p02/{n}" for c, n in files.items()}, "init_model": ""}])
+    out = tmp_path / "out"
+    workflow = init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work",
+                             label_names=cohort / "labels.tsv", **FEW)
+    assert workflow.get_node("warm_registration").get_node("coarse") is None
+    rows = run_study(workflow)
+    assert [(row["patient"], row["status"]) for row in rows] == [("warm", "ok"), ("cold", "ok")]
+    assert [row["patient"] for row in _table(out)] == ["warm", "cold"]
+    assert not (out / "warm" / "coarse_log.csv").exists() and (out / "cold" / "coarse_log.csv").is_file()
+    assert len(list(csv.DictReader(open(out / "warm" / "fine_log.csv")))) == 4
+    assert len(list(csv.DictReader(open(out / "cold" / "fine_log.csv")))) == 10
