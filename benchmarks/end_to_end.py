@@ -219,6 +219,14 @@ def run_study(n_patients: int, scratch: Path, threads: int, env: dict, *, plugin
             "nipype_share": (last - first - busy) / wall}
 
 
+def write_results(out: Path, text: str, results: dict) -> None:
+    """The Markdown ``text`` to ``out`` and every figure in ``results`` as JSON beside it, each atomically."""
+    with io.atomic_path(out) as temporary:
+        Path(temporary).write_text(text)
+    with io.atomic_path(out.with_suffix(".json")) as temporary:
+        Path(temporary).write_text(json.dumps(results, indent=1))
+
+
 def tables(results: dict) -> str:
     head = ["set", "ours: wall (s)", "register() (s)", "wall / register()", "ANTs: wall (s)", "ours / ANTs",
             "Dice ours / ANTs", "SDlogJ ours / ANTs", "% det J <= 0 ours / ANTs"]
@@ -282,10 +290,7 @@ def main():
         results["study"] = study
     print(table)
     if args.out:
-        with io.atomic_path(args.out) as temporary:
-            Path(temporary).write_text(header + "\n" + table)
-        with io.atomic_path(args.out.with_suffix(".json")) as temporary:
-            Path(temporary).write_text(json.dumps(results, indent=1))
+        write_results(args.out, header + "\n" + table, results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -27,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from end_to_end import run_study
+from end_to_end import run_study, write_results
 
-from nipype_inrlddmm import __version__, io
+from nipype_inrlddmm import __version__
 
 LOCAL_SLURM = Path(__file__).resolve().parents[1] / "scripts" / "local-slurm.sh"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -108,10 +107,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        with io.atomic_path(args.out) as temporary:
-            Path(temporary).write_text(header + "\n" + table)
-        with io.atomic_path(args.out.with_suffix(".json")) as temporary:
-            Path(temporary).write_text(json.dumps(results, indent=1))
+        write_results(args.out, header + "\n" + table, results)
 
 
 if __name__ == "__main__":
