@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from nipype_inrlddmm import __version__, engine, metrics
+from nipype_inrlddmm import __version__, engine, io, metrics
 from nipype_inrlddmm.engine.affine import start_transform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ class Case:
     def gland_dice(self, displacement: np.ndarray) -> float:
         warped = engine.warp(_tensor(self.mr_gland), torch.from_numpy(self.moving_affine).float(),
                              _tensor(displacement), self.fixed_affine, interpolation="label").numpy() > 0
-        return metrics._dice_masks(warped, self.us_gland)
+        return metrics.mask_dice(warped, self.us_gland)
 
 
 def run_ours(case: Case, options: dict) -> dict:
@@ -109,7 +109,7 @@ def run_syn(case: Case, scratch: Path) -> dict:
     warped = ants.apply_transforms(fixed, ants.image_read(str(labels)), out["fwdtransforms"],
                                    interpolator="genericLabel").numpy() > 0.5
     determinant = ants.create_jacobian_determinant_image(fixed, out["fwdtransforms"][0]).numpy()
-    return {"dice": metrics._dice_masks(warped, case.us_gland), "seconds": seconds,
+    return {"dice": metrics.mask_dice(warped, case.us_gland), "seconds": seconds,
             **metrics.determinant_summary(determinant)}
 
 
@@ -163,7 +163,9 @@ def main(argv=None) -> None:
         report.append(f"## {json.dumps(options)}\n\n" + table(cases, centre, ours, syn))
         print(report[-1], flush=True)
     if args.out:
-        args.out.write_text("\n".join(report))
+        # Atomically: an interrupted run leaves the previous tables, never a truncated file.
+        with io.atomic_path(args.out) as temporary:
+            Path(temporary).write_text("\n".join(report))
 
 
 if __name__ == "__main__":

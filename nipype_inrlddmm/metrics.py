@@ -13,10 +13,11 @@ from scipy import ndimage
 
 def dice(warped: np.ndarray, fixed: np.ndarray, label: int) -> float:
     """Dice overlap of one label; NaN when the label is absent from both."""
-    return _dice_masks(warped == label, fixed == label)
+    return mask_dice(warped == label, fixed == label)
 
 
-def _dice_masks(a: np.ndarray, b: np.ndarray) -> float:
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks on one grid; NaN when both are empty."""
     total = a.sum() + b.sum()
     return float("nan") if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
@@ -125,7 +126,7 @@ def label_overlap(
         rows.append({
             "label": int(label),
             "name": names.get(int(label), str(label)),
-            "dice": _dice_masks(in_warped, in_fixed),
+            "dice": mask_dice(in_warped, in_fixed),
             "hd95_mm": _hd95_masks(in_warped, in_fixed, spacing),
             "voxels_fixed": n_fixed,
             "voxels_warped": n_warped,

@@ -160,7 +160,7 @@ def test_rtstruct_read_back_by_another_library_gives_the_same_masks(series, tmp_
     for roi in ROIS:
         theirs = structures.get_roi_mask_by_name(roi.name).transpose(1, 0, 2)  # (rows, columns, slices) -> (i, j, k)
         mine = roi.mask(labels)
-        assert metrics._dice_masks(theirs, mine) >= 0.97, roi.name
+        assert metrics.mask_dice(theirs, mine) >= 0.97, roi.name
         assert mine.sum() > 10
 
 
@@ -176,7 +176,7 @@ def test_an_rtstruct_written_by_another_library_is_read_as_its_masks(series, tmp
     read = dicom.read_rtstruct(tmp_path / "theirs.dcm", series)
     assert [roi.name for roi in read.rois] == [roi.name for roi in ROIS]
     for theirs, mine in zip(read.rois, ROIS):
-        assert metrics._dice_masks(theirs.mask(read.labels), mine.mask(labels)) >= 0.97, mine.name
+        assert metrics.mask_dice(theirs.mask(read.labels), mine.mask(labels)) >= 0.97, mine.name
 
 
 def test_overlapping_rois_keep_the_smaller_and_an_enclosing_roi_its_whole(series, tmp_path):
@@ -275,7 +275,7 @@ def test_registering_through_dicom_carries_the_rois_as_the_nifti_route_does(phan
     carried = dicom.read_rtstruct(out / "rtstruct.dcm", cbct)
     by_nifti = np.asarray(nib.load(tmp_path / "nifti" / "warped_labels.nii.gz").dataobj)
     for roi in carried.rois:  # the body encloses the organs in both: the voxels of every label
-        assert metrics._dice_masks(roi.mask(carried.labels), roi.mask(by_nifti)) >= 0.97, roi.name
+        assert metrics.mask_dice(roi.mask(carried.labels), roi.mask(by_nifti)) >= 0.97, roi.name
     assert [row["name"] for row in csv.DictReader(open(out / "labels.tsv"), delimiter="\t")] == list(LABELS.values())
     assert [row["name"] for row in csv.DictReader(open(out / "dice.csv"))] == list(LABELS.values())
     assert (out / "warped_labels.nii.gz").is_file()
