@@ -48,64 +48,19 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cases import Case, cases
+
 from nipype_inrlddmm import __version__, engine, io, metrics
 from nipype_inrlddmm.engine.affine import AffineConfig, checked_affine_register
-from nipype_inrlddmm.phantom import LABELS as PHANTOM_LABELS
-from nipype_inrlddmm.phantom import make_pair
 
-DATA = Path(os.environ.get("INRLDDMM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 METHODS = ("inr-lddmm", "ants-syn", "no-distill", "no-coarse", "paper-plain")
 PAPER_PLAIN = {"encoding": "none", "activation": "relu", "similarity": "mse"}
-
-
-@dataclass
-class Case:
-    """One registration problem, as files (moving -> fixed)."""
-
-    name: str
-    moving: Path
-    fixed: Path
-    moving_labels: Path
-    fixed_labels: Path
-    labels: dict[int, str]
-    clip_min: float | None = None  # CT: -2048 marks voxels outside the scan cone
-    affine: str | None = "affine"  # pre-alignment, or None when already aligned
-    sampling_threshold: float | None = 0.05  # sample where the normalised fixed image exceeds it
-    eval_mask: Path | None = None
-    landmarks: tuple[Path, Path] | None = None  # (fixed, moving) LPS CSVs
-
-
-def cases(names, scratch: Path) -> list[Case]:
-    out = []
-    if "brain" in names:
-        d = DATA / "brain"
-        out.append(Case("brain", d / "subject_T1w.nii.gz", d / "mni152_T1w.nii.gz", d / "subject_tissue.nii.gz",
-                        d / "mni152_tissue.nii.gz", {1: "GM", 2: "WM"}))
-    if "brain-pair" in names:
-        d = DATA / "brain-pair"
-        out.append(Case("brain-pair", d / "subjectA_T1w.nii.gz", d / "subjectB_T1w.nii.gz",
-                        d / "subjectA_aseg.nii.gz", d / "subjectB_aseg.nii.gz",
-                        io.load_label_names(d / "labels.tsv"), affine=None))
-    if "lung-ct" in names:
-        d = DATA / "lung-ct"
-        out.append(Case("lung-ct", d / "followup_ct.nii.gz", d / "baseline_ct.nii.gz", d / "followup_lung.nii.gz",
-                        d / "baseline_lung.nii.gz", {1: "lung"}, clip_min=-1024.0, sampling_threshold=None,
-                        landmarks=(d / "baseline_landmarks_lps_mm.csv", d / "followup_landmarks_lps_mm.csv")))
-    if "phantom" in names:
-        pair = make_pair((128, 112, 48), seed=1)
-        files = {name: io.save_image(scratch / f"phantom_{name}.nii.gz", data, pair.affine) for name, data in (
-            ("ct", pair.ct), ("cbct", pair.cbct), ("ct_labels", pair.ct_labels.astype(np.int32)),
-            ("cbct_labels", pair.cbct_labels.astype(np.int32)), ("fov", pair.cbct_fov.astype(np.uint8)))}
-        labels = {k: v for k, v in PHANTOM_LABELS.items() if k}
-        out.append(Case("phantom", files["ct"], files["cbct"], files["ct_labels"], files["cbct_labels"], labels,
-                        affine=None, sampling_threshold=None, eval_mask=files["fov"]))
-    return out
+HEAD_THRESHOLD = 0.05  # in a head case, sample where the normalised fixed image exceeds it: inside the head
 
 
 class PeakMemory:
@@ -151,7 +106,7 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
     config = engine.config_from_options(**(PAPER_PLAIN if variant == "paper-plain" else {}), **options)
     moving_t, fixed_t = engine.normalise_intensity(_t(moving)), engine.normalise_intensity(_t(fixed))
     fixed_affine_t = _t(fixed_affine)
-    mask = None if case.sampling_threshold is None else fixed_t > case.sampling_threshold
+    mask = fixed_t > HEAD_THRESHOLD if case.head else None
     pre, start = np.eye(4), time.perf_counter()
     if case.affine:
         # The command's checked pre-alignment: a degenerate estimate is replaced, and said so.

@@ -50,28 +50,21 @@ from pathlib import Path
 
 import numpy as np
 
-from nipype_inrlddmm import __version__, io, metrics
-from nipype_inrlddmm.phantom import LABELS as PHANTOM_LABELS
-from nipype_inrlddmm.phantom import make_pair
+from cases import SETS, Case, cases
 
-DATA = Path(os.environ.get("INRLDDMM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SETS = ("brain", "brain-pair", "lung-ct", "phantom", "small-ct")
+from nipype_inrlddmm import __version__, io, metrics
+
 PHASES = ("read", "pre-align", "stages", "dense field and warp", "write", "labels", "evaluation", "QC")
 
 
 @dataclass
-class Case:
-    """One registration problem as the files a user would pass."""
+class Inputs:
+    """A case as the files a user passes to either command line."""
 
-    name: str
     moving: Path
     fixed: Path
-    moving_labels: Path
-    fixed_labels: Path
     label_names: Path  # TSV of the evaluated labels
-    affine: str | None = None
-    fixed_mask: Path | None = None  # given to both methods: where their similarity is measured
-    eval_mask: Path | None = None  # where both are scored (None: the whole fixed grid)
+    fixed_mask: Path | None  # where both methods measure their similarity
 
 
 def _label_table(path: Path, labels: dict[int, str]) -> Path:
@@ -83,16 +76,6 @@ def _clipped(source: Path, target: Path, low: float) -> Path:
     return io.save_image(target, np.maximum(data, low).astype(np.float32), affine)
 
 
-def _phantom_case(name: str, scratch: Path, shape, field_of_view, seed: int) -> Case:
-    pair = make_pair(shape, seed=seed, field_of_view=field_of_view)
-    files = {key: io.save_image(scratch / f"{name}_{key}.nii.gz", data, pair.affine) for key, data in (
-        ("ct", pair.ct), ("cbct", pair.cbct), ("ct_labels", pair.ct_labels.astype(np.int32)),
-        ("cbct_labels", pair.cbct_labels.astype(np.int32)), ("fov", pair.cbct_fov.astype(np.uint8)))}
-    labels = _label_table(scratch / f"{name}_labels.tsv", {k: v for k, v in PHANTOM_LABELS.items() if k})
-    return Case(name, files["ct"], files["cbct"], files["ct_labels"], files["cbct_labels"], labels,
-                fixed_mask=files["fov"], eval_mask=files["fov"])
-
-
 def _head_mask(image: Path, target: Path) -> Path:
     """Where the fixed MR exceeds 5 % of its robust range: the head, as a user's brain or head mask."""
     data, affine = io.load_volume(image)
@@ -100,29 +83,13 @@ def _head_mask(image: Path, target: Path) -> Path:
     return io.save_image(target, ((data - low) / (high - low) > 0.05).astype(np.uint8), affine)
 
 
-def cases(names, scratch: Path) -> list[Case]:
-    out = []
-    if "brain" in names:
-        d = DATA / "brain"
-        out.append(Case("brain", d / "subject_T1w.nii.gz", d / "mni152_T1w.nii.gz", d / "subject_tissue.nii.gz",
-                        d / "mni152_tissue.nii.gz", _label_table(scratch / "brain.tsv", {1: "GM", 2: "WM"}),
-                        affine="affine", fixed_mask=_head_mask(d / "mni152_T1w.nii.gz", scratch / "mni_head.nii.gz")))
-    if "brain-pair" in names:
-        d = DATA / "brain-pair"
-        out.append(Case("brain-pair", d / "subjectA_T1w.nii.gz", d / "subjectB_T1w.nii.gz",
-                        d / "subjectA_aseg.nii.gz", d / "subjectB_aseg.nii.gz", d / "labels.tsv",
-                        fixed_mask=_head_mask(d / "subjectB_T1w.nii.gz", scratch / "subjectB_head.nii.gz")))
-    if "lung-ct" in names:
-        d = DATA / "lung-ct"
-        out.append(Case("lung-ct", _clipped(d / "followup_ct.nii.gz", scratch / "followup_ct.nii.gz", -1024.0),
-                        _clipped(d / "baseline_ct.nii.gz", scratch / "baseline_ct.nii.gz", -1024.0),
-                        d / "followup_lung.nii.gz", d / "baseline_lung.nii.gz",
-                        _label_table(scratch / "lung.tsv", {1: "lung"}), affine="affine"))
-    if "phantom" in names:
-        out.append(_phantom_case("phantom", scratch, (128, 112, 48), (360.0, 300.0, 240.0), seed=1))
-    if "small-ct" in names:
-        out.append(_phantom_case("small-ct", scratch, (128, 112, 96), (384.0, 336.0, 288.0), seed=2))
-    return out
+def user_inputs(case: Case, scratch: Path) -> Inputs:
+    """The files written to ``scratch`` that the methods get: the CTs clipped, the head or the field of view as mask."""
+    moving, fixed = case.moving, case.fixed
+    if case.clip_min is not None:
+        moving, fixed = (_clipped(path, scratch / path.name, case.clip_min) for path in (case.moving, case.fixed))
+    mask = _head_mask(case.fixed, scratch / f"{case.name}_head.nii.gz") if case.head else case.eval_mask
+    return Inputs(moving, fixed, _label_table(scratch / f"{case.name}_labels.tsv", case.labels), mask)
 
 
 def _timed(command: list[str], env: dict) -> float:
@@ -134,23 +101,23 @@ def _timed(command: list[str], env: dict) -> float:
     return seconds
 
 
-def run_ours(case: Case, out: Path, threads: int, env: dict) -> dict:
+def run_ours(case: Case, inputs: Inputs, out: Path, threads: int, env: dict) -> dict:
     command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"), "register",
-               "--moving", str(case.moving), "--fixed", str(case.fixed),
+               "--moving", str(inputs.moving), "--fixed", str(inputs.fixed),
                "--moving-labels", str(case.moving_labels), "--fixed-labels", str(case.fixed_labels),
-               "--label-names", str(case.label_names), "--out-dir", str(out), "--num-threads", str(threads),
+               "--label-names", str(inputs.label_names), "--out-dir", str(out), "--num-threads", str(threads),
                "--quiet", "--timings", str(out / "timings.json")]
     command += ["--affine", case.affine] if case.affine else []
-    command += ["--fixed-mask", str(case.fixed_mask)] if case.fixed_mask else []
+    command += ["--fixed-mask", str(inputs.fixed_mask)] if inputs.fixed_mask else []
     seconds = _timed(command, env)
     field, affine = io.load_displacement(out / "displacement.nii.gz")
     return {"wall": seconds, "timings": json.loads((out / "timings.json").read_text()),
             "labels": out / "warped_labels.nii.gz", "jacobian": metrics.jacobian_determinant(field, affine)}
 
 
-def run_ants(case: Case, out: Path, threads: int, env: dict) -> dict:
-    command = [sys.executable, __file__, "--ants-worker", str(case.moving), str(case.fixed), str(case.moving_labels),
-               str(case.fixed_mask or ""), str(out)]
+def run_ants(case: Case, inputs: Inputs, out: Path, threads: int, env: dict) -> dict:
+    command = [sys.executable, __file__, "--ants-worker", str(inputs.moving), str(inputs.fixed),
+               str(case.moving_labels), str(inputs.fixed_mask or ""), str(out)]
     seconds = _timed(command, dict(env, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads)))
     jacobian, _ = io.load_volume(out / "jacobian.nii.gz")
     return {"wall": seconds, "labels": out / "warped_labels.nii.gz", "jacobian": jacobian}
@@ -175,8 +142,7 @@ def score(case: Case, run: dict) -> dict:
     fixed, affine = io.load_labels(case.fixed_labels)
     warped = np.rint(io.load_volume(run["labels"])[0]).astype(np.int32)
     mask = io.load_volume(case.eval_mask)[0] > 0 if case.eval_mask else None
-    names = io.load_label_names(case.label_names)
-    dice = metrics.dice_scores(warped, fixed, sorted(names), mask)
+    dice = metrics.dice_scores(warped, fixed, sorted(case.labels), mask)
     return {"wall": run["wall"], "mean_dice": float(np.nanmean(dice)), **metrics.determinant_summary(run["jacobian"])}
 
 
@@ -270,11 +236,11 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for case in cases(args.sets, scratch):
-            row = {}
+            inputs, row = user_inputs(case, scratch), {}
             for method, run in (("ours", run_ours), ("ants", run_ants)):
                 out = scratch / case.name / method
                 out.mkdir(parents=True)
-                measured = run(case, out, args.threads, env)
+                measured = run(case, inputs, out, args.threads, env)
                 row[method] = dict(score(case, measured), **({"timings": measured["timings"]} if method == "ours"
                                                               else {}))
             results[case.name] = row
