@@ -24,6 +24,12 @@ directory.  Every interface takes a hashed ``version`` input (the package
 version) so that upgrading the package invalidates Nipype's cache; the
 optimisation interfaces take ``num_threads`` (not hashed), which a Node
 reports as its ``n_procs``.
+
+Each example runs in an empty working folder.  ``data`` there is one
+phantom patient's folder as :func:`~nipype_inrlddmm.phantom.write_cohort`
+writes it (``ct.nii.gz``, ``cbct.nii.gz``, their label maps and
+``cbct_fov.nii.gz``), and ``coarse`` the outputs of :class:`CoarseINR` on
+that patient (5 iterations), which the later stages' examples continue.
 """
 
 from .affine import AffineInit

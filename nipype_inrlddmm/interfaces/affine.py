@@ -71,23 +71,17 @@ class AffineInit(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
-    >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import AffineInit
-    >>> from nipype_inrlddmm.phantom import write_cohort
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
     >>> shifted = np.eye(4); shifted[:3, 3] = (10.0, -5.0, 0.0)  # the same CT, moved 10 mm right, 5 mm back
     >>> image, affine = io.load_image(data / "ct.nii.gz")
-    >>> moving = io.save_image(Path(tmp.name) / "moved.nii.gz", image, shifted @ affine)
+    >>> moving = io.save_image("moved.nii.gz", image, shifted @ affine)
     >>> init = AffineInit(moving_image=str(moving), fixed_image=str(data / "ct.nii.gz"), transform="rigid",
     ...                   iterations=[100, 50, 0])
-    >>> result = init.run(cwd=tmp.name)
+    >>> result = init.run()
     >>> (np.round(io.load_itk_affine(result.outputs.transform)[:3, 3]) + 0.0).tolist()  # + 0.0: no "-0.0"
     [10.0, -5.0, 0.0]
-    >>> tmp.cleanup()
     """
 
     input_spec = _AffineInitInputSpec

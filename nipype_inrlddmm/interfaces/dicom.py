@@ -40,19 +40,15 @@ class DicomToNifti(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import dicom, io
     >>> from nipype_inrlddmm.interfaces import DicomToNifti
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
-    >>> series = dicom.write_series(tmp / "ct", np.arange(4 * 3 * 2.0).reshape(4, 3, 2), np.diag([1, 1, 2.5, 1]))
-    >>> result = DicomToNifti(dicom_folder=str(series.folder)).run(cwd=str(tmp))
-    >>> data, affine = io.load_image(result.outputs.out_file)
-    >>> data.shape, float(affine[2, 2]), Path(result.outputs.out_file).name
+    >>> series = dicom.write_series("ct", np.arange(4 * 3 * 2.0).reshape(4, 3, 2), np.diag([1, 1, 2.5, 1]))
+    >>> result = DicomToNifti(dicom_folder=str(series.folder)).run()
+    >>> image, affine = io.load_image(result.outputs.out_file)
+    >>> image.shape, float(affine[2, 2]), Path(result.outputs.out_file).name
     ((4, 3, 2), 2.5, 'ct.nii.gz')
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _DicomToNiftiInputSpec
@@ -100,23 +96,18 @@ class RTStructToLabels(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
-    >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import dicom, io
     >>> from nipype_inrlddmm.interfaces import RTStructToLabels
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
-    >>> series = dicom.write_series(tmp / "ct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
+    >>> series = dicom.write_series("ct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
     >>> labels = np.zeros((8, 8, 3), np.int32); labels[2:6, 2:6, 1] = 1
-    >>> rs = dicom.write_rtstruct(tmp / "rs.dcm", labels, [dicom.Roi(1, "GTV", 4)], series, label="Plan",
+    >>> rs = dicom.write_rtstruct("rs.dcm", labels, [dicom.Roi(1, "GTV", 4)], series, label="Plan",
     ...                           name="plan", description="drawn by hand")
-    >>> result = RTStructToLabels(rtstruct=str(rs), dicom_folder=str(series.folder)).run(cwd=str(tmp))
+    >>> result = RTStructToLabels(rtstruct=str(rs), dicom_folder=str(series.folder)).run()
     >>> int(io.load_labels(result.outputs.out_file)[0].sum())
     16
     >>> io.load_label_names(result.outputs.label_table)
     {1: 'GTV'}
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _RTStructToLabelsInputSpec
@@ -161,24 +152,19 @@ class LabelsToRTStruct(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
-    >>> from pathlib import Path
     >>> import numpy as np
     >>> import pydicom
     >>> from nipype_inrlddmm import dicom, io
     >>> from nipype_inrlddmm.interfaces import LabelsToRTStruct
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
-    >>> series = dicom.write_series(tmp / "cbct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
+    >>> series = dicom.write_series("cbct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
     >>> labels = np.zeros((8, 8, 3), np.int32); labels[2:6, 2:6, 1] = 1
-    >>> warped = io.save_image(tmp / "warped_labels.nii.gz", labels, series.affine)
-    >>> table = io.write_csv(tmp / "labels.tsv", [{"index": 1, "name": "GTV"}], delimiter="\\t")
+    >>> warped = io.save_image("warped_labels.nii.gz", labels, series.affine)
+    >>> table = io.write_csv("labels.tsv", [{"index": 1, "name": "GTV"}], delimiter="\\t")
     >>> result = LabelsToRTStruct(labels=str(warped), label_table=str(table),
-    ...                           dicom_folder=str(series.folder)).run(cwd=str(tmp))
+    ...                           dicom_folder=str(series.folder)).run()
     >>> written = pydicom.dcmread(result.outputs.out_file)
     >>> written.StructureSetROISequence[0].ROIName, written.StructureSetLabel
     ('GTV', 'Propagated')
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _LabelsToRTStructInputSpec

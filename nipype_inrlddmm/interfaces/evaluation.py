@@ -35,20 +35,16 @@ class DiceEval(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import DiceEval
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
     >>> fixed = np.zeros((10, 10, 10), np.int32); fixed[2:8, 2:8, 2:8] = 1
     >>> warped = np.roll(fixed, 1, axis=0)
-    >>> paths = [str(io.save_image(tmp / f"{n}.nii.gz", a, np.eye(4))) for n, a in (("w", warped), ("f", fixed))]
-    >>> result = DiceEval(warped_labels=paths[0], fixed_labels=paths[1]).run(cwd=str(tmp))
+    >>> paths = [str(io.save_image(f"{n}.nii.gz", a, np.eye(4))) for n, a in (("w", warped), ("f", fixed))]
+    >>> result = DiceEval(warped_labels=paths[0], fixed_labels=paths[1]).run()
     >>> round(result.outputs.mean_dice, 3), Path(result.outputs.out_csv).name
     (0.833, 'dice.csv')
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _DiceEvalInputSpec
@@ -88,22 +84,18 @@ class LandmarkTRE(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import LandmarkTRE
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
     >>> shift = np.zeros((10, 10, 10, 3), np.float32); shift[..., 0] = 2.0  # 2 mm towards R
-    >>> field = io.save_displacement(tmp / "field.nii.gz", shift, np.eye(4))
-    >>> _ = (tmp / "fixed.csv").write_text("x,y,z\\n-4,-4,4\\n-5,-3,2\\n")   # LPS mm
-    >>> _ = (tmp / "moving.csv").write_text("x,y,z\\n-6,-4,4\\n-7,-3,3\\n")
-    >>> tre = LandmarkTRE(fixed_landmarks=str(tmp / "fixed.csv"), moving_landmarks=str(tmp / "moving.csv"),
-    ...                   displacement=str(field)).run(cwd=str(tmp))
+    >>> field = io.save_displacement("field.nii.gz", shift, np.eye(4))
+    >>> _ = Path("fixed.csv").write_text("x,y,z\\n-4,-4,4\\n-5,-3,2\\n")   # LPS mm
+    >>> _ = Path("moving.csv").write_text("x,y,z\\n-6,-4,4\\n-7,-3,3\\n")
+    >>> tre = LandmarkTRE(fixed_landmarks="fixed.csv", moving_landmarks="moving.csv",
+    ...                   displacement=str(field)).run()
     >>> round(tre.outputs.mean_tre, 3), Path(tre.outputs.out_csv).name
     (0.5, 'tre.csv')
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _LandmarkTREInputSpec

@@ -47,18 +47,13 @@ class QCReport(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from nipype_inrlddmm.phantom import write_cohort
     >>> from nipype_inrlddmm.interfaces import QCReport
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
     >>> figure = QCReport(fixed_image=str(data / "cbct.nii.gz"), moving_image=str(data / "ct.nii.gz"),
     ...                   warped_image=str(data / "ct.nii.gz"), fixed_labels=str(data / "cbct_labels.nii.gz"),
     ...                   warped_labels=str(data / "ct_labels.nii.gz"), title="p01 (unregistered)")
-    >>> Path(figure.run(cwd=tmp.name).outputs.out_file).name
+    >>> Path(figure.run().outputs.out_file).name
     'qc.png'
-    >>> tmp.cleanup()
     """
 
     input_spec = _QCReportInputSpec
@@ -107,20 +102,13 @@ class Trajectory(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
     >>> import nibabel as nib
-    >>> from nipype_inrlddmm.phantom import write_cohort
-    >>> from nipype_inrlddmm.interfaces import CoarseINR, Trajectory
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
-    >>> moving, fixed = str(data / "ct.nii.gz"), str(data / "cbct.nii.gz")
-    >>> coarse = CoarseINR(moving_image=moving, fixed_image=fixed, iterations=2).run(cwd=tmp.name).outputs
-    >>> frames = Trajectory(model=coarse.model, moving_image=moving, fixed_image=fixed, n_times=3).run(
-    ...     cwd=tmp.name).outputs
+    >>> from nipype_inrlddmm.interfaces import Trajectory
+    >>> frames = Trajectory(model=coarse.model, moving_image=str(data / "ct.nii.gz"),
+    ...                     fixed_image=str(data / "cbct.nii.gz"), n_times=3).run().outputs
     >>> nib.load(frames.trajectory).shape, Path(frames.animation).name
     ((32, 28, 16, 3), 'trajectory.gif')
-    >>> tmp.cleanup()
     """
 
     input_spec = _TrajectoryInputSpec

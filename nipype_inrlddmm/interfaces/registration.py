@@ -53,18 +53,13 @@ class CoarseINR(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from nipype_inrlddmm.phantom import write_cohort
     >>> from nipype_inrlddmm.interfaces import CoarseINR
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
-    >>> coarse = CoarseINR(moving_image=str(data / "ct.nii.gz"), fixed_image=str(data / "cbct.nii.gz"),
-    ...                    fixed_mask=str(data / "cbct_fov.nii.gz"), iterations=5, seed=1)
-    >>> result = coarse.run(cwd=tmp.name)
+    >>> stage = CoarseINR(moving_image=str(data / "ct.nii.gz"), fixed_image=str(data / "cbct.nii.gz"),
+    ...                   fixed_mask=str(data / "cbct_fov.nii.gz"), iterations=5, seed=1)
+    >>> result = stage.run()
     >>> sorted(Path(path).name for path in result.outputs.get().values())
     ['coarse_displacement.nii.gz', 'coarse_log.csv', 'coarse_model.pt']
-    >>> tmp.cleanup()
     """
 
     input_spec = _CoarseINRInputSpec
@@ -109,20 +104,12 @@ class DistillINR(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from nipype_inrlddmm.phantom import write_cohort
-    >>> from nipype_inrlddmm.interfaces import CoarseINR, DistillINR
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
-    >>> fixed = str(data / "cbct.nii.gz")
-    >>> coarse = CoarseINR(moving_image=str(data / "ct.nii.gz"), fixed_image=fixed, iterations=5).run(
-    ...     cwd=tmp.name).outputs
+    >>> from nipype_inrlddmm.interfaces import DistillINR
     >>> distill = DistillINR(coarse_model=coarse.model, coarse_displacement=coarse.displacement,
-    ...                      fixed_image=fixed, iterations=5)
-    >>> Path(distill.run(cwd=tmp.name).outputs.model).name
+    ...                      fixed_image=str(data / "cbct.nii.gz"), iterations=5)
+    >>> Path(distill.run().outputs.model).name
     'distilled_model.pt'
-    >>> tmp.cleanup()
     """
 
     input_spec = _DistillINRInputSpec
@@ -178,19 +165,13 @@ class FineINR(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
-    >>> from nipype_inrlddmm.phantom import write_cohort
-    >>> from nipype_inrlddmm.interfaces import CoarseINR, FineINR
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> data = write_cohort(Path(tmp.name) / "data", 1, shape=(32, 28, 16)).parent / "p01"
-    >>> moving, fixed = str(data / "ct.nii.gz"), str(data / "cbct.nii.gz")
-    >>> coarse = CoarseINR(moving_image=moving, fixed_image=fixed, iterations=5).run(cwd=tmp.name).outputs
-    >>> fine = FineINR(moving_image=moving, fixed_image=fixed, init_model=coarse.model, iterations=5)
-    >>> outputs = fine.run(cwd=tmp.name).outputs
+    >>> from nipype_inrlddmm.interfaces import FineINR
+    >>> fine = FineINR(moving_image=str(data / "ct.nii.gz"), fixed_image=str(data / "cbct.nii.gz"),
+    ...                init_model=coarse.model, iterations=5)
+    >>> outputs = fine.run().outputs
     >>> Path(outputs.displacement).name, Path(outputs.warped_image).name
     ('displacement.nii.gz', 'warped.nii.gz')
-    >>> tmp.cleanup()
     """
 
     input_spec = _FineINRInputSpec

@@ -57,21 +57,17 @@ class SelectPatient(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
     >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import SelectPatient
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> manifest = Path(tmp.name) / "manifest.tsv"
     >>> for name in ("mr.nii.gz", "us.nii.gz", "mr_labels.nii.gz", "us_labels.nii.gz"):
-    ...     _ = io.save_image(Path(tmp.name) / name, np.ones((4, 4, 4), np.uint8), np.eye(4))
-    >>> _ = manifest.write_text("patient\\tmoving\\tfixed\\tmoving_labels\\tfixed_labels\\n"
-    ...                         "case1\\tmr.nii.gz\\tus.nii.gz\\tmr_labels.nii.gz\\tus_labels.nii.gz\\n")
-    >>> files = SelectPatient(manifest=str(manifest), patient="case1").run(cwd=tmp.name).outputs
+    ...     _ = io.save_image(name, np.ones((4, 4, 4), np.uint8), np.eye(4))
+    >>> _ = Path("manifest.tsv").write_text("patient\\tmoving\\tfixed\\tmoving_labels\\tfixed_labels\\n"
+    ...                                     "case1\\tmr.nii.gz\\tus.nii.gz\\tmr_labels.nii.gz\\tus_labels.nii.gz\\n")
+    >>> files = SelectPatient(manifest="manifest.tsv", patient="case1").run().outputs
     >>> Path(files.fixed_image).name
     'us.nii.gz'
-    >>> tmp.cleanup()
     """
 
     input_spec = _SelectPatientInputSpec

@@ -56,31 +56,26 @@ class ApplyWarp(SimpleInterface):
 
     Examples
     --------
-    >>> import tempfile
-    >>> from pathlib import Path
     >>> import numpy as np
     >>> from nipype_inrlddmm import io
     >>> from nipype_inrlddmm.interfaces import ApplyWarp
-    >>> tmpdir = tempfile.TemporaryDirectory()
-    >>> tmp = Path(tmpdir.name)
     >>> labels = np.zeros((8, 8, 8), np.int32); labels[2:6, 2:6, 2:6] = 1
     >>> shift = np.zeros((8, 8, 8, 3), np.float32); shift[..., 0] = 1.0  # sample 1 mm to the right
-    >>> moving = io.save_image(tmp / "labels.nii.gz", labels, np.eye(4))
-    >>> field = io.save_displacement(tmp / "field.nii.gz", shift, np.eye(4))
+    >>> moving = io.save_image("labels.nii.gz", labels, np.eye(4))
+    >>> field = io.save_displacement("field.nii.gz", shift, np.eye(4))
     >>> warp = ApplyWarp(in_file=str(moving), displacement=str(field), reference_image=str(moving),
     ...                  interpolation="label", out_file="warped_labels.nii.gz")
-    >>> out = io.load_labels(warp.run(cwd=str(tmp)).outputs.out_file)[0]
+    >>> out = io.load_labels(warp.run().outputs.out_file)[0]
     >>> int(out[1, 3, 3]), int(out[5, 3, 3])
     (1, 0)
 
     The inverse needs the network, not the displacement:
 
     >>> ApplyWarp(in_file=str(moving), displacement=str(field), reference_image=str(moving),
-    ...           invert=True).run(cwd=str(tmp))
+    ...           invert=True).run()
     Traceback (most recent call last):
     ...
     ValueError: ApplyWarp: invert=True needs velocity_checkpoint (the model.pt of the registration) ...
-    >>> tmpdir.cleanup()
     """
 
     input_spec = _ApplyWarpInputSpec
