@@ -8,6 +8,8 @@ from setuptools import Extension, find_packages, setup
 
 # -ffp-contract=off: the compiler fuses no multiplication and addition the source does not.
 C_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+# The sine and cosine both extensions include: a change rebuilds both, and sdists carry it.
+SINE_POLY = ["nipype_inrlddmm/engine/_sine_poly.h"]
 
 setup(
     name="nipype_inrlddmm",
@@ -24,6 +26,7 @@ setup(
         Extension(
             "nipype_inrlddmm.engine._sincos",
             ["nipype_inrlddmm/engine/_sincos.c"],
+            depends=SINE_POLY,
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"],
             optional=True,
@@ -35,6 +38,7 @@ setup(
         Extension(
             "nipype_inrlddmm.engine._siren",
             ["nipype_inrlddmm/engine/_siren.c"],
+            depends=SINE_POLY,
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"],
             optional=True,

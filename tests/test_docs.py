@@ -28,7 +28,7 @@ def test_readme_is_short_and_has_no_history():
 
 def test_code_comments_and_docs_have_no_history():
     files = [REPO / "setup.py", *(REPO / "nipype_inrlddmm").rglob("*.py"), *(REPO / "nipype_inrlddmm").rglob("*.c"),
-             *(REPO / "docs").glob("*.md"), *(REPO / "docs").glob("*.rst")]
+             *(REPO / "nipype_inrlddmm").rglob("*.h"), *(REPO / "docs").glob("*.md"), *(REPO / "docs").glob("*.rst")]
     found = {str(path.relative_to(REPO)): hits for path in files
              if (hits := _history(path.read_text(encoding="utf-8")))}
     assert found == {}

@@ -11,8 +11,9 @@ from nipype_inrlddmm.engine import sine
 
 fused_only = pytest.mark.skipif(not sine.FUSED, reason="the _sincos extension is not built in this install")
 
-#: Around zero, the quadrant edges, the libm hand-over at 8192, and what has no finite sine.
-EDGES = [0.0, -0.0, 1e-30, 0.7853982, 1.5707964, -2.3561945, 3.1415927, 1e4, -3e4, 8192.0, 8192.001,
+#: Around zero, the range reduction's edges (odd multiples of pi/2, where k changes), the libm hand-over
+#: at 8192, and what has no finite sine.
+EDGES = [0.0, -0.0, 1e-30, 1.5707964, -1.5707964, 3.1415927, 4.712389, -4.712389, 1e4, -3e4, 8192.0, 8192.001,
          1e6, -1e30, float("inf"), float("-inf"), float("nan")]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from nipype_inrlddmm import engine
 from nipype_inrlddmm.engine import siren
-from test_sine import EDGES  # zero, the quadrant edges, the libm hand-over at 8192, non-finite
+from test_sine import EDGES  # zero, the range reduction's edges, the libm hand-over at 8192, non-finite
 
 fused_only = pytest.mark.skipif(not siren.FUSED, reason="the _siren extension is not built here or the CPU lacks "
                                                         "AVX-512F")

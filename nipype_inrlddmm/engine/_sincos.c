@@ -7,19 +7,17 @@
  * CPUs whose libm sine is slow: the cosine is kept for the backward pass and
  * never recomputed (figures in docs/decisions.md).
  *
- * Method (Cephes sinf/cosf): x = k pi/2 + r with |r| <= pi/4, by a three-part
- * Cody-Waite reduction that is exact while |x| <= BIG; minimax polynomials
- * for sin r and cos r; the quadrant k mod 4 picks and signs them.  Absolute
- * error under 1e-7 on |x| <= BIG (torch.sin's is about 4e-8).  Elements
- * beyond BIG, infinities and NaNs are recomputed with libm afterwards, so
- * every input gets its correctly signed sine and cosine, NaN included.
+ * Method: the polynomial sine and cosine of _sine_poly.h (those of the fused kernels, _siren.c),
+ * absolute error under 1.3e-7 on |x| <= SINE_BIG (torch.sin's is about 4e-8).  Elements beyond
+ * SINE_BIG, infinities and NaNs are recomputed with libm afterwards, so every input gets its
+ * correctly signed sine and cosine, NaN included.
  *
  * Where PyTorch's own sine is fast (AVX-512 CPUs) the 8-lane AVX2 clone lost
  * to the two separate passes; the 16-lane AVX-512 clone is the one that wins
  * there.
  *
  * Compiled with -ffp-contract=off (and never -ffast-math, which would fold
- * ROUNDER away): the AVX-512, AVX2 and SSE2 clones, chosen at load time by
+ * SINE_ROUNDER away): the AVX-512, AVX2 and SSE2 clones, chosen at load time by
  * the CPU's features, then round identically (each checked bit for bit, with
  * a scalar -O0 build, on 2e7 inputs), so results do not depend on which one
  * a machine runs.  -fno-trapping-math lets the compiler turn the range test
@@ -29,10 +27,7 @@
 #include <Python.h>
 #include <math.h>
 
-#define BIG 8192.0f
-/* Adding and subtracting 1.5 * 2^23 rounds a float below 2^22 to the nearest integer (ties to even),
- * as rintf does, in two vectorisable additions on any SIMD set. */
-#define ROUNDER 12582912.0f
+#include "_sine_poly.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -41,27 +36,19 @@
 #endif
 
 /* Replaces each z by its sine and writes its cosine to c.  Returns nonzero when some element lies
- * outside |z| <= BIG (or is NaN); those are left for libm. */
+ * outside |z| <= SINE_BIG (or is NaN); those are left for libm. */
 CLONES static int
 sincos_reduced(float *restrict z, float *restrict c, Py_ssize_t n)
 {
     int outside = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const float x = z[i];
-        const int inside = fabsf(x) <= BIG;
+        const int inside = fabsf(x) <= SINE_BIG;
         outside |= !inside;
-        const float xr = inside ? x : 0.0f; /* keeps the float -> int conversion defined */
-        const float k = (xr * 0.636619772367581343f + ROUNDER) - ROUNDER;
-        const float r = ((xr - k * 1.5703125f) - k * 4.837512969970703125e-4f) - k * 7.54978995489188216e-8f;
-        const int q = (int)k;
-        const float r2 = r * r;
-        const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
-        const float cos_r = 1.0f - 0.5f * r2
-                            + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
-        const float sv = (q & 1) ? cos_r : sin_r;
-        const float cv = (q & 1) ? sin_r : cos_r;
-        c[i] = ((q + 1) & 2) ? -cv : cv;
-        z[i] = inside ? ((q & 2) ? -sv : sv) : x;
+        float sine, cosine;
+        sine_poly_sincos(inside ? x : 0.0f, &sine, &cosine); /* 0: keeps the float -> int conversion defined */
+        c[i] = cosine;
+        z[i] = inside ? sine : x;
     }
     return outside;
 }
@@ -84,7 +71,7 @@ sincos_f32(float *z, float *c, Py_ssize_t n)
     if (!outside)
         return;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!(fabsf(z[i]) <= BIG)) {
+        if (!(fabsf(z[i]) <= SINE_BIG)) {
             c[i] = cosf(z[i]);
             z[i] = sinf(z[i]);
         }

@@ -41,6 +41,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_sine_poly.h"
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define HAVE_KERNELS 1
 #include <immintrin.h>
@@ -58,11 +60,6 @@
 #define PARTS 24
 /* Outputs narrow() takes in one group of accumulators. */
 #define NARROW 4
-
-/* The polynomial sine and cosine take |x| <= BIG (as _sincos.c); beyond it, and for NaN, libm. */
-#define BIG 8192.0f
-/* Adding and subtracting 1.5 * 2^23 rounds a float below 2^22 to the nearest integer (ties to even). */
-#define ROUNDER 12582912.0f
 
 /* The kernels' network: layer 0 takes the IN = 3 columns of q; the time is in its bias. */
 #define IN 3
@@ -172,12 +169,9 @@ enum epilogue {
     ACCUMULATE, /* C += acc */
 };
 
-/* Sine and cosine of 16 lanes: x = k pi + r with |r| <= pi/2 (k rounded to the nearest integer by
- * ROUNDER, r by a three-part Cody-Waite reduction whose products the fused multiply-adds keep exact),
- * sin x = (-1)^k sin r and cos x = (-1)^k cos r by minimax polynomials of degree 9 and 10 on
- * [-pi/2, pi/2] (float32 coefficients, fitted here; absolute error under 5e-9 before rounding).
- * Reducing by pi rather than pi/2 gives both the same sign and no choice between them, so the
- * forward pass takes the sine alone.  Lanes outside |x| <= BIG (or NaN) are handed to libm. */
+/* Sine and cosine of 16 lanes: _sine_poly.h's reduction and polynomials, step by step as its
+ * sine_poly_sincos() takes them, each product there and the sum that takes it one fused multiply-add
+ * here.  The forward pass takes the sine alone.  Lanes outside |x| <= SINE_BIG (or NaN) are handed to libm. */
 typedef struct {
     __m512 r, r2;
     __m512i sign;
@@ -188,12 +182,12 @@ static inline __attribute__((always_inline)) reduced_t
 reduce(__m512 x)
 {
     reduced_t out;
-    out.inside = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(BIG), _CMP_LE_OQ);
-    const __m512 rounder = _mm512_set1_ps(ROUNDER);
-    const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(0.318309886183790672f), rounder), rounder);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(3.140625f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(9.67502593994140625e-4f), r);
-    out.r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.509957990978376432e-7f), r);
+    out.inside = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(SINE_BIG), _CMP_LE_OQ);
+    const __m512 rounder = _mm512_set1_ps(SINE_ROUNDER);
+    const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(SINE_INV_PI), rounder), rounder);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(SINE_PI_A), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(SINE_PI_B), r);
+    out.r = _mm512_fnmadd_ps(k, _mm512_set1_ps(SINE_PI_C), r);
     out.r2 = _mm512_mul_ps(out.r, out.r);
     /* k is an integer below 2^22 inside; outside, the conversion's value is never used. */
     out.sign = _mm512_slli_epi32(_mm512_cvttps_epi32(k), 31);
@@ -205,10 +199,9 @@ sin_reduced(const reduced_t *x)
 {
     const __m512 poly = _mm512_fmadd_ps(
         x->r2,
-        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(2.598861328806379e-06f),
-                                               _mm512_set1_ps(-0.00019806032651104033f)),
-                        _mm512_set1_ps(0.008333008736371994f)),
-        _mm512_set1_ps(-0.16666656732559204f));
+        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(SINE_S9), _mm512_set1_ps(SINE_S7)),
+                        _mm512_set1_ps(SINE_S5)),
+        _mm512_set1_ps(SINE_S3));
     const __m512 sine = _mm512_fmadd_ps(_mm512_mul_ps(x->r, x->r2), poly, x->r);
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sine), x->sign));
 }
@@ -218,10 +211,9 @@ cos_reduced(const reduced_t *x)
 {
     const __m512 poly = _mm512_fmadd_ps(
         x->r2,
-        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(-2.620901682348631e-07f),
-                                               _mm512_set1_ps(2.4770179152255878e-05f)),
-                        _mm512_set1_ps(-0.001388858538120985f)),
-        _mm512_set1_ps(0.041666656732559204f));
+        _mm512_fmadd_ps(x->r2, _mm512_fmadd_ps(x->r2, _mm512_set1_ps(SINE_C10), _mm512_set1_ps(SINE_C8)),
+                        _mm512_set1_ps(SINE_C6)),
+        _mm512_set1_ps(SINE_C4));
     const __m512 cosine = _mm512_fmadd_ps(_mm512_mul_ps(x->r2, x->r2), poly,
                                           _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), x->r2, _mm512_set1_ps(1.0f)));
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(cosine), x->sign));
