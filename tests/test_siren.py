@@ -164,6 +164,46 @@ def test_kernel_refuses_buffers_of_the_wrong_size_or_alignment():
 
 
 @fused_only
+def test_every_kernel_refuses_each_buffer_of_the_wrong_size_naming_it():
+    n, width, depth, n_steps = 10, 16, 1, 2
+    shape, box, weights = (n, width, depth, 3), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), (1.0, 1.0)
+    params = width * 4 + width + 3 * width + 3
+    workspace = siren._siren.workspace_size(shape)
+    # (function, its leading arguments, its buffers by name and size in float32 values)
+    calls = [
+        (siren._siren.forward, (shape, *box, 0.0, *weights),
+         {"points": n * 3, "params": params, "v": n * 3, "z": depth * n * width}),
+        (siren._siren.backward, (shape, *box, 0.0, *weights),
+         {"points": n * 3, "params": params, "z": depth * n * width, "grad of v": n * 3, "grad": params,
+          "grad of points": n * 3, "workspace": workspace}),
+        (siren._siren.flow_forward, (shape, *box, n_steps, *weights),
+         {"points": n * 3, "params": params, "displacement": n * 3, "z": n_steps * depth * n * width,
+          "positions": n_steps * n * 3, "velocities": n_steps * n * 3}),
+        (siren._siren.flow_backward, (shape, *box, n_steps, *weights),
+         {"params": params, "z": n_steps * depth * n * width, "positions": n_steps * n * 3,
+          "velocities": n_steps * n * 3, "grad of displacement": n * 3, "grad": params, "grad of points": n * 3,
+          "workspace": workspace}),
+    ]
+    for function, leading, sizes in calls:
+        buffers = {name: torch.zeros(size).numpy() for name, size in sizes.items()}
+
+        def call(**replaced):
+            arguments = [replaced.get(name, buffer) for name, buffer in buffers.items()]
+            if function is siren._siren.flow_backward:  # the kinetic energy's gradient, after the buffers it reads
+                arguments.insert(5, 0.0)
+            return function(*leading, *arguments)
+
+        call()  # every size right: the kernel runs
+        for name, buffer in buffers.items():
+            # One value short; the start stays where it was, 64-byte aligned as z must be.
+            with pytest.raises(ValueError, match=f"^{name}: expected {buffer.size} float32 values"):
+                call(**{name: buffer[:-1]})
+    with pytest.raises(ValueError, match="n_steps >= 1"):
+        siren._siren.flow_forward(shape, *box, 0, *weights, torch.zeros(n * 3).numpy(), torch.zeros(params).numpy(),
+                                  torch.zeros(n * 3).numpy(), None, None, None)
+
+
+@fused_only
 def test_the_flow_node_matches_autograd_through_the_steps():
     # integrate() takes a fused VelocityField's steps as one node with its own chain rule (Euler
     # steps and kinetic energy); a plain callable around the same field goes step by step.

@@ -740,31 +740,100 @@ workspace_size(const net_t *s)
     return PARTS * (params_size(s, IN) + s->width);
 }
 
-static int
-check(Py_buffer *buffer, Py_ssize_t floats, const char *name)
+/* What a buffer argument holds, which sets its size; steps is a flow's n_steps, 1 for a call that
+ * evaluates the network once. */
+enum holds {
+    POINTS,         /* (n, 3): points, a displacement, their gradients */
+    OUTPUTS,        /* (n, out): velocities, their gradient */
+    PARAMS,         /* the module's parameters (params_size), their gradient */
+    PREACTIVATIONS, /* (steps, depth, n, width), 64-byte aligned: the kernels stream whole cache lines */
+    STEP_POINTS,    /* (steps, n, 3): a flow's positions and velocities */
+    WORKSPACE,      /* workspace_size() */
+};
+
+enum access { READS, WRITES };
+/* NONE_SKIPS: None may stand for the buffer, and the kernels then skip what it is for. */
+enum presence { REQUIRED, NONE_SKIPS };
+
+/* A buffer argument: its name for the messages, the object passed, what it holds, whether the kernels
+ * write into it and whether it may be None; take_arguments() takes the view. */
+typedef struct {
+    const char *name;
+    PyObject *object;
+    enum holds holds;
+    enum access access;
+    enum presence presence;
+    Py_buffer view;
+} buffer_arg;
+
+static void
+release_arguments(buffer_arg *args, int count)
 {
-    if (buffer->len != floats * (Py_ssize_t)sizeof(float)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got a buffer of %zd bytes", name, floats,
-                     buffer->len);
-        return 0;
-    }
-    return 1;
+    for (int i = 0; i < count; i++)
+        if (args[i].view.obj)
+            PyBuffer_Release(&args[i].view);
 }
 
+/* The one check of every call's arguments, before the kernels trust them (a wrong size would be a
+ * write out of bounds there): the network's shape; for a flow (n_steps not NULL) its steps and a
+ * velocity of 3 components; the CPU; then each buffer's contiguity, writability, size and alignment,
+ * taking a view of each.  Returns 1 with every view taken, or 0 with an exception set and none held. */
 static int
-valid(const net_t *s)
+take_arguments(const net_t *s, const int *n_steps, buffer_arg *args, int count)
 {
+    for (int i = 0; i < count; i++)
+        args[i].view.obj = NULL;
     if (s->n < 0 || s->width < 16 || s->width % 16 || s->depth < 1 || s->out < 1) {
         PyErr_SetString(PyExc_ValueError, "need n >= 0, depth >= 1, out >= 1 and a width that is a positive "
                                           "multiple of 16");
+        return 0;
+    }
+    if (n_steps && (*n_steps < 1 || s->out != IN)) {
+        PyErr_SetString(PyExc_ValueError, "a flow needs n_steps >= 1 and a velocity of 3 components");
         return 0;
     }
     if (!cpu_has_kernels()) {
         PyErr_SetString(PyExc_RuntimeError, "the fused SIREN kernels need a CPU with AVX-512F");
         return 0;
     }
+    const Py_ssize_t steps = n_steps ? *n_steps : 1;
+    for (int i = 0; i < count; i++) {
+        buffer_arg *arg = &args[i];
+        if (arg->presence == NONE_SKIPS && arg->object == Py_None)
+            continue;
+        const Py_ssize_t floats = arg->holds == POINTS           ? s->n * IN
+                                  : arg->holds == OUTPUTS        ? s->n * s->out
+                                  : arg->holds == PARAMS         ? params_size(s, 4)
+                                  : arg->holds == PREACTIVATIONS ? steps * s->depth * s->n * s->width
+                                  : arg->holds == STEP_POINTS    ? steps * s->n * IN
+                                                                 : workspace_size(s);
+        const int flags = PyBUF_C_CONTIGUOUS | (arg->access == WRITES ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(arg->object, &arg->view, flags))
+            goto refused;
+        if (arg->view.len != floats * (Py_ssize_t)sizeof(float)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got a buffer of %zd bytes", arg->name,
+                         floats, arg->view.len);
+            goto refused;
+        }
+        if (arg->holds == PREACTIVATIONS && (uintptr_t)arg->view.buf % 64) {
+            PyErr_Format(PyExc_ValueError, "%s must be 64-byte aligned", arg->name);
+            goto refused;
+        }
+    }
     return 1;
+refused:
+    release_arguments(args, count);
+    return 0;
 }
+
+/* A buffer's data, or NULL where None stood for it. */
+static void *
+data(const buffer_arg *arg)
+{
+    return arg->view.obj ? arg->view.buf : NULL;
+}
+
+#define COUNT(args) ((int)(sizeof(args) / sizeof((args)[0])))
 
 #define NET_FORMAT "(niii)(fff)(fff)fff"
 #define NET_ARGS(s)                                                                                               \
@@ -775,73 +844,50 @@ static PyObject *
 py_forward(PyObject *Py_UNUSED(self), PyObject *args)
 {
     net_t s;
-    Py_buffer points, params, v, z = {0};
-    PyObject *z_obj;
-    if (!PyArg_ParseTuple(args, NET_FORMAT "y*y*w*O", NET_ARGS(s), &points, &params, &v, &z_obj))
+    PyObject *points, *params, *v, *z;
+    if (!PyArg_ParseTuple(args, NET_FORMAT "OOOO", NET_ARGS(s), &points, &params, &v, &z))
         return NULL;
-    PyObject *result = NULL;
-    if (z_obj != Py_None && PyObject_GetBuffer(z_obj, &z, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
-        goto done;
-    if (!valid(&s) || !check(&points, s.n * IN, "points") || !check(&params, params_size(&s, 4), "params") ||
-        !check(&v, s.n * s.out, "v") || (z.obj && !check(&z, (Py_ssize_t)s.depth * s.n * s.width, "z")))
-        goto done;
-    if (z.obj && (uintptr_t)z.buf % 64) {
-        PyErr_SetString(PyExc_ValueError, "z must be 64-byte aligned");
-        goto done;
-    }
+    buffer_arg buffers[] = {
+        {"points", points, POINTS, READS, REQUIRED},
+        {"params", params, PARAMS, READS, REQUIRED},
+        {"v", v, OUTPUTS, WRITES, REQUIRED},
+        {"z", z, PREACTIVATIONS, WRITES, NONE_SKIPS},
+    };
+    if (!take_arguments(&s, NULL, buffers, COUNT(buffers)))
+        return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_forward(&s, points.buf, params.buf, v.buf, z.obj ? z.buf : NULL);
+    status = run_forward(&s, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]), data(&buffers[3]));
     Py_END_ALLOW_THREADS
-    if (status)
-        PyErr_NoMemory();
-    else
-        result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&points);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&v);
-    if (z.obj)
-        PyBuffer_Release(&z);
-    return result;
+    release_arguments(buffers, COUNT(buffers));
+    return status ? PyErr_NoMemory() : Py_NewRef(Py_None);
 }
 
 static PyObject *
 py_backward(PyObject *Py_UNUSED(self), PyObject *args)
 {
     net_t s;
-    Py_buffer points, params, z, gv, grad, workspace, gp = {0};
-    PyObject *gp_obj;
-    if (!PyArg_ParseTuple(args, NET_FORMAT "y*y*y*y*w*Ow*", NET_ARGS(s), &points, &params, &z, &gv, &grad, &gp_obj,
-                          &workspace))
+    PyObject *points, *params, *z, *gv, *grad, *gp, *workspace;
+    if (!PyArg_ParseTuple(args, NET_FORMAT "OOOOOOO", NET_ARGS(s), &points, &params, &z, &gv, &grad, &gp, &workspace))
         return NULL;
-    PyObject *result = NULL;
-    if (gp_obj != Py_None && PyObject_GetBuffer(gp_obj, &gp, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
-        goto done;
-    if (!valid(&s) || !check(&points, s.n * IN, "points") || !check(&params, params_size(&s, 4), "params") ||
-        !check(&z, (Py_ssize_t)s.depth * s.n * s.width, "z") || !check(&gv, s.n * s.out, "grad of v") ||
-        !check(&grad, params_size(&s, 4), "grad") || (gp.obj && !check(&gp, s.n * IN, "grad of points")) ||
-        !check(&workspace, workspace_size(&s), "workspace"))
-        goto done;
+    buffer_arg buffers[] = {
+        {"points", points, POINTS, READS, REQUIRED},
+        {"params", params, PARAMS, READS, REQUIRED},
+        {"z", z, PREACTIVATIONS, READS, REQUIRED},
+        {"grad of v", gv, OUTPUTS, READS, REQUIRED},
+        {"grad", grad, PARAMS, WRITES, REQUIRED},
+        {"grad of points", gp, POINTS, WRITES, NONE_SKIPS},
+        {"workspace", workspace, WORKSPACE, WRITES, REQUIRED},
+    };
+    if (!take_arguments(&s, NULL, buffers, COUNT(buffers)))
+        return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_backward(&s, points.buf, params.buf, z.buf, gv.buf, grad.buf, gp.obj ? gp.buf : NULL,
-                          workspace.buf);
+    status = run_backward(&s, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]), data(&buffers[3]),
+                          data(&buffers[4]), data(&buffers[5]), data(&buffers[6]));
     Py_END_ALLOW_THREADS
-    if (status)
-        PyErr_NoMemory();
-    else
-        result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&points);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&z);
-    PyBuffer_Release(&gv);
-    PyBuffer_Release(&grad);
-    PyBuffer_Release(&workspace);
-    if (gp.obj)
-        PyBuffer_Release(&gp);
-    return result;
+    release_arguments(buffers, COUNT(buffers));
+    return status ? PyErr_NoMemory() : Py_NewRef(Py_None);
 }
 
 #define FLOW_FORMAT "(niii)(fff)(fff)iff"
@@ -849,65 +895,33 @@ done:
     &(s).n, &(s).width, &(s).depth, &(s).out, &(s).center[0], &(s).center[1], &(s).center[2], &(s).half_extent[0],  \
         &(s).half_extent[1], &(s).half_extent[2], &(n_steps), &(s).omega0, &(s).scale
 
-static int
-valid_flow(const net_t *s, int n_steps)
-{
-    if (!valid(s))
-        return 0;
-    if (n_steps < 1 || s->out != IN) {
-        PyErr_SetString(PyExc_ValueError, "a flow needs n_steps >= 1 and a velocity of 3 components");
-        return 0;
-    }
-    return 1;
-}
-
 static PyObject *
 py_flow_forward(PyObject *Py_UNUSED(self), PyObject *args)
 {
     net_t s = {0};
     int n_steps;
-    Py_buffer points, params, displacement, z = {0}, positions = {0}, velocities = {0};
-    PyObject *z_obj, *positions_obj, *velocities_obj;
-    if (!PyArg_ParseTuple(args, FLOW_FORMAT "y*y*w*OOO", FLOW_ARGS(s, n_steps), &points, &params, &displacement,
-                          &z_obj, &positions_obj, &velocities_obj))
+    PyObject *points, *params, *displacement, *z, *positions, *velocities;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOO", FLOW_ARGS(s, n_steps), &points, &params, &displacement, &z,
+                          &positions, &velocities))
         return NULL;
-    PyObject *result = NULL;
-    const int save = z_obj != Py_None;
-    if (save && (PyObject_GetBuffer(z_obj, &z, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) ||
-                 PyObject_GetBuffer(positions_obj, &positions, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) ||
-                 PyObject_GetBuffer(velocities_obj, &velocities, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)))
-        goto done;
-    if (!valid_flow(&s, n_steps) || !check(&points, s.n * IN, "points") ||
-        !check(&params, params_size(&s, 4), "params") || !check(&displacement, s.n * IN, "displacement") ||
-        (save && (!check(&z, (Py_ssize_t)n_steps * s.depth * s.n * s.width, "z") ||
-                  !check(&positions, (Py_ssize_t)n_steps * s.n * IN, "positions") ||
-                  !check(&velocities, (Py_ssize_t)n_steps * s.n * IN, "velocities"))))
-        goto done;
-    if (save && (uintptr_t)z.buf % 64) {
-        PyErr_SetString(PyExc_ValueError, "z must be 64-byte aligned");
-        goto done;
-    }
+    buffer_arg buffers[] = {
+        {"points", points, POINTS, READS, REQUIRED},
+        {"params", params, PARAMS, READS, REQUIRED},
+        {"displacement", displacement, POINTS, WRITES, REQUIRED},
+        {"z", z, PREACTIVATIONS, WRITES, NONE_SKIPS},
+        {"positions", positions, STEP_POINTS, WRITES, NONE_SKIPS},
+        {"velocities", velocities, STEP_POINTS, WRITES, NONE_SKIPS},
+    };
+    if (!take_arguments(&s, &n_steps, buffers, COUNT(buffers)))
+        return NULL;
     int status;
     double kinetic = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    status = run_flow_forward(&s, n_steps, points.buf, params.buf, displacement.buf, &kinetic,
-                              save ? z.buf : NULL, save ? positions.buf : NULL, save ? velocities.buf : NULL);
+    status = run_flow_forward(&s, n_steps, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]), &kinetic,
+                              data(&buffers[3]), data(&buffers[4]), data(&buffers[5]));
     Py_END_ALLOW_THREADS
-    if (status)
-        PyErr_NoMemory();
-    else
-        result = PyFloat_FromDouble(kinetic);
-done:
-    PyBuffer_Release(&points);
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&displacement);
-    if (z.obj)
-        PyBuffer_Release(&z);
-    if (positions.obj)
-        PyBuffer_Release(&positions);
-    if (velocities.obj)
-        PyBuffer_Release(&velocities);
-    return result;
+    release_arguments(buffers, COUNT(buffers));
+    return status ? PyErr_NoMemory() : PyFloat_FromDouble(kinetic);
 }
 
 static PyObject *
@@ -916,42 +930,30 @@ py_flow_backward(PyObject *Py_UNUSED(self), PyObject *args)
     net_t s = {0};
     int n_steps;
     float g_kinetic;
-    Py_buffer params, z, positions, velocities, g_displacement, grad, workspace, g_points = {0};
-    PyObject *g_points_obj;
-    if (!PyArg_ParseTuple(args, FLOW_FORMAT "y*y*y*y*y*fw*Ow*", FLOW_ARGS(s, n_steps), &params, &z, &positions,
-                          &velocities, &g_displacement, &g_kinetic, &grad, &g_points_obj, &workspace))
+    PyObject *params, *z, *positions, *velocities, *g_displacement, *grad, *g_points, *workspace;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOfOOO", FLOW_ARGS(s, n_steps), &params, &z, &positions, &velocities,
+                          &g_displacement, &g_kinetic, &grad, &g_points, &workspace))
         return NULL;
-    PyObject *result = NULL;
-    if (g_points_obj != Py_None && PyObject_GetBuffer(g_points_obj, &g_points, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS))
-        goto done;
-    if (!valid_flow(&s, n_steps) || !check(&params, params_size(&s, 4), "params") ||
-        !check(&z, (Py_ssize_t)n_steps * s.depth * s.n * s.width, "z") ||
-        !check(&positions, (Py_ssize_t)n_steps * s.n * IN, "positions") ||
-        !check(&velocities, (Py_ssize_t)n_steps * s.n * IN, "velocities") ||
-        !check(&g_displacement, s.n * IN, "grad of displacement") || !check(&grad, params_size(&s, 4), "grad") ||
-        (g_points.obj && !check(&g_points, s.n * IN, "grad of points")) ||
-        !check(&workspace, workspace_size(&s), "workspace"))
-        goto done;
+    buffer_arg buffers[] = {
+        {"params", params, PARAMS, READS, REQUIRED},
+        {"z", z, PREACTIVATIONS, READS, REQUIRED},
+        {"positions", positions, STEP_POINTS, READS, REQUIRED},
+        {"velocities", velocities, STEP_POINTS, READS, REQUIRED},
+        {"grad of displacement", g_displacement, POINTS, READS, REQUIRED},
+        {"grad", grad, PARAMS, WRITES, REQUIRED},
+        {"grad of points", g_points, POINTS, WRITES, NONE_SKIPS},
+        {"workspace", workspace, WORKSPACE, WRITES, REQUIRED},
+    };
+    if (!take_arguments(&s, &n_steps, buffers, COUNT(buffers)))
+        return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_flow_backward(&s, n_steps, params.buf, z.buf, positions.buf, velocities.buf, g_displacement.buf,
-                               g_kinetic, grad.buf, g_points.obj ? g_points.buf : NULL, workspace.buf);
+    status = run_flow_backward(&s, n_steps, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]),
+                               data(&buffers[3]), data(&buffers[4]), g_kinetic, data(&buffers[5]), data(&buffers[6]),
+                               data(&buffers[7]));
     Py_END_ALLOW_THREADS
-    if (status)
-        PyErr_NoMemory();
-    else
-        result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&params);
-    PyBuffer_Release(&z);
-    PyBuffer_Release(&positions);
-    PyBuffer_Release(&velocities);
-    PyBuffer_Release(&g_displacement);
-    PyBuffer_Release(&grad);
-    PyBuffer_Release(&workspace);
-    if (g_points.obj)
-        PyBuffer_Release(&g_points);
-    return result;
+    release_arguments(buffers, COUNT(buffers));
+    return status ? PyErr_NoMemory() : Py_NewRef(Py_None);
 }
 
 static PyObject *
