@@ -94,7 +94,7 @@ def layer_passes(points: int, width: int) -> list[tuple[str, float, float | None
     passes = [("x @ W (forward)", lambda: x @ weight, matmul), ("x.T @ g (weight gradient)", lambda: x.T @ x, matmul),
               ("sin", lambda: torch.sin(x), None), ("cos", lambda: torch.cos(x), None),
               ("multiply", lambda: x * x, None)]
-    if sine.FUSED:
+    if sine.COMPILED_SINCOS:
         overwritten = x.clone()  # the kernel writes the sine in place; its cost does not depend on the values
         passes.insert(4, ("sin and cos, fused (_sincos)", lambda: sine.sincos_(overwritten), None))
     rows = []
@@ -175,11 +175,12 @@ def main():
     print(f"\nnetwork alone (flow of {points} points, {n_steps} steps, forward + backward):\n")
     print("| path | ms | GFLOP/s | % of matmul |\n|---|---|---|---|")
     seconds = None  # of the first path this install has: the one it runs
-    for name, fused, fused_sine in paths:
-        if (fused and not siren.FUSED) or (fused_sine and not sine.FUSED):
+    for name, fused_network, compiled_sincos in paths:
+        if (fused_network and not siren.FUSED_NETWORK) or (compiled_sincos and not sine.COMPILED_SINCOS):
             print(f"| {name} | not in this install or on this CPU | | |")
             continue
-        with mock.patch.object(siren, "FUSED", fused), mock.patch.object(sine, "FUSED", fused_sine):
+        with (mock.patch.object(siren, "FUSED_NETWORK", fused_network),
+              mock.patch.object(sine, "COMPILED_SINCOS", compiled_sincos)):
             _, path_seconds = network_seconds(config, points)
         seconds = path_seconds if seconds is None else seconds
         gflops = network_gflop / path_seconds

@@ -12,7 +12,7 @@ from nipype_inrlddmm import engine
 from nipype_inrlddmm.engine import siren
 from test_sine import EDGES  # zero, the range reduction's edges, the libm hand-over at 8192, non-finite
 
-fused_only = pytest.mark.skipif(not siren.FUSED, reason="the _siren extension is not built here or the CPU lacks "
+fused_only = pytest.mark.skipif(not siren.FUSED_NETWORK, reason="the _siren extension is not built here or the CPU lacks "
                                                         "AVX-512F")
 
 
@@ -24,7 +24,7 @@ def test_installs_that_can_compile_on_avx512_cpus_have_the_kernels():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or " avx512f " not in cpuinfo.read_text():
         pytest.skip("this CPU has no AVX-512F: the layer-by-layer path runs")
-    assert siren.FUSED, "setup.py builds nipype_inrlddmm.engine._siren where a C compiler exists"
+    assert siren.FUSED_NETWORK, "setup.py builds nipype_inrlddmm.engine._siren where a C compiler exists"
 
 
 def _field(width=96, depth=3, seed=0):
@@ -142,7 +142,7 @@ def test_other_dtypes_and_widths_take_the_layers():
     points = _points(20)
     for velocity, inputs in ((_field().double(), points.double()), (_field(width=40), points)):
         assert velocity(inputs, 0.5).grad_fn.name() != "_SirenVelocityBackward"
-    with mock.patch.object(siren, "FUSED", False):
+    with mock.patch.object(siren, "FUSED_NETWORK", False):
         assert _field()(points, 0.5).grad_fn.name() != "_SirenVelocityBackward"
 
 

@@ -22,8 +22,9 @@ try:
 except ImportError:  # built without a C compiler
     _sincos = None
 
-FUSED = _sincos is not None
-"""Whether this install has the compiled sine-cosine pass."""
+COMPILED_SINCOS = _sincos is not None
+"""Whether :func:`sine_linear` takes its sine and cosine from the compiled ``_sincos`` pass (this
+install has it).  False sends it to ``torch.sin``, the portable path, as on an install without it."""
 
 
 def sincos_(z: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def sine_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     with ``create_graph=True`` raises there.
     """
     z = F.linear(x, weight, bias)
-    if FUSED and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous():
+    if COMPILED_SINCOS and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous():
         # z is this call's own temporary, so the sine may overwrite it.
         return _SineInPlace.apply(z)
     return torch.sin(z)

@@ -37,13 +37,14 @@ try:
 except ImportError:  # built without a C compiler
     _siren = None
 
-FUSED = _siren is not None and _siren.available()
-"""Whether this install and CPU run the fused network."""
+FUSED_NETWORK = _siren is not None and _siren.available()
+"""Whether the SIREN velocity network runs as the fused ``_siren`` kernels (this install has them
+and the CPU has AVX-512F).  False runs it layer by layer (:mod:`.sine`), as on any other CPU."""
 
 
 def applies(points: torch.Tensor, width: int) -> bool:
     """Whether :func:`siren_velocity` takes these points through a network ``width`` units wide."""
-    return FUSED and points.device.type == "cpu" and points.dtype == torch.float32 and width % 16 == 0
+    return FUSED_NETWORK and points.device.type == "cpu" and points.dtype == torch.float32 and width % 16 == 0
 
 
 class _BufferPool:
@@ -114,7 +115,7 @@ def _refuse_second_derivative():
     # refused outright.
     if torch.is_grad_enabled():
         raise RuntimeError("the fused SIREN network is differentiable once; a second derivative needs the "
-                           "layer-by-layer path (engine.siren.FUSED = False)")
+                           "layer-by-layer path (engine.siren.FUSED_NETWORK = False)")
 
 
 def _grads(grad: torch.Tensor, shapes) -> list[torch.Tensor]:
