@@ -1,4 +1,8 @@
-"""The fused SIREN velocity network: values, gradients, sine and cosine, threads, buffer reuse, refusals."""
+"""The fused SIREN velocity network: values, gradients, sine and cosine, threads, buffer reuse, refusals.
+
+The reference is the portable path (the layers through PyTorch and ``torch.sin``) in float64: the
+flow and its gradients are tested against it on every path this install and CPU can take.
+"""
 
 import shutil
 import sysconfig
@@ -9,12 +13,13 @@ import pytest
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine import siren
+from nipype_inrlddmm.engine import sine, siren
 from test_sine import EDGES  # zero, the range reduction's edges, the libm hand-over at 8192, non-finite
 
-fused_only = pytest.mark.skipif(not siren.FUSED_NETWORK, reason="the _siren extension is not built here or the CPU lacks "
-                                                        "AVX-512F")
-
+#: Where the fused kernels do not run, why: their tests skip saying so, and the layers' tests run.
+WHY_NOT_FUSED = ("this CPU lacks AVX-512F" if siren._siren else "the _siren extension is not built in this install") \
+    + ": the fused kernels do not run here, the layers do"
+fused_only = pytest.mark.skipif(not siren.FUSED_NETWORK, reason=WHY_NOT_FUSED)
 
 
 def test_installs_that_can_compile_on_avx512_cpus_have_the_kernels():
@@ -55,20 +60,32 @@ def _points(n, seed=1):
     return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed)) * torch.tensor([80.0, 100.0, 50.0])
 
 
-@fused_only
+#: Each path a float32 network can take: (fused kernels, compiled sine-cosine pass), each where it runs.
+PATHS = [
+    pytest.param(True, True, id="fused", marks=fused_only),
+    pytest.param(False, True, id="layers-sincos", marks=pytest.mark.skipif(
+        not sine.COMPILED_SINCOS, reason="the _sincos extension is not built in this install: torch.sin runs")),
+    pytest.param(False, False, id="layers-torch"),
+]
+
+
+@pytest.mark.parametrize("fused_network, compiled_sincos", PATHS)
 @pytest.mark.parametrize("n, width, depth", [(16_464, 96, 3), (1, 96, 3), (65, 32, 2), (130, 112, 1),
                                              (1000, 128, 4)])
-def test_flow_and_gradients_match_the_layers_in_float64(n, width, depth):
+def test_flow_and_gradients_match_the_portable_path_in_float64(n, width, depth, fused_network, compiled_sincos):
     # Tile edges (1, 65 and 130 points around the 64-point tile), a column block of 16 beside one
     # of 96 (112), fewer tiles than partitions, and the default network on the fine stage's points.
     velocity = _field(width, depth)
     points = _points(n)
-    fused = _flow_and_gradients(velocity, points)
-    assert velocity(points[:2], 0.5).grad_fn.name() == "_SirenVelocityBackward"
+    with (mock.patch.object(siren, "FUSED_NETWORK", fused_network),
+          mock.patch.object(sine, "COMPILED_SINCOS", compiled_sincos)):
+        assert (velocity(points[:2], 0.5).grad_fn.name() == "_SirenVelocityBackward") == fused_network
+        ours = _flow_and_gradients(velocity, points)
+    # float64 takes the portable path on every install: no kernel takes it.
     reference = _flow_and_gradients(velocity.double(), points.double())
-    for ours, theirs in zip(fused, reference):
+    for value, expected in zip(ours, reference):
         # float32 sums over up to 16,464 points and 128 units against float64.
-        torch.testing.assert_close(ours.double(), theirs, atol=2e-5 * theirs.abs().max().item(), rtol=0)
+        torch.testing.assert_close(value.double(), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
 
 
 @fused_only

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import siren
+from . import sine, siren
 from .sine import sine_linear
 
 ENCODINGS = ("fourier", "siren", "none")
@@ -72,6 +72,21 @@ class SineLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sine_linear(x, self.weight * self.omega0, self.bias * self.omega0)
+
+
+def siren_path() -> str:
+    """Which code runs a SIREN network here, in words: this install's, on this CPU, for CPU float32 points.
+
+    The fused kernels (:data:`.siren.FUSED_NETWORK`, for widths that are multiples of 16) need a CPU
+    with AVX-512F; elsewhere the layers run through PyTorch, with the compiled sine-cosine pass where
+    :data:`.sine.COMPILED_SINCOS`.  The test run ends with this line, so that a report says which code
+    its results came from.
+    """
+    if siren.FUSED_NETWORK:
+        return "fused _siren kernels (AVX-512F)"
+    if sine.COMPILED_SINCOS:
+        return "layer by layer through PyTorch, sine and cosine from the compiled _sincos pass"
+    return "layer by layer through PyTorch and torch.sin"
 
 
 class VelocityField(nn.Module):
