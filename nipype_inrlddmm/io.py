@@ -210,6 +210,13 @@ _LABEL_RANGE = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
 
 
 def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_named_labels` without the names."""
+    labels, affine, _ = load_named_labels(path, reference=reference, volume=volume)
+    return labels, affine
+
+
+def load_named_labels(path, *, reference=None,
+                      volume: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, str] | None]:
     """A label map: integer-valued, non-empty, and on ``reference``'s grid when given.
 
     ``reference`` is ``(path, data, affine)`` of the image the labels belong
@@ -218,7 +225,10 @@ def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.
     they must fit in int32.  A 4-D file holds one structure per volume
     (e.g. a gland, then landmarks): volume ``k`` becomes label ``k + 1``,
     a later volume's label winning where they overlap; ``volume`` keeps
-    that volume's label alone (:func:`stacked_label_names` names them).
+    that volume's label alone.
+
+    Returns the labels, their affine and, for a 4-D file, the names of its
+    labels, ``{k + 1: "volume k"}`` (None for a 3-D file).
     """
     image, shape = open_volume(path, "label map", stacked=True)
     volumes = shape[3] if len(shape) == 4 else 1
@@ -232,10 +242,13 @@ def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.
                 raise InputError(path, f"the label map holds {int(bad.sum())} NaN or Inf voxels")
             if not np.array_equal(data, np.round(data)):
                 raise InputError(path, "the label map holds non-integer values")
+    names = None
     if len(shape) == 4:
         stack, data = data, np.zeros(shape[:3], np.int32)
-        for k in range(volumes) if volume is None else (volume,):
+        kept = range(volumes) if volume is None else (volume,)
+        for k in kept:
             data[stack[..., k] != 0] = k + 1
+        names = {k + 1: f"volume {k}" for k in kept}
     low, high = data.min(), data.max()
     if low < _LABEL_RANGE[0] or high > _LABEL_RANGE[1]:
         raise InputError(path, f"the label map holds ids from {low} to {high}, beyond the int32 range")
@@ -247,15 +260,7 @@ def load_labels(path, *, reference=None, volume: int | None = None) -> tuple[np.
         ref_path, ref_data, ref_affine = reference
         require_grid(path, shape[:3], affine, getattr(ref_data, "shape", ref_data), ref_affine, what="label map",
                      reference=f"its image {ref_path}")
-    return data.astype(np.int32), affine
-
-
-def stacked_label_names(path, volume: int | None = None) -> dict[int, str] | None:
-    """``{k + 1: "volume k"}`` for the volumes of a 4-D label file (:func:`load_labels`); None for a 3-D one."""
-    shape = open_volume(path, "label map", stacked=True)[1]
-    if len(shape) == 3:
-        return None
-    return {k + 1: f"volume {k}" for k in (range(shape[3]) if volume is None else (volume,))}
+    return data.astype(np.int32), affine, names
 
 
 def save_image(path, data: np.ndarray, affine: np.ndarray) -> Path:

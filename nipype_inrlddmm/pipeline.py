@@ -99,8 +99,7 @@ def register_files(
     with clock("read"):
         pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                fixed_mask=fixed_mask, label_volume=label_volume)
-        names = (io.load_label_names(label_names) if label_names else
-                 io.stacked_label_names(fixed_labels, label_volume) if fixed_labels else None)
+        names = io.load_label_names(label_names) if label_names else pair.fixed_label_names
         initial = None
         if init_model:
             initial = steps.warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
@@ -140,7 +139,7 @@ def register_files(
                                    shape=pair.fixed.shape, affine=fixed_affine),
             "log": writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log),
         }
-        warped_labels = before = None
+        warped_labels = before = dice_before = dice_after = None
         if evaluate:
             with clock("labels"):
                 say("carrying the labels")
@@ -158,8 +157,11 @@ def register_files(
                 outputs["dice"], _ = write_evaluation(rows, summary, out_dir / REGISTER_OUTPUTS["dice"],
                                                       out_dir / REGISTER_OUTPUTS["dice_summary"])
                 labels = [row["label"] for row in rows]
-                outputs.update(rows=rows, summary=summary, mean_dice_before=float(np.nanmean(
-                    metrics.dice_scores(before, pair.fixed_labels, labels, pair.fixed_mask))) if labels else None)
+                dice_after = {row["label"]: row["dice"] for row in rows}
+                dice_before = dict(zip(labels, metrics.dice_scores(before, pair.fixed_labels, labels,
+                                                                   pair.fixed_mask))) if labels else {}
+                outputs.update(rows=rows, summary=summary,
+                               mean_dice_before=float(np.nanmean(list(dice_before.values()))) if labels else None)
             else:
                 outputs["summary"] = metrics.determinant_summary(jacobian)
         with clock("QC"):
@@ -167,8 +169,8 @@ def register_files(
             outputs["qc"] = qc.qc_figure(
                 out_dir / REGISTER_OUTPUTS["qc"], pair.fixed, fixed_affine, pair.moving, moving_affine, result.warped,
                 fixed_labels=pair.fixed_labels if evaluate else None, moving_labels_on_fixed=before,
-                warped_labels=warped_labels, jacobian=jacobian, mask=pair.fixed_mask, label_names=names,
-                title=title,
+                warped_labels=warped_labels, dice_before=dice_before, dice_after=dice_after, jacobian=jacobian,
+                mask=pair.fixed_mask, label_names=names, title=title,
             )
         if trajectory:
             with clock("trajectory"):

@@ -213,6 +213,14 @@ class _Mosaic:
         return Path(out_png)
 
 
+def _label_dice(labels: list[int], known: dict[int, float] | None, other, fixed_labels, mask) -> list[float]:
+    """Each label's Dice of ``other`` against ``fixed_labels`` over ``mask``: ``known``'s, else counted."""
+    known = known or {}
+    missing = [label for label in labels if label not in known]
+    counted = dict(zip(missing, metrics.dice_scores(other, fixed_labels, missing, mask))) if missing else {}
+    return [known[label] if label in known else counted[label] for label in labels]
+
+
 def qc_figure(
     out_png,
     fixed: np.ndarray,
@@ -225,6 +233,8 @@ def qc_figure(
     moving_labels: np.ndarray | None = None,
     moving_labels_on_fixed: np.ndarray | None = None,
     warped_labels: np.ndarray | None = None,
+    dice_before: dict[int, float] | None = None,
+    dice_after: dict[int, float] | None = None,
     jacobian: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     label_names: dict[int, str] | None = None,
@@ -243,6 +253,9 @@ def qc_figure(
         two, contours after the first and the last.
     moving_labels_on_fixed : the moving labels already on the fixed grid,
         undeformed (:func:`labels_before`), to spare resampling them again.
+    dice_before, dice_after : ``{label: Dice}`` as the evaluation counted
+        them (``dice.csv``), to spare counting them again; a label they
+        lack is counted here.
     jacobian : optional ``(X, Y, Z)`` determinant of the field's Jacobian on
         the fixed grid (:func:`~nipype_inrlddmm.metrics.jacobian_determinant`):
         its column, with folded voxels (det J <= 0) marked magenta.
@@ -266,18 +279,18 @@ def qc_figure(
     label_ids = [] if fixed_labels is None else [int(v) for v in np.unique(fixed_labels) if v != 0]
     if label_names:  # the evaluated labels, as in dice.csv
         label_ids = [v for v in label_ids if v in label_names]
-    dice_before = dice_after = None
+    scores_before = scores_after = None  # label_ids' Dice
     if label_ids and on_fixed is not None:
-        dice_before = metrics.dice_scores(on_fixed, fixed_labels, label_ids, mask)
+        scores_before = _label_dice(label_ids, dice_before, on_fixed, fixed_labels, mask)
     if label_ids and warped_labels is not None:
-        dice_after = metrics.dice_scores(warped_labels, fixed_labels, label_ids, mask)
+        scores_after = _label_dice(label_ids, dice_after, warped_labels, fixed_labels, mask)
     per_label_rows = (len(label_ids) + 1) // 2
     mosaic = _Mosaic(3 + per_label_rows, max(n_panels, 6), colour_bar=jacobian is not None)
 
     summary = [title] if title else []
-    if dice_after is not None:
-        before = "" if dice_before is None else f"before {np.nanmean(dice_before):.3f}, "
-        summary.append(f"mean Dice {before}after {np.nanmean(dice_after):.3f}")
+    if scores_after is not None:
+        before = "" if scores_before is None else f"before {np.nanmean(scores_before):.3f}, "
+        summary.append(f"mean Dice {before}after {np.nanmean(scores_after):.3f}")
     if jacobian is not None:
         folded = int((jacobian <= 0).sum())
         summary.append(f"det J <= 0: {folded} voxels ({100.0 * folded / jacobian.size:.3f} %), "
@@ -327,10 +340,10 @@ def qc_figure(
         panels = [(_cut(fixed, axial, index), fixed_grey, None, f"{name}: fixed, axial {index}")]
         if on_fixed is not None:
             panels.append((moving_cut(axial, index), moving_grey, on_fixed,
-                           f"before: Dice {dice_before[position]:.3f}"))
+                           f"before: Dice {scores_before[position]:.3f}"))
         if warped_labels is not None:
             panels.append((_cut(warped, axial, index), moving_grey, warped_labels,
-                           f"after: Dice {dice_after[position]:.3f}"))
+                           f"after: Dice {scores_after[position]:.3f}"))
         for offset, (image, grey, other, text) in enumerate(panels):
             other_cut = None if other is None else (_cut(other, axial, index) == label).astype(np.int32)
             mosaic.place(row, first + offset, image, aspect, text, overlay=contour_overlay(fixed_cut, other_cut),

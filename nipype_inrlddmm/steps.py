@@ -70,6 +70,7 @@ class Pair:
     fixed_mask: np.ndarray | None = None
     moving_labels: np.ndarray | None = None
     fixed_labels: np.ndarray | None = None
+    fixed_label_names: dict[int, str] | None = None  # those of a 4-D fixed label file ("volume k"), None for 3-D
 
 
 def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
@@ -78,19 +79,22 @@ def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mas
 
     Label maps must lie on their image's grid and the mask on the fixed grid;
     any problem raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
-    ``label_volume`` picks one volume of 4-D label files (:func:`~nipype_inrlddmm.io.load_labels`).
+    ``label_volume`` picks one volume of 4-D label files (:func:`~nipype_inrlddmm.io.load_named_labels`).
     """
     moving_data, moving_affine = io.load_image(moving)
     fixed_data, fixed_affine = io.load_image(fixed)
-    labels = [io.load_labels(path, reference=(image, data, affine), volume=label_volume)[0] if path else None
-              for path, image, data, affine in ((moving_labels, moving, moving_data, moving_affine),
-                                                (fixed_labels, fixed, fixed_data, fixed_affine))]
+
+    def labels(path, image, data, affine):
+        return io.load_named_labels(path, reference=(image, data, affine), volume=label_volume) if path else (None,) * 3
+
+    moving_map, _, _ = labels(moving_labels, moving, moving_data, moving_affine)
+    fixed_map, _, fixed_names = labels(fixed_labels, fixed, fixed_data, fixed_affine)
     mask = None
     if fixed_mask:
         mask = io.load_mask(fixed_mask, fixed_data.shape, fixed_affine, reference=f"the fixed image {fixed}")
         if not mask.any():
             raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
-    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask, *labels)
+    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask, moving_map, fixed_map, fixed_names)
 
 
 def check_labels(moving, fixed, *, moving_labels=None, fixed_labels=None) -> None:

@@ -135,6 +135,19 @@ def test_labels_must_be_integer_nonempty_and_on_their_image_grid(tmp_path):
                        reference=ref)
 
 
+def test_a_4d_label_file_is_one_label_per_volume_named_as_read(tmp_path):
+    """The names come from the same reading as the labels (the command names dice.csv's rows by them)."""
+    stack = np.zeros((4, 4, 4, 2), np.uint8)
+    stack[:2, ..., 0], stack[1:3, ..., 1] = 1, 1  # volume 1 overlaps volume 0 and wins there
+    path = _write(tmp_path, "stack.nii.gz", stack)
+    labels, _, names = io.load_named_labels(path)
+    assert names == {1: "volume 0", 2: "volume 1"}
+    assert labels[:, 0, 0].tolist() == [1, 2, 2, 0]
+    labels, _, names = io.load_named_labels(path, volume=1)
+    assert names == {2: "volume 1"} and labels[:, 0, 0].tolist() == [0, 2, 2, 0]
+    assert io.load_named_labels(_write(tmp_path, "plain.nii.gz", np.ones((4, 4, 4))))[2] is None
+
+
 def test_a_manifest_follows_one_rule_both_label_maps_on_every_row(tmp_path):
     """The study evaluates: a manifest without label maps is refused when it is read, naming what lacks."""
     for name in ("ct.nii.gz", "cbct.nii.gz", "l.nii.gz"):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from nipype_inrlddmm import qc
+from nipype_inrlddmm import metrics, qc
 
 
 def test_a_slice_fills_its_box_at_the_voxels_aspect_with_row_zero_at_the_bottom():
@@ -73,3 +73,31 @@ def test_panels_are_anatomical_whatever_the_files_orientation(tmp_path):
     oblique = _figure(tmp_path / "oblique.png", turn @ affine, turn @ affine, fixed, warped, labels, warped_labels,
                       jacobian, moving, moving_labels)
     assert np.mean(np.any(oblique != expected, axis=-1)) < 0.002  # rounding in the 'before' resampling at most
+
+
+def test_the_figure_draws_the_dice_it_is_given_and_counts_those_it_is_not(tmp_path):
+    """`inrlddmm register` hands the figure the Dice of its evaluation: the figure it would have drawn by counting
+    them, the given numbers drawn as given, and a label the evaluation lacks counted by the figure."""
+    from PIL import Image
+
+    shape = (22, 18, 14)
+    fixed = np.zeros(shape, np.float32)
+    fixed[4:18, 3:15, 2:12] = 1.0
+    fixed[5:9, 4:8, 3:6] = 2.0
+    labels = (fixed > 1.5).astype(np.int32) + (fixed > 0.5)
+    moving, moving_labels = np.roll(fixed, 2, axis=1), np.roll(labels, 2, axis=1)
+    warped, warped_labels = np.roll(fixed, 1, axis=0), np.roll(labels, 1, axis=0)
+    mask = np.zeros(shape, bool)
+    mask[:, :, :10] = True
+
+    def figure(name, **dice):
+        qc.qc_figure(tmp_path / name, fixed, np.eye(4), moving, np.eye(4), warped, fixed_labels=labels,
+                     moving_labels=moving_labels, warped_labels=warped_labels, mask=mask, **dice)
+        return np.asarray(Image.open(tmp_path / name).convert("RGB"))
+
+    before = dict(zip([1, 2], metrics.dice_scores(moving_labels, labels, [1, 2], mask)))
+    after = {row["label"]: row["dice"] for row in metrics.label_overlap(warped_labels, labels, np.eye(4), mask=mask)}
+    counted = figure("counted.png")
+    np.testing.assert_array_equal(figure("given.png", dice_before=before, dice_after=after), counted)
+    np.testing.assert_array_equal(figure("part.png", dice_before={1: before[1]}, dice_after={2: after[2]}), counted)
+    assert np.any(figure("other.png", dice_after={1: 0.0, 2: 0.0}) != counted)
