@@ -52,6 +52,8 @@ _OPTIONS = {
     "fine_iterations": (int, "iterations of the fine stage"),
     "warm_iterations": (int, "iterations of the fine stage when it starts from a previous registration's model "
                              "(register: --init-model; study: the manifest's init_model column), the only stage then"),
+    "warm_learning_rate": (float, "learning rate of that warm-started fine stage (a third of the fine stage's: the "
+                                  "network already holds a whole field, which the full rate would scatter)"),
     "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
                                 "(0: never stop early)"),
     "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),

@@ -11,7 +11,8 @@ from nipype_inrlddmm import dicom, engine, io
 from nipype_inrlddmm.phantom import LABELS, write_cohort
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
-FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10, warm_iterations=4)
+FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10, warm_iterations=4,
+           warm_learning_rate=5e-4)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
     workflow = init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work",
                              label_names=cohort / "labels.tsv", **FEW)
     assert workflow.get_node("warm_registration").get_node("coarse") is None
+    fine = workflow.get_node("warm_registration").get_node("fine").inputs
+    assert (fine.iterations, fine.learning_rate) == (4, 5e-4)  # the warm ones
     rows = run_study(workflow)
     assert [(row["patient"], row["status"]) for row in rows] == [("warm", "ok"), ("cold", "ok")]
     assert [row["patient"] for row in _table(out)] == ["warm", "cold"]

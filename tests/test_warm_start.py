@@ -63,6 +63,21 @@ def test_the_next_fraction_starts_from_the_model_without_coarse_stage_or_distill
         assert (tmp_path / name).is_file(), name
 
 
+def _largest_change(before, after) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_the_warm_learning_rate_is_the_one_given(course, first, tmp_path):
+    """--warm-learning-rate reaches the optimiser: Adam's steps are about that size, whatever the gradients."""
+    start = io.load_checkpoint(first / "model.pt")
+    for rate, out in (("1e-9", tmp_path / "tiny"), (None, tmp_path / "default")):
+        extra = ["--warm-learning-rate", rate] if rate else []
+        assert _register(course, 2, out, "--init-model", str(first / "model.pt"), "--warm-iterations", "3",
+                         *extra) == 0
+    assert _largest_change(start, io.load_checkpoint(tmp_path / "tiny" / "model.pt")) < 1e-8
+    assert _largest_change(start, io.load_checkpoint(tmp_path / "default" / "model.pt")) > 1e-4
+
+
 def test_a_warm_start_of_the_same_pair_keeps_its_dice_with_fewer_iterations(course, first, tmp_path):
     assert _register(course, 1, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "5") == 0
     assert len(_stages(tmp_path)) == 5 < len(_stages(first))
