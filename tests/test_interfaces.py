@@ -162,6 +162,22 @@ def test_a_bad_input_fails_the_node_with_the_file_and_the_problem(case, patient,
         Node(make(patient, chain, tmp_path), name="bad", base_dir=str(tmp_path / "work")).run()
 
 
+def test_apply_warp_takes_one_map_the_one_its_direction_needs(tmp_path):
+    """Nipype's xor refuses both maps or neither, naming them; invert says which of the two it must be."""
+    image = str(io.save_image(tmp_path / "image.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4)))
+    field = str(io.save_displacement(tmp_path / "field.nii.gz", np.zeros((4, 4, 4, 3), np.float32), np.eye(4)))
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")  # never read: each refusal comes first
+    with pytest.raises(ValueError, match="requires a value for one of the inputs 'displacement, velocity_checkpoint'"):
+        ApplyWarp(in_file=image, reference_image=image).run(cwd=str(tmp_path))
+    with pytest.raises(OSError, match='"velocity_checkpoint" is mutually exclusive with input "displacement"'):
+        ApplyWarp(in_file=image, reference_image=image, displacement=field, velocity_checkpoint=str(model))
+    with pytest.raises(ValueError, match="invert=True needs velocity_checkpoint"):
+        ApplyWarp(in_file=image, reference_image=image, displacement=field, invert=True).run(cwd=str(tmp_path))
+    with pytest.raises(ValueError, match="the forward warp needs displacement"):
+        ApplyWarp(in_file=image, reference_image=image, velocity_checkpoint=str(model)).run(cwd=str(tmp_path))
+
+
 def test_trait_validation_names_the_input(patient, tmp_path):
     with pytest.raises(TraitError, match="similarity"):
         CoarseINR(similarity="mutual_information")

@@ -10,15 +10,18 @@ from nipype.utils.filemanip import fname_presuffix
 from .. import steps
 from .base import VersionedInputSpec, field_stride_trait
 
+#: The map to apply, one of the two: Nipype refuses both (naming them) and neither (naming both).
+_MAP = ["displacement", "velocity_checkpoint"]
+
 
 class _ApplyWarpInputSpec(VersionedInputSpec):
     in_file = traits.File(exists=True, mandatory=True,
                           desc="image or label map in moving space (its own grid); with invert, in fixed space "
                           "(on the fixed grid the velocity_checkpoint was fitted on)")
-    displacement = traits.File(exists=True, mandatory=True, xor=["velocity_checkpoint"],
+    displacement = traits.File(exists=True, mandatory=True, xor=_MAP,
                                desc="ITK/ANTs displacement field on the reference grid (FineINR's); forward only")
     velocity_checkpoint = traits.File(
-        exists=True, mandatory=True, xor=["displacement"],
+        exists=True, mandatory=True, xor=_MAP,
         desc="velocity network checkpoint (FineINR's model, or model.pt of `inrlddmm register`); needed by "
         "invert=True, whose inverse map is integrated backwards through it (a displacement file cannot be)")
     invert = traits.Bool(False, usedefault=True,
@@ -87,6 +90,7 @@ class ApplyWarp(SimpleInterface):
             out_file = os.path.join(runtime.cwd, os.path.basename(inputs.out_file))
         else:
             out_file = fname_presuffix(inputs.in_file, suffix="_warped", newpath=runtime.cwd)
+        # xor leaves one of the two maps; which one the direction needs, xor cannot say.
         if inputs.invert:
             if not isdefined(inputs.velocity_checkpoint):
                 raise ValueError("ApplyWarp: invert=True needs velocity_checkpoint (the model.pt of the "
