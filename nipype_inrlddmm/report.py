@@ -225,7 +225,9 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
 
     The moving labels on the fixed grid through the images' headers alone (the QC figure's
     "before"), within the manifest's ``fixed_mask`` where it names one, for the labels of the
-    patient's ``<out_dir>/<patient>/dice.csv``.  Patients whose files cannot be read are left out.
+    patient's ``<out_dir>/<patient>/dice.csv``.  The labels of a row of DICOM series are its
+    RTSTRUCTs', rasterised on their series as the study did (:func:`dicom_labels`).  Patients whose
+    files cannot be read are left out.
     """
     from . import metrics
     from .qc import labels_before
@@ -234,12 +236,17 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
     found = {}
     for row in rows:
         entry, table = entries.get(row["patient"]), Path(out_dir) / row["patient"] / "dice.csv"
-        if row.get("status") != "ok" or not entry or not entry.get("moving_labels") or not table.is_file():
+        if row.get("status") != "ok" or not entry or not table.is_file():
             continue
         try:
-            fixed, affine = io.load_labels(entry["fixed_labels"])
-            moving, moving_affine = io.load_labels(entry["moving_labels"])
-            mask = (io.load_mask(entry["fixed_mask"], fixed.shape, affine, reference=entry["fixed_labels"])
+            if entry.get("moving_rtstruct") and entry.get("fixed_rtstruct"):
+                (moving, moving_affine), (fixed, affine) = dicom_labels(entry)
+            elif entry.get("moving_labels") and entry.get("fixed_labels"):
+                fixed, affine = io.load_labels(entry["fixed_labels"])
+                moving, moving_affine = io.load_labels(entry["moving_labels"])
+            else:
+                continue
+            mask = (io.load_mask(entry["fixed_mask"], fixed.shape, affine, reference=entry["fixed"])
                     if entry.get("fixed_mask") else None)
         except io.InputError:
             continue
@@ -250,6 +257,18 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
         found[row["patient"]] = {name: round(float(score), 4) for name, score in zip(named.values(), scores)
                                  if not math.isnan(score)}
     return found
+
+
+def dicom_labels(entry: dict) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A manifest row of DICOM series: its moving and fixed RTSTRUCTs as label maps with their series'
+    affines, the fixed ROIs numbered by name as the moving ones (as the study's ``RTStructToLabels``)."""
+    from . import dicom
+
+    moving_series, fixed_series = dicom.read_series(entry["moving"]), dicom.read_series(entry["fixed"])
+    structures = dicom.read_rtstruct(entry["moving_rtstruct"], moving_series)
+    reference = dicom.match_rois(dicom.read_rtstruct(entry["fixed_rtstruct"], fixed_series), structures.rois,
+                                 entry["fixed_rtstruct"])
+    return (structures.labels, moving_series.affine), (reference.labels, fixed_series.affine)
 
 
 def _parameters(parameters: dict) -> str:

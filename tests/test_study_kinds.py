@@ -7,7 +7,7 @@ import pydicom
 import pytest
 import torch
 
-from nipype_inrlddmm import dicom, engine, io
+from nipype_inrlddmm import dicom, engine, io, metrics, qc, report
 from nipype_inrlddmm.phantom import LABELS, write_cohort
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
@@ -60,6 +60,16 @@ def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_seri
         dice = {r["name"]: float(r["dice"]) for r in csv.DictReader(open(folder / "dice.csv"))}
         assert dice == pytest.approx({name: float(table[int(patient[-1]) - 1][name]) for name in dice}, abs=1e-4)
     assert (out / "report.html").is_file()
+    # The Dice before registration of DICOM rows: their RTSTRUCTs' labels, as the NIfTI labels of the same phantom.
+    assert "mean Dice before" in (out / "report.html").read_text()
+    before = report.dice_before(manifest, out, rows)
+    assert sorted(before) == ["p01", "p02"]
+    for patient in ("p01", "p02"):
+        moving, moving_affine = io.load_labels(cohort / patient / "ct_labels.nii.gz")
+        fixed, fixed_affine = io.load_labels(cohort / patient / "cbct_labels.nii.gz")
+        nifti = metrics.dice_scores(qc.labels_before(moving, moving_affine, fixed.shape, fixed_affine), fixed,
+                                    list(LABELS))
+        assert before[patient] == pytest.approx(dict(zip(LABELS.values(), nifti)), abs=0.03), patient
 
 
 def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratch(cohort, tmp_path):
