@@ -37,6 +37,7 @@ from ``mem_gb``, a ``--time`` per stage), followed by the user's
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import fcntl
 import gc
 import getpass
@@ -48,6 +49,8 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import nibabel as nib
@@ -55,7 +58,9 @@ from nipype import JoinNode, Node, Workflow, logging
 from nipype.interfaces.base import isdefined, traits
 from nipype.interfaces.io import DataSink
 from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline.plugins import MultiProcPlugin as _NipypeMultiProcPlugin
 from nipype.pipeline.plugins import SLURMPlugin as _NipypeSLURMPlugin
+from nipype.pipeline.plugins.multiproc import process_initializer, run_node
 from nipype.utils.filemanip import loadpkl
 
 from . import engine, io, steps
@@ -653,6 +658,68 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
     return workflow
 
 
+class MultiProcPlugin(_NipypeMultiProcPlugin):
+    """Nipype's MultiProc; a worker process killed from outside (the kernel's out-of-memory killer, a
+    SIGKILL) costs one retry of the nodes its pool held, not the study.
+
+    Such a kill breaks the whole process pool: every node it held ends in BrokenProcessPool, which
+    Nipype's callback lets escape, so those nodes never report and the study waits forever; and the
+    pool refuses every later node.  Here the nodes of a broken pool go once more to a fresh pool, and
+    a node whose pool breaks again fails, saying so.
+    """
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self._nodes = {}  # taskid -> (node, updatehash), to submit again
+        self._retried = set()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.processors, initializer=process_initializer,
+                                   initargs=(self._cwd,),
+                                   mp_context=multiprocessing.get_context(self.plugin_args.get("mp_context")))
+
+    def _submit(self, node, updatehash, taskid) -> None:
+        try:
+            future = self.pool.submit(run_node, node, updatehash, taskid)
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=False)
+            self.pool = self._new_pool()
+            future = self.pool.submit(run_node, node, updatehash, taskid)
+        future.add_done_callback(self._async_callback)
+        self._task_obj[taskid] = future
+        self._nodes[taskid] = (node, updatehash)
+
+    def _submit_job(self, node, updatehash=False):
+        self._taskid += 1
+        self._submit(node, updatehash, self._taskid)
+        return self._taskid
+
+    def _async_callback(self, args):
+        if args.exception() is None:  # a failed future is taken up by _get_result, in the scheduler's thread
+            super()._async_callback(args)
+
+    def _get_result(self, taskid):
+        future = self._task_obj.get(taskid)
+        error = future.exception() if future is not None and future.done() else None
+        if error is None:
+            return super()._get_result(taskid)
+        node, updatehash = self._nodes[taskid]
+        if isinstance(error, BrokenProcessPool) and taskid not in self._retried:
+            LOGGER.warning("%s: a worker process of the pool was killed (out of memory?); running it again",
+                           node.fullname)
+            self._retried.add(taskid)
+            self._submit(node, updatehash, taskid)
+            return None
+        if isinstance(error, BrokenProcessPool):
+            error = ("its worker process was killed twice while it ran (SIGKILL: the kernel's out-of-memory "
+                     "killer?): give the study more memory, or fewer --n-procs")
+        return {"result": None, "taskid": taskid, "traceback": [f"{error}\n"]}
+
+    def _clear_task(self, taskid):
+        super()._clear_task(taskid)
+        self._nodes.pop(taskid, None)
+
+
 #: Seconds the SLURM controller may stay unreachable (a restart, a fail-over) before a study gives up on it.
 CONTROLLER_PATIENCE = 600.0
 #: What ``squeue`` and ``sbatch`` say when they cannot reach the controller.
@@ -671,11 +738,30 @@ class SLURMPlugin(_NipypeSLURMPlugin):
     failed for want of its result; yet the jobs run on, and the controller recovers them from its saved
     state.  Here a job is taken as still running while the controller does not answer, for up to
     :data:`CONTROLLER_PATIENCE` seconds, and then the study stops saying that the controller is gone.
+
+    Where Nipype then reports only that the result file is missing, the failure names what ended the job,
+    read from the job's own log (:func:`slurm_job_end`): the memory limit, the time limit, ``scancel``.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._unreachable_since = None
+        self._job_logs = {}
+
+    def _submit_batchtask(self, scriptfile, node):
+        taskid = super()._submit_batchtask(scriptfile, node)
+        # Nipype's own -o, unless the user's --sbatch-args gave one (then the reason stays generic).
+        self._job_logs[taskid] = Path(scriptfile).parent / f"slurm-{taskid}.out"
+        return taskid
+
+    def _get_result(self, taskid):
+        log = self._job_logs.get(taskid)
+        result = super()._get_result(taskid)
+        if result is not None:
+            self._job_logs.pop(taskid, None)
+            if result["result"] is None and "results file does not exist" in str(result["traceback"]):
+                result["traceback"] = slurm_job_end(taskid, log)
+        return result
 
     def _report_crash(self, node, result=None):
         if result is not None and isinstance(result.get("traceback"), str):
@@ -700,6 +786,38 @@ class SLURMPlugin(_NipypeSLURMPlugin):
         LOGGER.warning("the SLURM controller does not answer (%s): job %s is taken as still running", message,
                        taskid)
         return True
+
+
+#: What slurmstepd writes into a job's log when it ends a job, and how a study says it.
+_JOB_ENDS = (
+    (("exceeded memory limit", "Exceeded job memory limit", "oom-kill", "oom_kill"),
+     "was killed for exceeding its memory limit{usage}: rerun with more memory (--sbatch-args '--mem=...')"),
+    (("DUE TO TIME LIMIT",), "reached its time limit: rerun with a longer --time in --sbatch-args"),
+    (("DUE TO NODE FAILURE",), "ended with the failure of its node"),
+    (("CANCELLED",), "was cancelled (scancel, or an administrator)"),
+)
+
+
+def slurm_job_end(job: int, log: Path | None) -> str:
+    """One line saying why SLURM job ``job`` ended without a result, read from its log file ``log``.
+
+    slurmstepd writes the cause there (``exceeded memory limit (used > limit)``, ``CANCELLED ... DUE TO
+    TIME LIMIT``, ...); where the log is missing or says nothing of it, the line says so and where to look.
+    """
+    try:
+        text = Path(log).read_text(errors="replace") if log else ""
+    except OSError:
+        text = ""
+    for markers, says in _JOB_ENDS:
+        if any(marker in text for marker in markers):
+            used = next((line for line in text.splitlines() if "exceeded memory limit (" in line), "")
+            usage = ""
+            if used:
+                numbers = used.split("exceeded memory limit (", 1)[1].split(")", 1)[0].split(">")
+                usage = " ({:.0f} MB used, {:.0f} MB allowed)".format(*(int(n) / 2**20 for n in numbers))
+            return f"its SLURM job {job} " + says.format(usage=usage)
+    where = f" (its log: {log})" if log else ""
+    return f"its SLURM job {job} ended without a result: cancelled, or out of time or memory?{where}"
 
 
 def _prepare_slurm(workflow: Workflow, arguments: dict) -> None:
@@ -773,9 +891,8 @@ def _failure_reason(node, stopped: Exception | None = None) -> str:
         traceback = node.result.runtime.traceback or ""
         last = [line.strip() for line in traceback.splitlines() if line.strip()][-1]
     except Exception:  # no result file (killed worker or SLURM job, a full disk, ...)
-        details = "".join(getattr(node, "_traceback", None) or [])
-        if "results file does not exist" in details:
-            return f"{node.name}: its SLURM job ended without a result (cancelled, or out of time or memory?)"
+        # Nipype's crash report appends a note on the missing result file to the traceback: not the cause.
+        details = "".join(getattr(node, "_traceback", None) or []).split("When creating this crashfile")[0]
         last = [line.strip() for line in details.splitlines() if line.strip()][-1:]
         if last:
             return f"{node.name}: {last[0]}"[:500]
@@ -904,7 +1021,8 @@ def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> lis
     gc.freeze()
     stopped = None
     try:
-        workflow.run(plugin=SLURMPlugin(plugin_args=arguments) if plugin == "SLURM" else plugin,
+        plugins = {"SLURM": SLURMPlugin, "MultiProc": MultiProcPlugin}
+        workflow.run(plugin=plugins[plugin](plugin_args=arguments) if plugin in plugins else plugin,
                      plugin_args=arguments)
     except Exception as error:
         if not failed:

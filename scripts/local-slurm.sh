@@ -151,7 +151,11 @@ AuthInfo=socket=$SOCKET
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+# Enforce each job's --mem as a cluster does (a study must survive a job killed for memory): without
+# cgroups, sample the job's processes every second and kill a job over its limit.
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory

@@ -244,22 +244,3 @@ def test_study_refuses_more_threads_per_node_than_slots(cohort, tmp_path, capsys
                      "--plugin", "MultiProc", "--n-procs", "2", "--num-threads", "3"])
     assert code == 2
     assert "exceed --n-procs 2" in capsys.readouterr().err
-
-
-def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(cohort, tmp_path, capsys):
-    """A file where a folder should be stands in for any unwritable place (the tests run as root, whom
-    permissions do not stop)."""
-    patient = cohort.parent / "p01"
-    blocker = tmp_path / "taken"
-    blocker.write_text("a file")
-    pair = ["--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz")]
-    assert cli.main(["register", *pair, "--out-dir", str(blocker / "out"), *FEW]) == 2
-    assert f"{blocker / 'out'}: cannot write the outputs here" in capsys.readouterr().err
-    assert cli.main(["register", *pair, "--out-dir", str(blocker), *FEW]) == 2
-    assert f"{blocker}: the output folder is a file" in capsys.readouterr().err
-    for flag, problem in (("--work-dir", "cannot write the work folder here"),
-                          ("--out-dir", "cannot write the results here")):
-        folders = {"--out-dir": str(tmp_path / "results"), "--work-dir": str(tmp_path / "work"),
-                   flag: str(blocker / "sub")}
-        assert cli.main(["study", str(cohort), *(x for item in folders.items() for x in item), *FEW]) == 2
-        assert f"{blocker / 'sub'}: {problem}" in capsys.readouterr().err

@@ -10,6 +10,7 @@ each node's interface ran in (``result_<node>.pklz``: ``SLURM_JOB_ID``, ``SLURM_
 Nipype wrote in ``<work_dir>/inrlddmm_study/batch/``.
 """
 
+import csv
 import os
 import subprocess
 import sys
@@ -133,6 +134,9 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     first, log = study_outcome(process, timeout=300)
     assert sorted(first.values()) == ["failed", "ok"], (first, log[-2000:])
     failed = next(patient for patient, status in first.items() if status == "failed")
+    with open(tmp_path / "out" / "study_dice.csv", newline="") as handle:
+        error = next(row["error"] for row in csv.DictReader(handle) if row["patient"] == failed)
+    assert error == f"distill: its SLURM job {cancelled} was cancelled (scancel, or an administrator)", error
     finished = finished_nodes(tmp_path / "work")
     # This failed once in about 14 runs, with no record of why; the cancelled job's own log says how far it got.
     assert f"registration/_patient_{failed}/coarse" in finished, _job_log_tail(tmp_path / "work", cancelled)

@@ -1,15 +1,10 @@
-"""Workflows: the registration graph, a 3-patient study, caching, resume after SIGKILL, failures.
+"""Workflows: the registration graph, a 3-patient study, its caching and reruns (faults: tests/test_faults.py).
 
 Which nodes ran is read from Nipype's own records (each node folder's
 ``result_<node>.pklz`` and its mtime), never from timing.
 """
 
 import csv
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -164,85 +159,3 @@ def test_a_fine_parameter_change_reruns_only_fine_and_what_follows(linear_study,
     assert rerun == expected | {"gather_dice"}
     log = root / "out" / "p01" / "fine_log.csv"
     assert len(log.read_text().splitlines()) == 1 + 12
-
-
-def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_path):
-    command = [sys.executable, "-m", "nipype_inrlddmm.cli", "study", str(cohort), "--out-dir", str(tmp_path / "out"),
-               "--work-dir", str(tmp_path / "work"), *FEW_FLAGS]
-    first_coarse = "registration/_patient_p01/coarse"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    try:
-        while first_coarse not in finished_nodes(tmp_path / "work"):
-            assert process.poll() is None, "the study ended before it could be killed"
-            assert time.monotonic() < deadline, "the first coarse stage never finished"
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finished = finished_nodes(tmp_path / "work")
-    assert not (tmp_path / "out" / "study_dice.csv").exists()
-
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [row["status"] for row in _table(tmp_path / "out")] == ["ok"] * 3
-    after = finished_nodes(tmp_path / "work")
-    recomputed = {node for node in rerun_nodes(finished, after) if node in finished}
-    assert not recomputed, recomputed
-    assert first_coarse in finished and after[first_coarse] == finished[first_coarse]
-
-
-def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(cohort.parent, data)
-    (data / "p02" / "cbct.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI")
-    rows = run_study(_study(data / "manifest.tsv", tmp_path))
-
-    assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
-    assert "coarse:" in rows[1]["error"] and "p02/cbct.nii.gz: cannot read the image" in rows[1]["error"]
-    table = _table(tmp_path / "out")
-    assert [(row["patient"], row["status"]) for row in table] == [("p01", "ok"), ("p02", "failed"), ("p03", "ok")]
-    assert table[1]["error"] == rows[1]["error"] and float(table[0]["mean_dice"]) > 0
-    assert '<tr class="failed" data-patient="p02">' in (tmp_path / "out" / "report.html").read_text()
-    assert list((tmp_path / "work" / "crash").glob("crash-*coarse*.txt"))
-    assert (tmp_path / "out" / "p03" / "dice.csv").is_file() and not (tmp_path / "out" / "p02").exists()
-
-    # Repaired, the rerun registers only the failed patient.
-    shutil.copy(cohort.parent / "p02" / "cbct.nii.gz", data / "p02" / "cbct.nii.gz")
-    before = finished_nodes(tmp_path / "work")
-    rows = run_study(_study(data / "manifest.tsv", tmp_path))
-    assert [row["status"] for row in rows] == ["ok"] * 3
-    rerun = rerun_nodes(before, finished_nodes(tmp_path / "work"))
-    assert {node for node in rerun if "_patient_" in node} == {
-        f"registration/_patient_p02/{stage}" for stage in ("coarse", "distill", "fine", "warp_labels", "dice", "qc")
-    }
-
-
-def test_a_second_study_on_the_same_work_folder_refuses_naming_the_first(cohort, tmp_path):
-    from nipype_inrlddmm import io
-    from nipype_inrlddmm.workflows import work_folder_lock
-
-    with work_folder_lock(tmp_path / "work"):  # as a first study would hold it
-        with pytest.raises(io.InputError, match=r"the work folder is in use by another study \(pid \d+ on .*"
-                                                r"wait for it to end, or give another --work-dir"):
-            run_study(_study(cohort, tmp_path))
-    assert not (tmp_path / "out").exists()  # nothing ran
-    with work_folder_lock(tmp_path / "work"):  # released: free again
-        pass
-
-
-def test_a_cut_short_cached_result_is_recomputed_not_failed_on(linear_study, cohort, caplog):
-    """A crash or a full disk truncated one node's result file: the rerun recomputes that node and what
-    follows it for that patient, and nothing of the other patients."""
-    root, _ = linear_study
-    run_study(_study(cohort, root))  # the reference state, whatever ran before
-    nodes = finished_nodes(root / "work")
-    result = root / "work" / "inrlddmm_study" / "registration" / "_patient_p02" / "coarse" / "result_coarse.pklz"
-    result.write_bytes(result.read_bytes()[:100])
-    with caplog.at_level("WARNING", logger="nipype.workflow"):
-        rows = run_study(_study(cohort, root))
-    assert [row["status"] for row in rows] == ["ok"] * 3
-    assert "_patient_p02/coarse: its cached result could not be read" in caplog.text
-    rerun = rerun_nodes(nodes, finished_nodes(root / "work"))
-    assert "registration/_patient_p02/coarse" in rerun, rerun
-    assert all("_patient_p02" in node or node == "gather_dice" for node in rerun), rerun  # and the study table
