@@ -476,6 +476,7 @@ def init_study_wf(
     except io.InputError as error:
         LOGGER.warning("%s; those patients will fail, the others run", error)
     out_dir = Path(out_dir).resolve()
+    _refuse_chained_rows(manifest, rows, out_dir)
 
     workflow = Workflow(name=name, base_dir=str(Path(work_dir).resolve()) if work_dir else None)
     workflow.config["execution"] = dict(EXECUTION)
@@ -494,6 +495,24 @@ def init_study_wf(
         _add_branch(workflow, prefix, patients, registration, manifest=manifest, out_dir=out_dir,
                     label_names=label_names, progress=progress, join=len(branches) == 1)
     return workflow
+
+
+def _refuse_chained_rows(manifest: Path, rows: list[dict], out_dir: Path) -> None:
+    """Refuse a row whose ``init_model`` is the ``model.pt`` that this study writes for another of its rows.
+
+    Days of a course chained within one study would need that row's fine
+    stage to wait for the other's, across the patients' iterables, and a
+    rerun would race the model it starts from against its rewrite: not
+    done.  The error says how to run such a course instead.
+    """
+    written = {(out_dir / row["patient"] / "model.pt").resolve(): row["patient"] for row in rows}
+    for row in rows:
+        source = written.get(Path(row["init_model"]).resolve()) if row.get("init_model") else None
+        if source is not None:
+            raise io.InputError(manifest, f"row {row['patient']!r} starts from {row['init_model']}, the model this "
+                                f"study writes for row {source!r}: days of a course cannot be chained within one "
+                                f"study; run a study of {source!r} first, then one of the rows that start from its "
+                                "model (or inrlddmm register --init-model, day by day)")
 
 
 def row_branch(row: dict) -> str:

@@ -98,3 +98,24 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
     assert not (out / "warm" / "coarse_log.csv").exists() and (out / "cold" / "coarse_log.csv").is_file()
     assert len(list(csv.DictReader(open(out / "warm" / "fine_log.csv")))) == 4
     assert len(list(csv.DictReader(open(out / "cold" / "fine_log.csv")))) == 10
+
+
+def test_a_row_starting_from_a_model_that_the_same_study_writes_is_refused(cohort, tmp_path):
+    """Days chained within one study (day 2 from the model.pt the study writes for day 1): refused, saying how."""
+    files = {"moving": "ct.nii.gz", "fixed": "cbct.nii.gz", "moving_labels": "ct_labels.nii.gz",
+             "fixed_labels": "cbct_labels.nii.gz"}
+    out = tmp_path / "out"
+    manifest = _manifest(tmp_path / "course.tsv", [
+        {"patient": "fx1", **{c: str(cohort / "p01" / n) for c, n in files.items()}, "init_model": ""},
+        {"patient": "fx2", **{c: str(cohort / "p01" / n) for c, n in files.items()}, "init_model": "out/fx1/model.pt"}])
+    with pytest.raises(io.InputError, match=f"row 'fx2' starts from {out / 'fx1' / 'model.pt'}, the model this study "
+                       "writes for row 'fx1': days of a course cannot be chained within one study; run a study of "
+                       "'fx1' first"):
+        init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work", **FEW)
+    # A model from elsewhere (an earlier study's) is what a row may start from.
+    (tmp_path / "earlier").mkdir()
+    manifest = _manifest(tmp_path / "course.tsv", [
+        {"patient": "fx2", **{c: str(cohort / "p01" / n) for c, n in files.items()},
+         "init_model": "earlier/model.pt"}])
+    assert init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work", **FEW).get_node(
+        "warm_patients").iterables == ("patient", ["fx2"])
