@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -319,8 +320,23 @@ def load_displacement(path) -> tuple[np.ndarray, np.ndarray]:
     return data[:, :, :, 0, :] * _RAS_TO_LPS, affine
 
 
-def save_checkpoint(path, velocity: VelocityField, *, shape, affine: np.ndarray) -> Path:
-    """Save a velocity network with its architecture, fixed-grid geometry and version."""
+def image_fingerprint(path, data: np.ndarray, affine: np.ndarray) -> dict:
+    """What identifies an image a model was fitted with: its file, grid and a hash of its voxels.
+
+    ``data`` as :func:`load_image` reads it (float32); the hash is of the
+    voxel values in their array order (BLAKE2b, 128 bits), so the same
+    volume gives the same fingerprint whatever header it was later given
+    (a pre-alignment rewrites the affine alone).
+    """
+    values = np.asfortranarray(data, dtype=np.float32)
+    return {"file": str(path), "shape": [int(n) for n in values.shape],
+            "affine": np.asarray(affine, np.float64).tolist(),
+            "voxels": hashlib.blake2b(values.T, digest_size=16).hexdigest()}
+
+
+def save_checkpoint(path, velocity: VelocityField, *, shape, affine: np.ndarray, moving: dict | None = None) -> Path:
+    """Save a velocity network with its architecture, fixed-grid geometry and version, and with
+    ``moving`` (:func:`image_fingerprint`) the moving image it was fitted with."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
@@ -329,6 +345,8 @@ def save_checkpoint(path, velocity: VelocityField, *, shape, affine: np.ndarray)
         "fixed_shape": [int(n) for n in shape],
         "fixed_affine": np.asarray(affine, np.float64).tolist(),
     }
+    if moving is not None:
+        payload["moving"] = moving
     # Through a file object: torch names the archive inside after a path, which would be the temporary
     # file's random name, and the same model would not give the same bytes.
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
@@ -362,6 +380,15 @@ def checkpoint_grid(path) -> tuple[tuple[int, int, int], np.ndarray]:
     except Exception as error:  # missing keys, wrong types
         raise InputError(path, f"the checkpoint records no usable fixed grid ({type(error).__name__}: {error})") \
             from error
+
+
+def checkpoint_moving(path) -> dict | None:
+    """The :func:`image_fingerprint` of the moving image a checkpoint was fitted with; None when it records
+    none (written by a version before fingerprints, or without one, as a coarse or distilled model)."""
+    moving = _read_checkpoint(Path(path)).get("moving")
+    if moving is not None and not (isinstance(moving, dict) and {"file", "shape", "voxels"} <= set(moving)):
+        raise InputError(path, "the checkpoint's record of its moving image is damaged")
+    return moving
 
 
 def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:

@@ -53,7 +53,7 @@ def _stage_seconds(log: list[dict]) -> float:
 def register_files(
     moving, fixed, out_dir, *, moving_labels=None, fixed_labels=None, fixed_mask=None, label_names=None,
     label_volume=None, affine=None, affine_start="moments", init_model=None, device="auto", num_threads=None,
-    progress=True, trajectory=0, **options,
+    progress=True, trajectory=0, moving_source=None, **options,
 ) -> dict:
     """Register two NIfTI files and write every output into ``out_dir``.
 
@@ -76,8 +76,12 @@ def register_files(
     previous fraction of a course), a warm start: the fine stage alone
     continues that network, ``warm_iterations`` from ``warm_learning_rate``
     (:func:`~nipype_inrlddmm.steps.warm_start_model` checks the file and the
-    grids).  All inputs are validated before any optimisation starts, and
-    a run that fails leaves ``out_dir`` as it found it
+    grids, and that the model was fitted with this moving image: each
+    ``model.pt`` records its moving image's
+    :func:`~nipype_inrlddmm.io.image_fingerprint`, naming
+    ``moving_source``, default ``moving``, as its file).  All inputs are
+    validated before any optimisation starts, and a run that fails leaves
+    ``out_dir`` as it found it
     (:func:`~nipype_inrlddmm.io.staged_folder`).
 
     Returns the written paths; the ``summary`` of det J (with labels also
@@ -100,11 +104,13 @@ def register_files(
         pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                fixed_mask=fixed_mask, label_volume=label_volume)
         names = io.load_label_names(label_names) if label_names else pair.fixed_label_names
-        initial = None
+        initial = fingerprint = None
         if init_model:
+            fingerprint = io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine)
             initial = steps.warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
                                              model_options={name: value for name, value in options.items()
-                                                            if name in engine.ModelConfig.__dataclass_fields__})
+                                                            if name in engine.ModelConfig.__dataclass_fields__},
+                                             moving=fingerprint)
             say(f"warm start from {init_model}: no coarse stage or distillation, {config.warm_iterations} fine "
                 "iterations")
     evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
@@ -135,8 +141,10 @@ def register_files(
                                     fixed_affine),
             "displacement": writer.submit(io.save_displacement, out_dir / steps.FINE_OUTPUTS["displacement"],
                                           result.displacement, fixed_affine),
-            "model": writer.submit(io.save_checkpoint, out_dir / steps.FINE_OUTPUTS["model"], result.model,
-                                   shape=pair.fixed.shape, affine=fixed_affine),
+            # The moving image's fingerprint is hashed in the writer's thread (hashlib lets go of the GIL).
+            "model": writer.submit(lambda: io.save_checkpoint(
+                out_dir / steps.FINE_OUTPUTS["model"], result.model, shape=pair.fixed.shape, affine=fixed_affine,
+                moving=fingerprint or io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine))),
             "log": writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log),
         }
         warped_labels = before = dice_before = dice_after = None

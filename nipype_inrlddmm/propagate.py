@@ -102,7 +102,8 @@ def register_dicom(moving, fixed, out_dir, *, moving_rtstruct=None, fixed_rtstru
             label_names = io.write_csv(scratch / "evaluated.tsv", dicom.label_table(reference.rois), delimiter="\t")
         with io.staged_folder(final) as stage:
             outputs = register_files(moving_file, fixed_file, stage, moving_labels=moving_labels,
-                                     fixed_labels=fixed_labels, label_names=label_names, affine=affine, **options)
+                                     fixed_labels=fixed_labels, label_names=label_names, affine=affine,
+                                     moving_source=moving, **options)
             if structures is not None:
                 warped = _warped_labels(outputs, stage, moving_labels, fixed_file, affine)
                 outputs["label_table"] = io.write_csv(stage / RTSTRUCT_OUTPUTS["label_table"],

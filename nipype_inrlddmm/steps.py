@@ -193,7 +193,7 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
 
 
 def warm_start_model(path, fixed, fixed_shape, fixed_affine: np.ndarray, *,
-                     model_options: dict | None = None) -> engine.VelocityField:
+                     model_options: dict | None = None, moving: dict | None = None) -> engine.VelocityField:
     """The velocity network of checkpoint ``path`` (a previous registration's ``model.pt``), to start a
     registration on the fixed image ``fixed`` (its grid: ``fixed_shape``, ``fixed_affine``) from.
 
@@ -203,9 +203,13 @@ def warm_start_model(path, fixed, fixed_shape, fixed_affine: np.ndarray, *,
     (:func:`~nipype_inrlddmm.engine.warm_start_mismatch`: both grids are
     then named), and when ``model_options`` (architecture settings the user
     gave, :class:`~nipype_inrlddmm.engine.ModelConfig` fields) contradict
-    the network's.
+    the network's.  With ``moving`` (:func:`~nipype_inrlddmm.io.image_fingerprint`
+    of this registration's moving image), refused too when the checkpoint
+    records another moving image (:func:`check_same_moving`).
     """
     velocity = io.load_checkpoint(path)
+    if moving is not None:
+        check_same_moving(path, moving)
     mismatch = engine.warm_start_mismatch(velocity, fixed_shape, as_tensor(fixed_affine))
     if mismatch:
         shape, affine = io.checkpoint_grid(path)
@@ -219,6 +223,31 @@ def warm_start_model(path, fixed, fixed_shape, fixed_affine: np.ndarray, *,
                             + ", ".join(f"{name} is {getattr(velocity.config, name)!r}, not {value!r}"
                                         for name, value in contradicted.items()) + "; leave those options out")
     return velocity
+
+
+def check_same_moving(path, moving: dict) -> None:
+    """Refuse checkpoint ``path`` when it was fitted with another moving image than ``moving`` (both
+    :func:`~nipype_inrlddmm.io.image_fingerprint`): another shape or other voxel values.
+
+    A warm start continues a registration of the same moving image (a
+    course's planning CT); another image would start from a field that maps
+    someone else's anatomy.  The headers are not compared: a pre-alignment
+    gives the same voxels another affine every day.  A checkpoint recording
+    no moving image (one written before fingerprints were stored, or a
+    coarse or distilled model) is taken as it is, with a warning.
+    """
+    recorded = io.checkpoint_moving(path)
+    if recorded is None:
+        LOGGER.warning("%s records no moving image (an older model?): that it was fitted with %s is not checked",
+                       path, moving["file"])
+        return
+    if [int(n) for n in recorded["shape"]] != moving["shape"] or recorded["voxels"] != moving["voxels"]:
+        def text(fingerprint):
+            return (f"{fingerprint['file']} ({' x '.join(str(int(n)) for n in fingerprint['shape'])} voxels, "
+                    f"voxel hash {fingerprint['voxels'][:12]})")
+        raise io.InputError(path, f"was fitted with the moving image {text(recorded)}, not with this one, "
+                            f"{text(moving)}: a warm start continues a registration of the same moving image "
+                            "(the course's planning CT)")
 
 
 def _grid_text(shape, affine) -> str:
@@ -243,8 +272,9 @@ def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConf
     the warped moving image and the log; keys as :data:`FINE_OUTPUTS`.
     """
     pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
+    fingerprint = io.image_fingerprint(moving, pair.moving, pair.moving_affine)
     if warm_start:
-        velocity = warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine)
+        velocity = warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine, moving=fingerprint)
     else:
         velocity = io.load_checkpoint(init_model, shape=pair.fixed.shape, affine=pair.fixed_affine)
     device = engine.resolve_device(device)
@@ -258,7 +288,7 @@ def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConf
     out = Path(out_dir)
     return {
         "model": io.save_checkpoint(out / FINE_OUTPUTS["model"], result.velocity, shape=pair.fixed.shape,
-                                    affine=pair.fixed_affine),
+                                    affine=pair.fixed_affine, moving=fingerprint),
         "displacement": io.save_displacement(out / FINE_OUTPUTS["displacement"], result.displacement.cpu().numpy(),
                                              pair.fixed_affine),
         "warped_image": io.save_image(out / FINE_OUTPUTS["warped_image"], warped.cpu().numpy(), pair.fixed_affine),

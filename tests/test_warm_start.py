@@ -64,7 +64,7 @@ def test_the_next_fraction_starts_from_the_model_without_coarse_stage_or_distill
 
 
 def _largest_change(before, after) -> float:
-    return max(float((a - b).abs().max()) for a, b in zip(before.parameters(), after.parameters()))
+    return max(float((a - b).abs().max()) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
 
 
 def test_the_warm_learning_rate_is_the_one_given(course, first, tmp_path):
@@ -133,3 +133,36 @@ def test_the_engine_refuses_a_network_of_another_box():
     shifted[0, 3] += 2.0
     wide = engine.new_velocity_field(SHAPE, affine, engine.ModelConfig(width=8, depth=1), 0)
     assert engine.warm_start_mismatch(wide, SHAPE, shifted) is None
+
+
+def test_the_model_records_the_moving_image_it_was_fitted_with(course, first):
+    recorded = io.checkpoint_moving(first / "model.pt")
+    data, affine = io.load_image(course / "ct.nii.gz")
+    assert recorded == io.image_fingerprint(course / "ct.nii.gz", data, affine)
+    assert recorded["file"] == str(course / "ct.nii.gz") and recorded["shape"] == list(SHAPE)
+
+
+def test_a_model_of_another_moving_image_is_refused_naming_both_files(course, first, tmp_path, capsys):
+    data, affine = io.load_image(course / "ct.nii.gz")
+    data[10, 10, 10] += 1.0  # one voxel differs: another image, on the same grid
+    other = io.save_image(tmp_path / "other_ct.nii.gz", data, affine)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["register", "--moving", str(other), "--fixed", str(course / "fx2" / "cbct.nii.gz"),
+                     "--init-model", str(first / "model.pt"), "--out-dir", str(out), *FEW]) == 2
+    error = capsys.readouterr().err
+    assert f"{first / 'model.pt'}: was fitted with the moving image {course / 'ct.nii.gz'} (48 x 40 x 20 " \
+        "voxels" in error
+    assert f"not with this one, {other} (48 x 40 x 20 voxels" in error
+    assert not out.exists()
+
+
+def test_a_model_that_records_no_moving_image_is_taken_with_a_warning(course, first, tmp_path, caplog):
+    """Models written before the moving image was recorded: the check is skipped, and the log says so."""
+    velocity = io.load_checkpoint(first / "model.pt")
+    shape, affine = io.checkpoint_grid(first / "model.pt")
+    older = io.save_checkpoint(tmp_path / "older.pt", velocity, shape=shape, affine=affine)
+    assert io.checkpoint_moving(older) is None
+    with caplog.at_level("WARNING", logger="nipype_inrlddmm"):
+        assert _register(course, 2, tmp_path / "out", "--init-model", str(older), "--warm-iterations", "2") == 0
+    assert f"{older} records no moving image" in caplog.text
