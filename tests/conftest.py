@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data folder, small phantom pairs, deterministic torch."""
+"""Shared fixtures: the real-data folder, small phantom patients and a registration of one, deterministic torch."""
 
 import os
 from pathlib import Path
@@ -29,6 +29,91 @@ def real_data():
 @pytest.fixture(autouse=True)
 def _two_threads():
     torch.set_num_threads(2)
+
+
+#: The grid of the small phantoms several files test on: a registration takes seconds on one core.
+PHANTOM_SHAPE = (32, 28, 16)
+
+
+@pytest.fixture(scope="session")
+def phantom_patient(tmp_path_factory) -> dict[str, Path]:
+    """A valid phantom patient, a valid checkpoint and coarse field on its grid, and label names.
+
+    The fixed labels lack ``spinal_cord`` (label 5): a label present in one
+    map only, which the evaluation must report as missing.  Read only: the
+    tests that break or change a file write their copy into their own folder.
+    """
+    import nibabel as nib
+
+    from nipype_inrlddmm import engine, io
+    from nipype_inrlddmm.phantom import write_cohort
+
+    root = tmp_path_factory.mktemp("phantom_patient")
+    manifest = write_cohort(root, 1, shape=PHANTOM_SHAPE)
+    folder = root / "p01"
+    labels = nib.load(folder / "cbct_labels.nii.gz")
+    data = np.asarray(labels.dataobj)
+    assert (data == 5).any()
+    io.save_image(folder / "cbct_labels.nii.gz", np.where(data == 5, 0, data).astype(np.uint8), labels.affine)
+    affine = labels.affine
+    velocity = engine.new_velocity_field(PHANTOM_SHAPE, torch.tensor(affine, dtype=torch.float32),
+                                         engine.config_from_options().model, seed=0)
+    coarse_shape = tuple(-(-n // 2) for n in PHANTOM_SHAPE)
+    coarse_affine = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse_affine[:3, 3] += affine[:3, :3] @ [0.5, 0.5, 0.5]
+    return {
+        "moving": folder / "ct.nii.gz", "fixed": folder / "cbct.nii.gz",
+        "moving_labels": folder / "ct_labels.nii.gz", "fixed_labels": folder / "cbct_labels.nii.gz",
+        "fixed_mask": folder / "cbct_fov.nii.gz",
+        "model": io.save_checkpoint(root / "model.pt", velocity, shape=PHANTOM_SHAPE, affine=affine),
+        "coarse_displacement": io.save_displacement(root / "coarse_displacement.nii.gz",
+                                                    np.zeros((*coarse_shape, 3), np.float32), coarse_affine),
+        "label_names": manifest.parent / "labels.tsv",
+        "manifest": manifest,
+    }
+
+
+def tripwire(*args, **kwargs):
+    raise AssertionError("an optimisation started on bad input")
+
+
+@pytest.fixture
+def no_optimisation(monkeypatch):
+    """Make any optimisation (or the whole registration) fail loudly if it is reached."""
+    from nipype_inrlddmm import engine, steps
+
+    for name in ("coarse_stage", "distill_stage", "fine_stage", "register_volumes"):
+        monkeypatch.setattr(engine, name, tripwire)
+    monkeypatch.setattr(steps, "checked_affine_register", tripwire)
+
+
+#: Few, small iterations of :func:`registered`: enough for a non-trivial field, seconds on one core.
+REGISTERED_OPTIONS = dict(coarse_iterations=15, distill_iterations=5, fine_iterations=5, n_patches=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory):
+    """A small phantom registration and its files: moving/fixed images and labels, model, field, warped."""
+    from nipype_inrlddmm import io
+    from nipype_inrlddmm.api import register
+    from nipype_inrlddmm.phantom import make_pair
+
+    root = tmp_path_factory.mktemp("registered")
+    pair = make_pair(PHANTOM_SHAPE, seed=2)
+    result = register((pair.ct, pair.affine), (pair.cbct, pair.affine), num_threads=2, **REGISTERED_OPTIONS)
+    files = {
+        "moving": io.save_image(root / "ct.nii.gz", pair.ct, pair.affine),
+        "fixed": io.save_image(root / "cbct.nii.gz", pair.cbct, pair.affine),
+        "moving_labels": io.save_image(root / "ct_labels.nii.gz", pair.ct_labels, pair.affine),
+        "fixed_labels": io.save_image(root / "cbct_labels.nii.gz", pair.cbct_labels, pair.affine),
+        "mask": io.save_image(root / "cbct_fov.nii.gz", pair.cbct_fov.astype(np.uint8), pair.affine),
+        "model": io.save_checkpoint(root / "model.pt", result.model, shape=PHANTOM_SHAPE, affine=pair.affine),
+        "displacement": io.save_displacement(root / "displacement.nii.gz", result.displacement, pair.affine),
+        "warped": io.save_image(root / "warped.nii.gz", result.warped, pair.affine),
+    }
+    warped_labels = result.apply((pair.ct_labels, pair.affine), interpolation="label").astype(np.int32)
+    files["warped_labels"] = io.save_image(root / "warped_labels.nii.gz", warped_labels, pair.affine)
+    return root, pair, result, files
 
 
 def voxel_epe(displacement, truth, affine, mask) -> float:

@@ -1,7 +1,7 @@
-"""What users look at: the flow over time, the inverse map, QC figures and the study report.
+"""What users look at: the trajectory, labels carried back through the inverse map, QC figures and the study report.
 
-One small registration (32x28x16 phantom, few iterations) serves every test that needs a trained
-network; the rest run on analytic fields and synthetic tables.
+One small registration (conftest's ``registered``) serves every test that needs a trained network; the rest
+run on synthetic volumes and tables, or a small phantom cohort.
 """
 
 import os
@@ -14,89 +14,13 @@ from io import BytesIO
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from conftest import assert_report_renders
+from conftest import PHANTOM_SHAPE, REGISTERED_OPTIONS, assert_report_renders
 from PIL import Image
 from scipy import ndimage
 
 from nipype_inrlddmm import cli, engine, io, metrics, qc, report, steps
-from nipype_inrlddmm.api import register
-from nipype_inrlddmm.engine import integrate, integrate_backward, path_at_times
 from nipype_inrlddmm.interfaces import ApplyWarp, QCReport
-from nipype_inrlddmm.phantom import LABELS, make_pair, write_cohort
-
-SHAPE = (32, 28, 16)
-#: Few, small iterations: enough for a non-trivial field, seconds on one core.
-FEW = dict(coarse_iterations=15, distill_iterations=5, fine_iterations=5, n_patches=4, seed=0)
-
-
-def _linear_velocity(matrix):
-    """v(p, t) = (1 + t) A p: smooth, time-dependent, with a known Jacobian."""
-    matrix = torch.as_tensor(matrix, dtype=torch.float32)
-    return lambda points, t: (1.0 + t) * points @ matrix.T
-
-
-def test_path_at_times_reads_the_euler_path_exactly():
-    velocity = _linear_velocity([[0.0, -0.3, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.1]])
-    points = torch.randn(50, 3, generator=torch.Generator().manual_seed(0)) * 10
-    displacement, _, path = integrate(velocity, points, 6, return_path=True)
-    fields = path_at_times(path, [0.0, 0.5, 1.0 / 12, 1.0])
-    assert torch.equal(fields[0], torch.zeros_like(points))
-    assert torch.equal(fields[3], displacement)  # t = 1 is the registration's displacement, bit for bit
-    torch.testing.assert_close(fields[1], path[3] - points)  # a step boundary
-    torch.testing.assert_close(fields[2], (path[1] - points) / 2)  # halfway through the first straight step
-    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        path_at_times(path, [1.5])
-
-
-def test_backward_integration_inverts_the_forward_scheme():
-    velocity = _linear_velocity([[0.05, -0.4, 0.0], [0.4, 0.05, 0.0], [0.0, 0.1, -0.05]])
-    points = torch.randn(200, 3, generator=torch.Generator().manual_seed(1)) * 20
-    forward, _ = integrate(velocity, points, 6)
-    plain = integrate_backward(velocity, points + forward, 6, corrections=0)
-    corrected = integrate_backward(velocity, points + forward, 6)
-    plain_error = (forward + plain).norm(dim=1).max().item()
-    error = (forward + corrected).norm(dim=1).max().item()
-    assert forward.norm(dim=1).max() > 10  # a large deformation (mm)
-    assert error < 0.02 * plain_error and error < 0.1, (error, plain_error)  # mm
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A small phantom registration and its files: moving/fixed images and labels, model, field, warped."""
-    root = tmp_path_factory.mktemp("registered")
-    pair = make_pair(SHAPE, seed=2)
-    result = register((pair.ct, pair.affine), (pair.cbct, pair.affine), num_threads=2, **FEW)
-    files = {
-        "moving": io.save_image(root / "ct.nii.gz", pair.ct, pair.affine),
-        "fixed": io.save_image(root / "cbct.nii.gz", pair.cbct, pair.affine),
-        "moving_labels": io.save_image(root / "ct_labels.nii.gz", pair.ct_labels, pair.affine),
-        "fixed_labels": io.save_image(root / "cbct_labels.nii.gz", pair.cbct_labels, pair.affine),
-        "mask": io.save_image(root / "cbct_fov.nii.gz", pair.cbct_fov.astype(np.uint8), pair.affine),
-        "model": io.save_checkpoint(root / "model.pt", result.model, shape=SHAPE, affine=pair.affine),
-        "displacement": io.save_displacement(root / "displacement.nii.gz", result.displacement, pair.affine),
-        "warped": io.save_image(root / "warped.nii.gz", result.warped, pair.affine),
-    }
-    warped_labels = result.apply((pair.ct_labels, pair.affine), interpolation="label").astype(np.int32)
-    files["warped_labels"] = io.save_image(root / "warped_labels.nii.gz", warped_labels, pair.affine)
-    return root, pair, result, files
-
-
-def test_forward_then_inverse_returns_within_half_a_voxel(registered):
-    _, pair, result, files = registered
-    velocity = io.load_checkpoint(files["model"])
-    affine = torch.tensor(pair.affine, dtype=torch.float32)
-    points = engine.world_grid(SHAPE, affine)[torch.from_numpy(pair.cbct_fov)]
-    spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)
-    with torch.no_grad():
-        forward, _ = integrate(velocity, points, velocity.config.n_steps)
-        back = integrate_backward(velocity, points + forward, velocity.config.n_steps)
-    moved = np.linalg.norm(forward.numpy() / spacing, axis=1)
-    error = np.linalg.norm((forward + back).numpy() / spacing, axis=1)
-    print(f"round trip over {len(error)} voxels: displacement up to {moved.max():.2f} voxel; "
-          f"error mean {error.mean():.4f}, max {error.max():.4f} voxel")
-    assert moved.max() > 0.3  # the flow moved the points: the round trip tests something
-    assert error.max() < 0.5
+from nipype_inrlddmm.phantom import LABELS, write_cohort
 
 
 def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path):
@@ -131,10 +55,11 @@ def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path)
 
 def test_trajectory_starts_at_the_moving_image_and_ends_at_the_warped_one(registered, tmp_path):
     _, pair, result, files = registered
+    stride = engine.config_from_options(**REGISTERED_OPTIONS).field_stride
     outputs = steps.run_trajectory(files["model"], files["moving"], files["fixed"], tmp_path, n_times=4,
-                                   field_stride=engine.config_from_options(**FEW).field_stride, title="p")
+                                   field_stride=stride, title="p")
     frames = np.asarray(nib.load(outputs["trajectory"]).dataobj)
-    assert frames.shape == (*SHAPE, 4)
+    assert frames.shape == (*PHANTOM_SHAPE, 4)
     assert nib.load(outputs["trajectory"]).header.get_zooms()[3] == pytest.approx(1 / 3)
     warped = np.asarray(nib.load(files["warped"]).dataobj)
     scale = np.ptp(pair.ct)
@@ -285,7 +210,7 @@ def test_dice_tables_fit_the_page_and_the_plot_axis_shows_the_change(tmp_path):
 
 
 def test_dice_before_is_the_labels_through_the_headers_in_the_mask(tmp_path):
-    manifest = write_cohort(tmp_path / "data", 1, shape=SHAPE)
+    manifest = write_cohort(tmp_path / "data", 1, shape=PHANTOM_SHAPE)
     data = manifest.parent / "p01"
     (tmp_path / "out" / "p01").mkdir(parents=True)
     io.write_csv(tmp_path / "out" / "p01" / "dice.csv", [{"label": k, "name": v, "dice": 0.99, "missing": ""}
@@ -302,7 +227,7 @@ def test_dice_before_is_the_labels_through_the_headers_in_the_mask(tmp_path):
     assert '<span class="before">' in path.read_text() and "mean Dice before" in path.read_text()
 
 def test_register_command_shows_a_progress_bar_per_stage(tmp_path, capsys):
-    data = write_cohort(tmp_path / "data", 1, shape=SHAPE).parent / "p01"
+    data = write_cohort(tmp_path / "data", 1, shape=PHANTOM_SHAPE).parent / "p01"
     base = ["register", "--moving", str(data / "ct.nii.gz"), "--fixed", str(data / "cbct.nii.gz"),
             "--coarse-iterations", "2", "--distill-iterations", "1", "--fine-iterations", "2"]
     assert cli.main([*base, "--out-dir", str(tmp_path)]) == 0
