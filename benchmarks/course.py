@@ -1,7 +1,7 @@
 """Warm start over a course of treatment: each fraction from scratch, and from the previous fraction's model.
 
     python benchmarks/course.py [--shape 128 112 48] [--fractions 5] [--seed 0] [--threads 2]
-                                [--warm-iterations 100 150] [--out course.md]
+                                [--warm-iterations 100 150] [--warm-learning-rate 3e-4 6e-4] [--out course.md]
 
 The course is generated (:func:`nipype_inrlddmm.phantom.make_course`): one
 planning CT and a daily CBCT per fraction of the same phantom patient, the
@@ -9,14 +9,18 @@ deformation drifting slowly from day to day.  Fraction 1 is registered
 from scratch (cold); every later fraction both cold and warm, with
 ``--init-model`` the previous fraction's warm ``model.pt`` (fraction 1's
 for fraction 2): a course as a user runs it, each day from the day before.
-With several ``--warm-iterations`` values, each is a course of its own.
+Each pair of ``--warm-iterations`` and ``--warm-learning-rate`` values is
+a warm course of its own.
 
 Every run is ``inrlddmm register`` in its own process, timed from start
 to exit (what the user waits for), with both label maps, the CBCT's field
 of view as ``--fixed-mask``, every output written.  A fraction's cold and
 warm runs follow each other, so that load from other processes falls on
-both alike.  Dice (inside the field of view), SDlogJ and the share of
-det J <= 0 are the command's own (``dice.json``).  Prints, per setting, a
+both alike; beside the wall seconds, the CPU seconds of each command
+(user + system, its threads together), which waiting for the cores does
+not lengthen, and the load average before and after the course, say how
+much other work there was.  Dice (inside the field of view), SDlogJ and
+the share of det J <= 0 are the command's own (``dice.json``).  Prints, per setting, a
 Markdown table per fraction, and writes the tables and a JSON copy of every
 figure to ``--out``.
 """
@@ -24,7 +28,10 @@ figure to ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -62,49 +69,62 @@ def register(course: Path, fraction: int, out: Path, threads: int, extra: list[s
                "--moving-labels", str(course / "ct_labels.nii.gz"), "--fixed-labels", str(day / "cbct_labels.nii.gz"),
                "--fixed-mask", str(day / "cbct_fov.nii.gz"), "--label-names", str(course / "labels.tsv"),
                "--num-threads", str(threads), "--quiet", "--out-dir", str(out), *extra]
-    start = time.perf_counter()
+    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "dice.json").read_text())
-    return {"seconds": seconds, "dice": summary["mean_dice"], "sdlogj": summary["sdlogj"],
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "dice": summary["mean_dice"], "sdlogj": summary["sdlogj"],
             "folding": summary["jacobian_nonpositive_percent"], "model": str(out / "model.pt")}
 
 
-def run_course(course: Path, work: Path, n_fractions: int, threads: int, warm_settings: list[int]) -> dict:
-    """Fraction 1 cold; then per fraction the cold run and, for each warm setting, its warm run."""
+def setting_name(iterations: int, rate: float) -> str:
+    return f"{iterations} iterations from {rate:g}"
+
+
+def run_course(course: Path, work: Path, n_fractions: int, threads: int, warm_settings) -> dict:
+    """Fraction 1 cold; then per fraction the cold run and, for each warm setting (iterations, learning
+    rate), its warm run."""
     cold = {1: register(course, 1, work / "cold" / "fx1", threads, [])}
-    warm = {iterations: {} for iterations in warm_settings}
+    warm = {setting_name(*setting): {} for setting in warm_settings}
     for fraction in range(2, n_fractions + 1):
         cold[fraction] = register(course, fraction, work / "cold" / f"fx{fraction}", threads, [])
-        for iterations, runs in warm.items():
+        for k, ((iterations, rate), runs) in enumerate(zip(warm_settings, warm.values())):
             previous = runs.get(fraction - 1, cold[1])["model"]
-            runs[fraction] = register(course, fraction, work / f"warm{iterations}" / f"fx{fraction}", threads,
-                                      ["--init-model", previous, "--warm-iterations", str(iterations)])
+            runs[fraction] = register(course, fraction, work / f"warm{k}" / f"fx{fraction}", threads,
+                                      ["--init-model", previous, "--warm-iterations", str(iterations),
+                                       "--warm-learning-rate", str(rate)])
         print(f"fraction {fraction} done", file=sys.stderr, flush=True)
     return {"cold": cold, "warm": warm}
 
 
 def table(cold: dict, warm: dict) -> str:
-    """Markdown: per fraction the cold and warm seconds, their ratio, Dice, SDlogJ and % det J <= 0."""
-    lines = ["| fraction | cold s | warm s | warm / cold | cold Dice | warm Dice | SDlogJ cold / warm "
-             "| % det J <= 0 cold / warm |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown: per fraction the cold and warm wall seconds, their ratio, the same in CPU seconds, Dice, SDlogJ
+    and % det J <= 0; the last column says whether the warm Dice is at least the cold one."""
+    lines = ["| fraction | cold s | warm s | warm / cold | CPU s cold / warm | CPU warm / cold | cold Dice | warm Dice "
+             "| warm >= cold | SDlogJ cold / warm | % det J <= 0 cold / warm |", "|---" * 11 + "|"]
     for fraction, c in cold.items():
         w = warm.get(fraction)
         if w is None:
-            lines.append(f"| {fraction} | {c['seconds']:.1f} | - | - | {c['dice']:.4f} | - | {c['sdlogj']:.3f} / - "
-                         f"| {c['folding']:.3f} / - |")
+            lines.append(f"| {fraction} | {c['seconds']:.1f} | - | - | {c['cpu_seconds']:.1f} / - | - "
+                         f"| {c['dice']:.4f} | - | - | {c['sdlogj']:.3f} / - | {c['folding']:.3f} / - |")
             continue
         lines.append(f"| {fraction} | {c['seconds']:.1f} | {w['seconds']:.1f} | {w['seconds'] / c['seconds']:.2f} "
-                     f"| {c['dice']:.4f} | {w['dice']:.4f} | {c['sdlogj']:.3f} / {w['sdlogj']:.3f} "
-                     f"| {c['folding']:.3f} / {w['folding']:.3f} |")
+                     f"| {c['cpu_seconds']:.1f} / {w['cpu_seconds']:.1f} | {w['cpu_seconds'] / c['cpu_seconds']:.2f} "
+                     f"| {c['dice']:.4f} | {w['dice']:.4f} | {'yes' if w['dice'] >= c['dice'] else 'no'} "
+                     f"| {c['sdlogj']:.3f} / {w['sdlogj']:.3f} | {c['folding']:.3f} / {w['folding']:.3f} |")
     later = [f for f in warm if f in cold]
-    ratio = np.mean([warm[f]["seconds"] / cold[f]["seconds"] for f in later])
-    lines.append(f"| 2-{max(later)} mean | {np.mean([cold[f]['seconds'] for f in later]):.1f} "
-                 f"| {np.mean([warm[f]['seconds'] for f in later]):.1f} | {ratio:.2f} "
-                 f"| {np.mean([cold[f]['dice'] for f in later]):.4f} | {np.mean([warm[f]['dice'] for f in later]):.4f} "
-                 "| | |")
+
+    def mean(runs, key):
+        return np.mean([runs[f][key] for f in later])
+    lines.append(f"| 2-{max(later)} mean | {mean(cold, 'seconds'):.1f} | {mean(warm, 'seconds'):.1f} "
+                 f"| {np.mean([warm[f]['seconds'] / cold[f]['seconds'] for f in later]):.2f} "
+                 f"| {mean(cold, 'cpu_seconds'):.1f} / {mean(warm, 'cpu_seconds'):.1f} "
+                 f"| {np.mean([warm[f]['cpu_seconds'] / cold[f]['cpu_seconds'] for f in later]):.2f} "
+                 f"| {mean(cold, 'dice'):.4f} | {mean(warm, 'dice'):.4f} "
+                 f"| {sum(warm[f]['dice'] >= cold[f]['dice'] for f in later)} of {len(later)} | | |")
     return "\n".join(lines)
 
 
@@ -116,7 +136,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="--num-threads of every command")
     parser.add_argument("--warm-iterations", type=int, nargs="+",
                         default=[engine.RegistrationConfig().warm_iterations],
-                        help="warm-start iterations: one course per value (default: the engine's)")
+                        help="warm-start iterations (default: the engine's)")
+    parser.add_argument("--warm-learning-rate", type=float, nargs="+",
+                        default=[engine.RegistrationConfig().warm_learning_rate],
+                        help="warm-start learning rates (default: the engine's); one warm course per pair of "
+                        "iterations and rate")
     parser.add_argument("--out", type=Path, help="write the tables (Markdown) and a JSON copy of the figures here")
     args = parser.parse_args(argv)
     if args.fractions < 2:
@@ -124,11 +148,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="inrlddmm-course-") as scratch:
         scratch = Path(scratch)
         course = write_course(scratch / "course", args.shape, args.fractions, args.seed)
-        results = run_course(course, scratch / "runs", args.fractions, args.threads, args.warm_iterations)
+        load = os.getloadavg()[0]
+        results = run_course(course, scratch / "runs", args.fractions, args.threads,
+                             list(itertools.product(args.warm_iterations, args.warm_learning_rate)))
+    results["load_average"] = [load, os.getloadavg()[0]]
     header = (f"nipype_inrlddmm {__version__}, phantom course {' x '.join(map(str, args.shape))}, seed {args.seed}, "
-              f"{args.threads} threads")
-    text = "\n\n".join([header] + [f"warm start: {iterations} fine iterations\n\n{table(results['cold'], runs)}"
-                                   for iterations, runs in results["warm"].items()])
+              f"{args.threads} threads, {os.cpu_count()} cores, load average (1 min) {load:.1f} before the course "
+              f"and {results['load_average'][1]:.1f} after")
+    text = "\n\n".join([header] + [f"warm start: {setting}\n\n{table(results['cold'], runs)}"
+                                   for setting, runs in results["warm"].items()])
     print(text)
     if args.out:
         for path, content in ((args.out, text + "\n"), (args.out.with_suffix(".json"), json.dumps(results, indent=2))):
