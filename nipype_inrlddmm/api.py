@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import engine, io
+from . import engine, host, io
 
 
 @dataclass
@@ -117,7 +117,7 @@ def register(
 
     result = engine.register_volumes(
         *(as_tensor(a, device) for a in (moving_data, moving_affine, fixed_data, fixed_affine)), config,
-        fixed_mask=mask, initial=initial, progress=progress,
+        fixed_mask=mask, initial=initial, available_memory=host.available_memory(device), progress=progress,
     )
     return Registration(
         displacement=result.displacement.cpu().numpy(),

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import engine, io
+from . import engine, host, io
 from .api import as_tensor
 from .engine.affine import AffineConfig, checked_affine_register
 from .engine.grid import bounding_box
@@ -125,7 +125,8 @@ def check_memory(stage: str, fixed_shape, config: engine.RegistrationConfig, *, 
     ``source`` (the fixed image's path); raises
     :class:`~nipype_inrlddmm.engine.InsufficientMemoryError` with advice.
     """
-    engine.check_memory(stage, fixed_shape, config, moving_shape=moving_shape, device=device, source=source)
+    engine.check_memory(stage, fixed_shape, config, moving_shape=moving_shape, device=device,
+                        available=host.available_memory(device), source=source)
 
 
 def _normalised(volume: torch.Tensor, path) -> torch.Tensor:

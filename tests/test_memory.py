@@ -9,7 +9,7 @@ with a faked small available memory: nothing is allocated to provoke it.
 import pytest
 from conftest import PHANTOM_SHAPE, tripwire
 
-from nipype_inrlddmm import engine, io, register, steps
+from nipype_inrlddmm import engine, host, io, register, steps
 
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 CONFIG = engine.config_from_options(**FEW)
@@ -22,7 +22,7 @@ ALL_PATCHES = engine.config_from_options(**FEW, sampling_fraction=None)
 def test_a_volume_too_large_for_the_memory_fails_early_with_advice(phantom_patient, tmp_path, monkeypatch,
                                                                    no_optimisation):
     """The guard, with a faked small available memory (nothing is allocated to provoke it)."""
-    monkeypatch.setattr(engine.memory, "available_memory", lambda device="cpu": 200_000_000)
+    monkeypatch.setattr(host, "available_memory", lambda device="cpu": 200_000_000)
     files, out = phantom_patient, tmp_path / "out"
     calls = {
         "coarse": lambda: steps.run_coarse(files["moving"], files["fixed"], out, ALL_PATCHES),
@@ -41,7 +41,7 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(phantom_patie
 
 
 def test_register_has_the_same_memory_guard_and_an_escape_hatch(phantom_patient, monkeypatch):
-    monkeypatch.setattr(engine.memory, "available_memory", lambda device="cpu": 200_000_000)
+    monkeypatch.setattr(host, "available_memory", lambda device="cpu": 200_000_000)
     monkeypatch.setattr(engine.stages, "coarse_stage", tripwire)
     moving, fixed = io.load_volume(phantom_patient["moving"]), io.load_volume(phantom_patient["fixed"])
     with pytest.raises(engine.InsufficientMemoryError, match="the coarse stage on a 32x28x16 fixed grid"):
@@ -88,12 +88,14 @@ def test_mind_descriptors_are_counted_on_each_stage_grid():
 def test_a_huge_fixed_grid_is_refused_by_its_estimate():
     """Real available memory, a grid no machine here holds: refused with the dense-field advice."""
     with pytest.raises(engine.InsufficientMemoryError) as caught:
-        engine.check_memory("fine", (4096, 4096, 2048), CONFIG, source="huge.nii.gz")
+        engine.check_memory("fine", (4096, 4096, 2048), CONFIG, available=host.available_memory(),
+                            source="huge.nii.gz")
     message = str(caught.value)
     assert message.startswith("huge.nii.gz: the fine stage on a 4096x4096x2048 fixed grid")
     assert "dense field and warp" in message and "field_stride" in message and "downsample" in message
     small = engine.estimate_memory("fine", PHANTOM_SHAPE, CONFIG)
     assert small["total"] < 1.5e9  # a phantom-sized pair fits anywhere these tests run
+    assert engine.check_memory("fine", (4096, 4096, 2048), CONFIG)["total"] > 1e12  # unknown: not refused
     strided = engine.estimate_memory("fine", (256, 256, 256), engine.config_from_options(field_stride=4))
     assert strided["field"] < engine.estimate_memory("fine", (256, 256, 256), CONFIG)["field"]
 

@@ -2,7 +2,7 @@
 
 from .flow import dense_displacement, dense_path, integrate, integrate_backward, path_at_times, resample_field
 from .grid import apply_affine, block_grid, downsample, sample, world_grid
-from .memory import InsufficientMemoryError, available_memory, check_memory, estimate_memory
+from .memory import InsufficientMemoryError, check_memory, estimate_memory
 from .stages import (
     RegistrationConfig,
     RegistrationResult,
@@ -25,7 +25,7 @@ from .optimise import DivergenceError, StageConfig, fit_field, fit_images, relat
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
-    "DivergenceError", "InsufficientMemoryError", "available_memory", "check_memory", "estimate_memory", "ModelConfig",
+    "DivergenceError", "InsufficientMemoryError", "check_memory", "estimate_memory", "ModelConfig",
     "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
     "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",

@@ -19,6 +19,8 @@ only its weights), so its estimate is the overhead, the fixed image it reads
 and the training batch: 0.27 / 0.29 GB at 86 k / 6.3 M voxels, where its peak
 rose 0.15 / 0.19 GB above the 0.30 GB of the imports (phantoms, 2 threads).
 
+The caller says how much memory is available
+(:func:`nipype_inrlddmm.host.available_memory` reads it from the system).
 Set the environment variable ``INRLDDMM_NO_MEMORY_CHECK=1`` to skip the
 check (e.g. where the available memory cannot be read reliably).
 """
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
@@ -54,66 +55,6 @@ _STAGES = ("coarse", "distill", "fine")
 
 class InsufficientMemoryError(MemoryError):
     """A stage would need more memory than is available; the message says what to change."""
-
-
-def _cgroup_available() -> int | None:
-    """Memory left under this process's cgroup limit (v2 or v1), or None when unlimited/unknown."""
-    candidates = []
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            hierarchy, controllers, relative = line.split(":", 2)
-            if hierarchy == "0":
-                candidates.append((Path("/sys/fs/cgroup") / relative.lstrip("/"), "memory.max", "memory.current",
-                                   "inactive_file"))
-            elif "memory" in controllers.split(","):
-                candidates.append((Path("/sys/fs/cgroup/memory") / relative.lstrip("/"), "memory.limit_in_bytes",
-                                   "memory.usage_in_bytes", "total_inactive_file"))
-    except (OSError, ValueError):
-        pass
-    candidates += [(Path("/sys/fs/cgroup"), "memory.max", "memory.current", "inactive_file"),
-                   (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes",
-                    "total_inactive_file")]
-    for folder, limit_name, usage_name, inactive_name in candidates:
-        try:
-            limit_text = (folder / limit_name).read_text().strip()
-            if limit_text == "max" or int(limit_text) >= 2**60:
-                continue
-            usage = int((folder / usage_name).read_text())
-            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
-            reclaimable = int(stat.get(inactive_name, 0))
-            return max(0, int(limit_text) - usage + reclaimable)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def available_memory(device: torch.device | str = "cpu") -> int | None:
-    """Bytes this process can still allocate on ``device``, or None when unknown.
-
-    CPU: ``MemAvailable`` of ``/proc/meminfo`` (else ``SC_AVPHYS_PAGES``),
-    capped by the cgroup limit (a SLURM job's ``--mem``, a container's).
-    CUDA: the free memory of the device.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    found = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    if found is None:
-        try:
-            found = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    limit = _cgroup_available()
-    return found if limit is None else min(found, limit)
 
 
 def _training_bytes(points: int, model) -> float:
@@ -200,10 +141,12 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
                  source=None) -> dict[str, float]:
     """Refuse a stage that would not fit in memory, before it allocates anything.
 
-    ``available`` (bytes) defaults to :func:`available_memory` of
-    ``device``; when that is unknown, or ``INRLDDMM_NO_MEMORY_CHECK=1``, the
-    check passes.  ``source`` (e.g. the fixed image's path) starts the
-    message.  Returns the estimate (:func:`estimate_memory`).
+    ``available`` is the bytes this process can still allocate on
+    ``device`` (named in the message), as the caller found them: the engine
+    reads no files, :func:`nipype_inrlddmm.host.available_memory` does.
+    When it is None (unknown), or ``INRLDDMM_NO_MEMORY_CHECK=1``, the check
+    passes.  ``source`` (e.g. the fixed image's path) starts the message.
+    Returns the estimate (:func:`estimate_memory`).
 
     Raises
     ------
@@ -214,8 +157,6 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
     parts = estimate_memory(stage, fixed_shape, config, moving_shape=moving_shape)
     if os.environ.get(SKIP_VARIABLE, "").strip() not in ("", "0"):
         return parts
-    if available is None:
-        available = available_memory(device)
     if available is None or parts["total"] <= available:
         return parts
     shape = "x".join(str(int(n)) for n in fixed_shape)

@@ -356,6 +356,7 @@ def register_volumes(
     *,
     fixed_mask: torch.Tensor | None = None,
     initial: VelocityField | None = None,
+    available_memory: int | None = None,
     progress: bool = False,
 ) -> RegistrationResult:
     """Coarse stage -> distillation -> fine stage, then warp the moving image.
@@ -369,8 +370,12 @@ def register_volumes(
     (``config.model`` is ignored).  A grid outside its box raises
     ValueError (:func:`warm_start_mismatch`).
 
-    Raises :class:`~nipype_inrlddmm.engine.memory.InsufficientMemoryError`
-    before anything is trained when a stage would not fit in memory.
+    ``available_memory`` is the bytes this process can still allocate on
+    the volumes' device (:func:`nipype_inrlddmm.host.available_memory` reads
+    it; the engine reads no files).  Given, each stage is checked against it
+    before anything is trained, raising
+    :class:`~nipype_inrlddmm.engine.memory.InsufficientMemoryError` with
+    advice when one would not fit; None checks nothing.
     """
     if initial is not None:
         mismatch = warm_start_mismatch(initial, fixed.shape, fixed_affine)
@@ -379,7 +384,8 @@ def register_volumes(
         config = replace(warm_config(config), model=initial.config)
     stages = ("coarse", "distill", "fine") if initial is None else ("fine",)
     for stage in stages:
-        check_memory(stage, fixed.shape, config, moving_shape=moving.shape, device=fixed.device)
+        check_memory(stage, fixed.shape, config, moving_shape=moving.shape, device=fixed.device,
+                     available=available_memory)
     moving_n, fixed_n = normalise_intensity(moving), normalise_intensity(fixed)
     coarse = distilled = None
     if initial is None:
