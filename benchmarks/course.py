@@ -1,7 +1,8 @@
 """Warm start over a course of treatment: each fraction from scratch, and from the previous fraction's model.
 
     python benchmarks/course.py [--shape 128 112 48] [--fractions 5] [--seed 0] [--threads 2]
-                                [--warm-iterations 100 150] [--warm-learning-rate 3e-4 6e-4] [--out course.md]
+                                [--warm-iterations 100 150] [--warm-learning-rate 3e-4 6e-4]
+                                [--warm-regularity-patches 0 24] [--out course.md]
 
 The course is generated (:func:`nipype_inrlddmm.phantom.make_course`): one
 planning CT and a daily CBCT per fraction of the same phantom patient, the
@@ -9,8 +10,8 @@ deformation drifting slowly from day to day.  Fraction 1 is registered
 from scratch (cold); every later fraction both cold and warm, with
 ``--init-model`` the previous fraction's warm ``model.pt`` (fraction 1's
 for fraction 2): a course as a user runs it, each day from the day before.
-Each pair of ``--warm-iterations`` and ``--warm-learning-rate`` values is
-a warm course of its own.
+Each combination of ``--warm-iterations``, ``--warm-learning-rate`` and
+``--warm-regularity-patches`` values is a warm course of its own.
 
 Every run is ``inrlddmm register`` in its own process, timed from start
 to exit (what the user waits for), with both label maps, the CBCT's field
@@ -80,22 +81,23 @@ def register(course: Path, fraction: int, out: Path, threads: int, extra: list[s
             "folding": summary["jacobian_nonpositive_percent"], "model": str(out / "model.pt")}
 
 
-def setting_name(iterations: int, rate: float) -> str:
-    return f"{iterations} iterations from {rate:g}"
+def setting_name(iterations: int, rate: float, regularity_patches: int) -> str:
+    return f"{iterations} iterations from {rate:g}, {regularity_patches} regularity patches"
 
 
 def run_course(course: Path, work: Path, n_fractions: int, threads: int, warm_settings) -> dict:
     """Fraction 1 cold; then per fraction the cold run and, for each warm setting (iterations, learning
-    rate), its warm run."""
+    rate, regularity patches), its warm run."""
     cold = {1: register(course, 1, work / "cold" / "fx1", threads, [])}
     warm = {setting_name(*setting): {} for setting in warm_settings}
     for fraction in range(2, n_fractions + 1):
         cold[fraction] = register(course, fraction, work / "cold" / f"fx{fraction}", threads, [])
-        for k, ((iterations, rate), runs) in enumerate(zip(warm_settings, warm.values())):
+        for k, ((iterations, rate, patches), runs) in enumerate(zip(warm_settings, warm.values())):
             previous = runs.get(fraction - 1, cold[1])["model"]
             runs[fraction] = register(course, fraction, work / f"warm{k}" / f"fx{fraction}", threads,
                                       ["--init-model", previous, "--warm-iterations", str(iterations),
-                                       "--warm-learning-rate", str(rate)])
+                                       "--warm-learning-rate", str(rate), "--warm-regularity-patches",
+                                       str(patches)])
         print(f"fraction {fraction} done", file=sys.stderr, flush=True)
     return {"cold": cold, "warm": warm}
 
@@ -139,8 +141,11 @@ def main(argv=None) -> int:
                         help="warm-start iterations (default: the engine's)")
     parser.add_argument("--warm-learning-rate", type=float, nargs="+",
                         default=[engine.RegistrationConfig().warm_learning_rate],
-                        help="warm-start learning rates (default: the engine's); one warm course per pair of "
-                        "iterations and rate")
+                        help="warm-start learning rates (default: the engine's)")
+    parser.add_argument("--warm-regularity-patches", type=int, nargs="+",
+                        default=[engine.RegistrationConfig().warm_regularity_patches],
+                        help="warm-start regularity patches (default: the engine's); one warm course per "
+                        "combination of iterations, rate and regularity patches")
     parser.add_argument("--out", type=Path, help="write the tables (Markdown) and a JSON copy of the figures here")
     args = parser.parse_args(argv)
     if args.fractions < 2:
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
         course = write_course(scratch / "course", args.shape, args.fractions, args.seed)
         load = os.getloadavg()[0]
         results = run_course(course, scratch / "runs", args.fractions, args.threads,
-                             list(itertools.product(args.warm_iterations, args.warm_learning_rate)))
+                             list(itertools.product(args.warm_iterations, args.warm_learning_rate,
+                                                    args.warm_regularity_patches)))
     results["load_average"] = [load, os.getloadavg()[0]]
     header = (f"nipype_inrlddmm {__version__}, phantom course {' x '.join(map(str, args.shape))}, seed {args.seed}, "
               f"{args.threads} threads, {os.cpu_count()} cores, load average (1 min) {load:.1f} before the course "

@@ -54,6 +54,9 @@ _OPTIONS = {
                              "(register: --init-model; study: the manifest's init_model column), the only stage then"),
     "warm_learning_rate": (float, "learning rate of that warm-started fine stage (a third of the fine stage's: the "
                                   "network already holds a whole field, which the full rate would scatter)"),
+    "warm_regularity_patches": (int, "patches drawn anywhere for the smoothness penalties alone at each iteration "
+                                     "of that warm-started fine stage (the fine stage draws 24 at 48 image patches; "
+                                     "the network it continues is smooth already)"),
     "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
                                 "(0: never stop early)"),
     "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),

@@ -166,3 +166,23 @@ def test_a_model_that_records_no_moving_image_is_taken_with_a_warning(course, fi
     with caplog.at_level("WARNING", logger="nipype_inrlddmm"):
         assert _register(course, 2, tmp_path / "out", "--init-model", str(older), "--warm-iterations", "2") == 0
     assert f"{older} records no moving image" in caplog.text
+
+
+@pytest.mark.parametrize("given, drawn", [(None, 0), ("3", 3)], ids=["default", "given"])
+def test_the_warm_stage_draws_the_warm_regularity_patches(course, first, tmp_path, monkeypatch, given, drawn):
+    """No patches for the penalties alone by default (the network continued is smooth already); as many as
+    --warm-regularity-patches asks otherwise (scaled as the fine stage's: 3 at its 48 image patches)."""
+    from nipype_inrlddmm.engine import optimise
+
+    counts, draw = [], optimise.random_patch_corners
+
+    def counted(shape, n, *args, candidates=None, **kwargs):
+        counts.append((n, candidates is None))
+        return draw(shape, n, *args, candidates=candidates, **kwargs)
+    monkeypatch.setattr(optimise, "random_patch_corners", counted)
+    extra = ["--warm-regularity-patches", given] if given else []
+    assert _register(course, 2, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "2",
+                     *extra) == 0
+    anywhere = [n for n, unmasked in counts if unmasked]
+    assert len(counts) == 2 + len(anywhere) and len(anywhere) == (2 if drawn else 0)
+    assert all(n == max(1, round(drawn * counts[0][0] / 48)) for n in anywhere)

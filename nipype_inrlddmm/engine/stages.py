@@ -40,10 +40,10 @@ class RegistrationConfig:
     lattice about 4 mm apart, so the field between those points is
     unconstrained; interpolated from the same spacing, it is the field the
     training saw, at a fraction of every voxel's work on 1 mm grids
-    (docs/decisions.md, "Dense field").  ``warm_iterations`` and
-    ``warm_learning_rate`` replace the fine stage's when it continues a
-    given network (:func:`register_volumes` with ``initial``,
-    :func:`warm_config`).
+    (docs/decisions.md, "Dense field").  ``warm_iterations``,
+    ``warm_learning_rate`` and ``warm_regularity_patches`` replace the fine
+    stage's when it continues a given network (:func:`register_volumes`
+    with ``initial``, :func:`warm_config`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -72,18 +72,23 @@ class RegistrationConfig:
     field_stride: int | tuple[int, int, int] | None = None
     # A warm start (register_volumes with an initial field) runs the fine stage alone, this many iterations
     # from a third of its learning rate: the network holds a whole field already, which the full rate
-    # scatters before it refines it.  The fewest iterations measured that kept every fraction of a phantom
-    # course at the Dice of a registration from scratch.  Figures: docs/decisions.md ("Warm start over a
-    # course").
-    warm_iterations: int = 200
+    # scatters before it refines it.  It draws no regularity patches: the network it continues was fitted
+    # with them and holds a smooth field everywhere, the few iterations move it where the image patches
+    # lie, and without them an iteration integrates two thirds of the points.  That let 125 iterations
+    # (about 84 iterations' work) keep every fraction of a phantom course at or above the Dice of a
+    # registration from scratch, where 200 with the regularity patches were needed.  Figures:
+    # docs/decisions.md ("Warm start over a course").
+    warm_iterations: int = 125
     warm_learning_rate: float = 3e-4
+    warm_regularity_patches: int = 0
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "field_stride", checked_stride(self.field_stride, "field_stride"))
-        if self.warm_iterations < 0 or not self.warm_learning_rate > 0:
-            raise ValueError(f"warm_iterations must be 0 or more and warm_learning_rate positive, got "
-                             f"{self.warm_iterations} and {self.warm_learning_rate}")
+        if self.warm_iterations < 0 or not self.warm_learning_rate > 0 or self.warm_regularity_patches < 0:
+            raise ValueError(f"warm_iterations and warm_regularity_patches must be 0 or more and "
+                             f"warm_learning_rate positive, got {self.warm_iterations}, "
+                             f"{self.warm_regularity_patches} and {self.warm_learning_rate}")
 
 
 @dataclass
@@ -342,9 +347,11 @@ def warm_start_mismatch(velocity: VelocityField, shape, affine: torch.Tensor) ->
 
 
 def warm_config(config: RegistrationConfig) -> RegistrationConfig:
-    """``config`` for a warm start: the fine stage's iterations and learning rate are the warm ones."""
+    """``config`` for a warm start: the fine stage's iterations, learning rate and regularity patches are
+    the warm ones."""
     return replace(config, fine=replace(config.fine, iterations=config.warm_iterations,
-                                        learning_rate=config.warm_learning_rate))
+                                        learning_rate=config.warm_learning_rate,
+                                        regularity_patches=config.warm_regularity_patches))
 
 
 def register_volumes(
