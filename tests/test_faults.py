@@ -163,6 +163,14 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(cohort
                    flag: str(blocker / "sub")}
         assert cli.main(["study", str(cohort), *(x for item in folders.items() for x in item), *FEW_FLAGS]) == 2
         assert f"{blocker / 'sub'}: {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not finished_nodes(tmp_path / "work")  # nothing ran
+
+    blocker.unlink()  # the place made writable: the same commands finish
+    assert cli.main(["register", *pair, "--out-dir", str(blocker), *FEW_FLAGS]) == 0
+    assert (blocker / "displacement.nii.gz").is_file()
+    study = ["study", str(cohort), "--out-dir", str(tmp_path / "results"), "--work-dir", str(blocker / "sub")]
+    assert cli.main([*study, *FEW_FLAGS]) == 0
+    assert [row["status"] for row in _table(tmp_path / "results")] == ["ok"] * 3
 
 
 def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_path):
