@@ -10,8 +10,8 @@ export NIPYPE_NO_ET := 1
 
 .PHONY: install demo test docs clean
 
-$(BIN)/.installed: setup.py nipype_inrlddmm/engine/_sincos.c nipype_inrlddmm/engine/_siren.c \
-		nipype_inrlddmm/engine/_sine_poly.h
+$(BIN)/.installed: setup.py nipype_inrlddmm/kernels/_sincos.c nipype_inrlddmm/kernels/_siren.c \
+		nipype_inrlddmm/kernels/_sine_poly.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0

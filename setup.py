@@ -9,7 +9,7 @@ from setuptools import Extension, find_packages, setup
 # -ffp-contract=off: the compiler fuses no multiplication and addition the source does not.
 C_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 # The sine and cosine both extensions include: a change rebuilds both, and sdists carry it.
-SINE_POLY = ["nipype_inrlddmm/engine/_sine_poly.h"]
+SINE_POLY = ["nipype_inrlddmm/kernels/_sine_poly.h"]
 
 setup(
     name="nipype_inrlddmm",
@@ -19,25 +19,25 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nipype_inrlddmm", "nipype_inrlddmm.*"]),
-    # The fused sine-cosine of the SIREN layers' layer-by-layer path (engine/sine.py): one pass gives
+    # The fused sine-cosine of the SIREN layers' layer-by-layer path (kernels/sine.py): one pass gives
     # both, where torch.sin and torch.cos take one each.  Optional: without a C compiler the package
     # installs anyway and the layers use torch.sin and torch.cos, somewhat slower (docs/decisions.md).
     ext_modules=[
         Extension(
-            "nipype_inrlddmm.engine._sincos",
-            ["nipype_inrlddmm/engine/_sincos.c"],
+            "nipype_inrlddmm.kernels._sincos",
+            ["nipype_inrlddmm/kernels/_sincos.c"],
             depends=SINE_POLY,
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"],
             optional=True,
         ),
-        # The whole SIREN velocity network and its Euler flow fused over tiles of points (engine/siren.py),
+        # The whole SIREN velocity network and its Euler flow fused over tiles of points (kernels/siren.py),
         # on CPUs with AVX-512F, where it runs the network's work in about half the time of the
         # layer-by-layer path (docs/decisions.md).  Optional as the one above: without it (or on other
         # CPUs) the layers run one by one through PyTorch.
         Extension(
-            "nipype_inrlddmm.engine._siren",
-            ["nipype_inrlddmm/engine/_siren.c"],
+            "nipype_inrlddmm.kernels._siren",
+            ["nipype_inrlddmm/kernels/_siren.c"],
             depends=SINE_POLY,
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"],

@@ -8,7 +8,7 @@ per second of each stage, and the GFLOP/s of the velocity-network work
 against a plain float32 matmul timed in the same run (the machine's
 practical peak): per stage (network FLOPs over the whole iteration's time)
 and for the network alone (the flow's forward and backward, timed by itself:
-through the fused kernels of ``engine/_siren.c``, then layer by layer with
+through the fused kernels of ``kernels/_siren.c``, then layer by layer with
 the ``_sincos`` pass, the path of a CPU without AVX-512F, and with
 ``torch.sin`` and ``torch.cos``, the path of an install without either
 extension).  Prints a Markdown table.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine import sine, siren
+from nipype_inrlddmm.kernels import sine, siren
 from nipype_inrlddmm.phantom import make_pair
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nipype_inrlddmm.engine import sine
+from nipype_inrlddmm.kernels import sine
 
 compiled_only = pytest.mark.skipif(not sine.COMPILED_SINCOS,
                                    reason="the _sincos extension is not built in this install: torch.sin runs")
@@ -22,7 +22,7 @@ def test_installs_that_can_compile_have_the_extension():
     compiler = (sysconfig.get_config_var("CC") or "").split()
     if not compiler or shutil.which(compiler[0]) is None:
         pytest.skip("no C compiler here: the extension is optional")
-    assert sine.COMPILED_SINCOS, "setup.py builds nipype_inrlddmm.engine._sincos where a C compiler exists"
+    assert sine.COMPILED_SINCOS, "setup.py builds nipype_inrlddmm.kernels._sincos where a C compiler exists"
 
 
 @compiled_only

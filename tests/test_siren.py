@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nipype_inrlddmm import engine
-from nipype_inrlddmm.engine import sine, siren
+from nipype_inrlddmm.kernels import sine, siren
 from test_sine import EDGES  # zero, the range reduction's edges, the libm hand-over at 8192, non-finite
 
 #: Where the fused kernels do not run, why: their tests skip saying so, and the layers' tests run.
@@ -29,7 +29,7 @@ def test_installs_that_can_compile_on_avx512_cpus_have_the_kernels():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or " avx512f " not in cpuinfo.read_text():
         pytest.skip("this CPU has no AVX-512F: the layer-by-layer path runs")
-    assert siren.FUSED_NETWORK, "setup.py builds nipype_inrlddmm.engine._siren where a C compiler exists"
+    assert siren.FUSED_NETWORK, "setup.py builds nipype_inrlddmm.kernels._siren where a C compiler exists"
 
 
 def _field(width=96, depth=3, seed=0):

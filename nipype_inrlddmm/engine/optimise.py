@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import siren
+from ..kernels import siren
 from .adam import CosineAdam
 from .flow import integrate, resample_field
 from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices

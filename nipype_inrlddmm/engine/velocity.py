@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import sine, siren
-from .sine import sine_linear
+from ..kernels import sine, siren
+from ..kernels.sine import sine_linear
 
 ENCODINGS = ("fourier", "siren", "none")
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}

@@ -14,14 +14,14 @@ and the output scale are folded into the weights inside it.  Its results
 are those of the layer-by-layer path up to float rounding (sums in another
 order) and do not depend on the thread count.
 
-:func:`siren_flow` takes the Euler integration of :func:`~.flow.integrate`
+:func:`siren_flow` takes the Euler integration of :func:`~nipype_inrlddmm.engine.flow.integrate`
 through those kernels as one autograd node too: each tile of points goes
 through every Euler step while in cache, forwards and then backwards, so no
 step adds graph nodes, calls or sums of its own.
 
 Where the kernels cannot run (no AVX-512F, CUDA, float64, a width that is not
 a multiple of 16, an install without the extension) :func:`applies` says no,
-and :class:`~.velocity.VelocityField` runs its layers through PyTorch.
+and :class:`~nipype_inrlddmm.engine.velocity.VelocityField` runs its layers through PyTorch.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _refuse_second_derivative():
     # refused outright.
     if torch.is_grad_enabled():
         raise RuntimeError("the fused SIREN network is differentiable once; a second derivative needs the "
-                           "layer-by-layer path (engine.siren.FUSED_NETWORK = False)")
+                           "layer-by-layer path (kernels.siren.FUSED_NETWORK = False)")
 
 
 def _grads(grad: torch.Tensor, shapes) -> list[torch.Tensor]:
@@ -154,7 +154,7 @@ class _SirenVelocity(torch.autograd.Function):
 
 
 class _SirenFlow(torch.autograd.Function):
-    """:func:`~.flow.integrate` through the fused network: every Euler step, one autograd node."""
+    """:func:`~nipype_inrlddmm.engine.flow.integrate` through the fused network: every Euler step, one autograd node."""
 
     @staticmethod
     def forward(ctx, save, points, n_steps, fixed, *params):
@@ -198,7 +198,7 @@ def _inputs(points, layers, output, omega0, center, half_extent, scale):
 
 def siren_velocity(points: torch.Tensor, t: float, *, layers, output, omega0: float, center: torch.Tensor,
                    half_extent: torch.Tensor, scale: float) -> torch.Tensor:
-    """The SIREN velocity network of :class:`~.velocity.VelocityField` at ``(N, 3)`` points; ``(N, out)``.
+    """The SIREN velocity network of :class:`~nipype_inrlddmm.engine.velocity.VelocityField` at ``(N, 3)`` points; ``(N, out)``.
 
     ``scale (W_o h + b_o)``, ``h = sin(omega0 (W_l h + b_l))`` through
     ``layers`` from ``h = [(points - center) / half_extent, 2 t - 1]``.
@@ -220,7 +220,7 @@ def siren_velocity(points: torch.Tensor, t: float, *, layers, output, omega0: fl
 
 def siren_flow(points: torch.Tensor, n_steps: int, *, layers, output, omega0: float, center: torch.Tensor,
                half_extent: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~.flow.integrate` of :func:`siren_velocity`'s field: ``(displacement, kinetic)``.
+    """:func:`~nipype_inrlddmm.engine.flow.integrate` of :func:`siren_velocity`'s field: ``(displacement, kinetic)``.
 
     The same Euler steps and kinetic energy (summed in float64), as one
     autograd node and one kernel call each way, no slower than a node per
