@@ -198,7 +198,8 @@ def _inputs(points, layers, output, omega0, center, half_extent, scale):
 
 def siren_velocity(points: torch.Tensor, t: float, *, layers, output, omega0: float, center: torch.Tensor,
                    half_extent: torch.Tensor, scale: float) -> torch.Tensor:
-    """The SIREN velocity network of :class:`~nipype_inrlddmm.engine.velocity.VelocityField` at ``(N, 3)`` points; ``(N, out)``.
+    """The SIREN velocity network of :class:`~nipype_inrlddmm.engine.velocity.VelocityField` at ``(N, 3)``
+    points; ``(N, out)``.
 
     ``scale (W_o h + b_o)``, ``h = sin(omega0 (W_l h + b_l))`` through
     ``layers`` from ``h = [(points - center) / half_extent, 2 t - 1]``.
