@@ -55,8 +55,8 @@ _OPTIONS = {
     "warm_learning_rate": (float, "learning rate of that warm-started fine stage (a third of the fine stage's: the "
                                   "network already holds a whole field, which the full rate would scatter)"),
     "warm_regularity_patches": (int, "patches drawn anywhere for the smoothness penalties alone at each iteration "
-                                     "of that warm-started fine stage (the fine stage draws 24 at 48 image patches; "
-                                     "the network it continues is smooth already)"),
+                                     "of that warm-started fine stage, at 48 image patches, as the fine stage's "
+                                     "(0: two thirds of the work per iteration, less accurate on some days)"),
     "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
                                 "(0: never stop early)"),
     "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),

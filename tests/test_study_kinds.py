@@ -91,7 +91,7 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
                              label_names=cohort / "labels.tsv", **FEW)
     assert workflow.get_node("warm_registration").get_node("coarse") is None
     fine = workflow.get_node("warm_registration").get_node("fine").inputs
-    assert (fine.iterations, fine.learning_rate, fine.regularity_patches) == (4, 5e-4, 0)  # the warm ones
+    assert (fine.iterations, fine.learning_rate, fine.regularity_patches) == (4, 5e-4, 24)  # the warm ones
     rows = run_study(workflow)
     assert [(row["patient"], row["status"]) for row in rows] == [("warm", "ok"), ("cold", "ok")]
     assert [row["patient"] for row in _table(out)] == ["warm", "cold"]

@@ -168,10 +168,10 @@ def test_a_model_that_records_no_moving_image_is_taken_with_a_warning(course, fi
     assert f"{older} records no moving image" in caplog.text
 
 
-@pytest.mark.parametrize("given, drawn", [(None, 0), ("3", 3)], ids=["default", "given"])
+@pytest.mark.parametrize("given, drawn", [(None, 24), ("3", 3), ("0", 0)], ids=["default", "given", "none"])
 def test_the_warm_stage_draws_the_warm_regularity_patches(course, first, tmp_path, monkeypatch, given, drawn):
-    """No patches for the penalties alone by default (the network continued is smooth already); as many as
-    --warm-regularity-patches asks otherwise (scaled as the fine stage's: 3 at its 48 image patches)."""
+    """Patches for the penalties alone as the fine stage draws them by default (24 at 48 image patches), as
+    many as --warm-regularity-patches asks otherwise, scaled alike."""
     from nipype_inrlddmm.engine import optimise
 
     counts, draw = [], optimise.random_patch_corners

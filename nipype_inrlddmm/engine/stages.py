@@ -72,15 +72,15 @@ class RegistrationConfig:
     field_stride: int | tuple[int, int, int] | None = None
     # A warm start (register_volumes with an initial field) runs the fine stage alone, this many iterations
     # from a third of its learning rate: the network holds a whole field already, which the full rate
-    # scatters before it refines it.  It draws no regularity patches: the network it continues was fitted
-    # with them and holds a smooth field everywhere, the few iterations move it where the image patches
-    # lie, and without them an iteration integrates two thirds of the points.  That let 125 iterations
-    # (about 84 iterations' work) keep every fraction of a phantom course at or above the Dice of a
-    # registration from scratch, where 200 with the regularity patches were needed.  Figures:
+    # scatters before it refines it.  200 iterations with the fine stage's regularity patches are the
+    # fewest measured that kept every fraction of a phantom course at or above the Dice of a registration
+    # from scratch, on two registration seeds.  Without the regularity patches an iteration integrates two
+    # thirds of the points, and 125 iterations matched the cold Dice on one seed in 0.53 x its time, but
+    # fell below it on some fractions of another seed and of another patient.  Figures:
     # docs/decisions.md ("Warm start over a course").
-    warm_iterations: int = 125
+    warm_iterations: int = 200
     warm_learning_rate: float = 3e-4
-    warm_regularity_patches: int = 0
+    warm_regularity_patches: int = 24
     seed: int = 0
 
     def __post_init__(self):
