@@ -2,7 +2,7 @@
 
     python benchmarks/course.py [--shape 128 112 48] [--fractions 5] [--seed 0] [--threads 2]
                                 [--warm-iterations 100 150] [--warm-learning-rate 3e-4 6e-4]
-                                [--warm-regularity-patches 0 24] [--out course.md]
+                                [--warm-regularity-patches 0 24] [--registration-seed 0] [--out course.md]
 
 The course is generated (:func:`nipype_inrlddmm.phantom.make_course`): one
 planning CT and a daily CBCT per fraction of the same phantom patient, the
@@ -85,17 +85,18 @@ def setting_name(iterations: int, rate: float, regularity_patches: int) -> str:
     return f"{iterations} iterations from {rate:g}, {regularity_patches} regularity patches"
 
 
-def run_course(course: Path, work: Path, n_fractions: int, threads: int, warm_settings) -> dict:
+def run_course(course: Path, work: Path, n_fractions: int, threads: int, seed: int, warm_settings) -> dict:
     """Fraction 1 cold; then per fraction the cold run and, for each warm setting (iterations, learning
     rate, regularity patches), its warm run."""
-    cold = {1: register(course, 1, work / "cold" / "fx1", threads, [])}
+    cold = {1: register(course, 1, work / "cold" / "fx1", threads, ["--seed", str(seed)])}
     warm = {setting_name(*setting): {} for setting in warm_settings}
     for fraction in range(2, n_fractions + 1):
-        cold[fraction] = register(course, fraction, work / "cold" / f"fx{fraction}", threads, [])
+        cold[fraction] = register(course, fraction, work / "cold" / f"fx{fraction}", threads, ["--seed", str(seed)])
         for k, ((iterations, rate, patches), runs) in enumerate(zip(warm_settings, warm.values())):
             previous = runs.get(fraction - 1, cold[1])["model"]
             runs[fraction] = register(course, fraction, work / f"warm{k}" / f"fx{fraction}", threads,
-                                      ["--init-model", previous, "--warm-iterations", str(iterations),
+                                      ["--seed", str(seed), "--init-model", previous,
+                                       "--warm-iterations", str(iterations),
                                        "--warm-learning-rate", str(rate), "--warm-regularity-patches",
                                        str(patches)])
         print(f"fraction {fraction} done", file=sys.stderr, flush=True)
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", type=int, default=5, help="fractions of the course (at least 2)")
     parser.add_argument("--seed", type=int, default=0, help="the phantom patient")
     parser.add_argument("--threads", type=int, default=2, help="--num-threads of every command")
+    parser.add_argument("--registration-seed", type=int, default=0, help="--seed of every command")
     parser.add_argument("--warm-iterations", type=int, nargs="+",
                         default=[engine.RegistrationConfig().warm_iterations],
                         help="warm-start iterations (default: the engine's)")
@@ -154,13 +156,13 @@ def main(argv=None) -> int:
         scratch = Path(scratch)
         course = write_course(scratch / "course", args.shape, args.fractions, args.seed)
         load = os.getloadavg()[0]
-        results = run_course(course, scratch / "runs", args.fractions, args.threads,
+        results = run_course(course, scratch / "runs", args.fractions, args.threads, args.registration_seed,
                              list(itertools.product(args.warm_iterations, args.warm_learning_rate,
                                                     args.warm_regularity_patches)))
     results["load_average"] = [load, os.getloadavg()[0]]
     header = (f"nipype_inrlddmm {__version__}, phantom course {' x '.join(map(str, args.shape))}, seed {args.seed}, "
-              f"{args.threads} threads, {os.cpu_count()} cores, load average (1 min) {load:.1f} before the course "
-              f"and {results['load_average'][1]:.1f} after")
+              f"registration seed {args.registration_seed}, {args.threads} threads, {os.cpu_count()} cores, load "
+              f"average (1 min) {load:.1f} before the course and {results['load_average'][1]:.1f} after")
     text = "\n\n".join([header] + [f"warm start: {setting}\n\n{table(results['cold'], runs)}"
                                    for setting, runs in results["warm"].items()])
     print(text)
