@@ -291,8 +291,8 @@ CASES = [
         d / "old.pt", f["model"], lambda p: {**p, "version": "0.99.0"})), "written by nipype_inrlddmm 0.99.0, "
         "incompatible", entry="fine"),
     Case("checkpoint_no_version", swap("model", lambda d, f: _checkpoint(
-        d / "nover.pt", f["model"], lambda p: {k: v for k, v in p.items() if k != "version"})), "records no package version",
-        entry="distill"),
+        d / "nover.pt", f["model"], lambda p: {k: v for k, v in p.items() if k != "version"})),
+        "records no package version", entry="distill"),
     Case("checkpoint_other_shape", swap("model", lambda d, f: _checkpoint(
         d / "shape.pt", f["model"], lambda p: {**p, "fixed_shape": [30, 28, 16]})), "another fixed-image grid",
         entry="fine"),

@@ -49,7 +49,8 @@ def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path)
         ApplyWarp(in_file=str(files["warped_labels"]), displacement=str(files["displacement"]),
                   reference_image=str(files["moving"]), invert=True).run(cwd=str(tmp_path))
     elsewhere = io.save_image(tmp_path / "other_grid.nii.gz", np.zeros((8, 8, 8), np.int32), np.eye(4))
-    with pytest.raises(io.InputError, match=re.escape(f"{elsewhere}: the image to carry back is not on the fixed grid")):
+    refused = re.escape(f"{elsewhere}: the image to carry back is not on the fixed grid")
+    with pytest.raises(io.InputError, match=refused):
         steps.apply_inverse_warp(elsewhere, files["model"], files["moving"], tmp_path / "x.nii.gz")
 
 
