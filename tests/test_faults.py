@@ -366,7 +366,7 @@ def _restart_cluster() -> None:
 
 
 def test_a_job_is_taken_as_running_while_the_controller_does_not_answer(tmp_path, monkeypatch, caplog):
-    from nipype_inrlddmm import workflows
+    from nipype_inrlddmm.workflows import execution
 
     def fake_squeue(name: str, message: str) -> None:
         """An ``squeue`` first on PATH that fails with ``message``, as the real one does."""
@@ -377,11 +377,11 @@ def test_a_job_is_taken_as_running_while_the_controller_does_not_answer(tmp_path
         monkeypatch.setenv("PATH", f"{tmp_path / name}{os.pathsep}{os.environ['PATH']}")
 
     fake_squeue("down", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
-    plugin = workflows.SLURMPlugin(plugin_args={})
+    plugin = execution.SLURMPlugin(plugin_args={})
     with caplog.at_level("WARNING", logger="nipype.workflow"):
         assert plugin._is_pending(42)
     assert "the SLURM controller does not answer" in caplog.text and "job 42" in caplog.text
-    monkeypatch.setattr(workflows, "CONTROLLER_PATIENCE", 0.0)
+    monkeypatch.setattr(execution, "CONTROLLER_PATIENCE", 0.0)
     time.sleep(0.01)
     with pytest.raises(RuntimeError, match="the SLURM controller has not answered for 0 s"):
         plugin._is_pending(42)
