@@ -105,6 +105,7 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
     --gres=gpu:1"``), replacing the plugin-wide ``sbatch_args``.  Nodes whose ``plugin_args``
     already hold ``sbatch_args`` set by someone else are left alone.  :func:`run_study` calls this.
 
+    >>> from nipype_inrlddmm.workflows import init_registration_wf
     >>> wf = set_slurm_resources(init_registration_wf(num_threads=2), sbatch_args="--partition=cpu")
     >>> wf.get_node("coarse").plugin_args["sbatch_args"]
     '-c 2 --mem=1024M --time=4:00:00 --partition=cpu'
