@@ -232,14 +232,30 @@ def slurm():
         yield conf
 
 
-_STUDY_DRIVER = """\
+def study_wf(manifest, root, **options):
+    """The study workflow of a cohort's manifest (its ``labels.tsv`` beside it): ``root/out``, ``root/work``."""
+    from nipype_inrlddmm.workflows import init_study_wf
+
+    return init_study_wf(manifest=manifest, out_dir=Path(root) / "out", work_dir=Path(root) / "work",
+                         label_names=Path(manifest).parent / "labels.tsv", **options)
+
+
+def study_table(out_dir) -> list[dict]:
+    """The rows of ``out_dir/study_dice.csv``."""
+    import csv
+
+    with open(Path(out_dir) / "study_dice.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+_STUDY_DRIVER = f"""\
 import json, sys
-from nipype_inrlddmm.workflows import init_study_wf, run_study
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import study_wf
+from nipype_inrlddmm.workflows import run_study
 manifest, root, options, plugin, plugin_args = sys.argv[1:]
-wf = init_study_wf(manifest=manifest, out_dir=root + '/out', work_dir=root + '/work',
-                   label_names=manifest.rsplit('/', 1)[0] + '/labels.tsv', **json.loads(options))
-rows = run_study(wf, plugin=plugin, plugin_args=json.loads(plugin_args))
-print('ROWS=' + json.dumps({row['patient']: row['status'] for row in rows}), flush=True)
+rows = run_study(study_wf(manifest, root, **json.loads(options)), plugin=plugin, plugin_args=json.loads(plugin_args))
+print('ROWS=' + json.dumps({{row['patient']: row['status'] for row in rows}}), flush=True)
 """
 
 

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import SLURM_FAST, SLURM_SCRIPT, finished_nodes, rerun_nodes, start_study, study_outcome
+from conftest import (SLURM_FAST, SLURM_SCRIPT, finished_nodes, rerun_nodes, start_study, study_outcome, study_table,
+                      study_wf)
 
 from nipype_inrlddmm import cli, io
 from nipype_inrlddmm.phantom import write_cohort
-from nipype_inrlddmm.workflows import init_study_wf, run_study, slurm_job_end, work_folder_lock
+from nipype_inrlddmm.workflows import run_study, slurm_job_end, work_folder_lock
 
 SHAPE = (48, 40, 20)
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
@@ -84,14 +85,6 @@ def pair_cohort(tmp_path_factory):
     return write_cohort(tmp_path_factory.mktemp("pair_cohort"), 2, shape=(32, 28, 16))
 
 
-def _study(manifest, root, **options):
-    return init_study_wf(manifest=manifest, out_dir=root / "out", work_dir=root / "work",
-                         label_names=Path(manifest).parent / "labels.tsv", **{**FEW, **options})
-
-
-def _table(out_dir) -> list[dict]:
-    with open(Path(out_dir) / "study_dice.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _readable_volumes(folder: Path) -> None:
@@ -170,7 +163,7 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(cohort
     assert (blocker / "displacement.nii.gz").is_file()
     study = ["study", str(cohort), "--out-dir", str(tmp_path / "results"), "--work-dir", str(blocker / "sub")]
     assert cli.main([*study, *FEW_FLAGS]) == 0
-    assert [row["status"] for row in _table(tmp_path / "results")] == ["ok"] * 3
+    assert [row["status"] for row in study_table(tmp_path / "results")] == ["ok"] * 3
 
 
 def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_path):
@@ -192,7 +185,7 @@ def test_a_killed_study_resumes_without_recomputing_finished_stages(cohort, tmp_
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert [row["status"] for row in _table(tmp_path / "out")] == ["ok"] * 3
+    assert [row["status"] for row in study_table(tmp_path / "out")] == ["ok"] * 3
     after = finished_nodes(tmp_path / "work")
     recomputed = {node for node in rerun_nodes(finished, after) if node in finished}
     assert not recomputed, recomputed
@@ -203,11 +196,11 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cohort.parent, data)
     (data / "p02" / "cbct.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI")
-    rows = run_study(_study(data / "manifest.tsv", tmp_path))
+    rows = run_study(study_wf(data / "manifest.tsv", tmp_path, **FEW))
 
     assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
     assert "coarse:" in rows[1]["error"] and "p02/cbct.nii.gz: cannot read the image" in rows[1]["error"]
-    table = _table(tmp_path / "out")
+    table = study_table(tmp_path / "out")
     assert [(row["patient"], row["status"]) for row in table] == [("p01", "ok"), ("p02", "failed"), ("p03", "ok")]
     assert table[1]["error"] == rows[1]["error"] and float(table[0]["mean_dice"]) > 0
     assert '<tr class="failed" data-patient="p02">' in (tmp_path / "out" / "report.html").read_text()
@@ -217,7 +210,7 @@ def test_a_failed_patient_is_marked_and_the_others_finish(cohort, tmp_path):
     # Repaired, the rerun registers only the failed patient.
     shutil.copy(cohort.parent / "p02" / "cbct.nii.gz", data / "p02" / "cbct.nii.gz")
     before = finished_nodes(tmp_path / "work")
-    rows = run_study(_study(data / "manifest.tsv", tmp_path))
+    rows = run_study(study_wf(data / "manifest.tsv", tmp_path, **FEW))
     assert [row["status"] for row in rows] == ["ok"] * 3
     rerun = rerun_nodes(before, finished_nodes(tmp_path / "work"))
     assert {node for node in rerun if "_patient_" in node} == {
@@ -229,7 +222,7 @@ def test_a_second_study_on_the_same_work_folder_refuses_naming_the_first(cohort,
     with work_folder_lock(tmp_path / "work"):  # as a first study would hold it
         with pytest.raises(io.InputError, match=r"the work folder is in use by another study \(pid \d+ on .*"
                                                 r"wait for it to end, or give another --work-dir"):
-            run_study(_study(cohort, tmp_path))
+            run_study(study_wf(cohort, tmp_path, **FEW))
     assert not (tmp_path / "out").exists()  # nothing ran
     with work_folder_lock(tmp_path / "work"):  # released: free again
         pass
@@ -239,12 +232,12 @@ def test_a_cut_short_cached_result_is_recomputed_not_failed_on(cohort, tmp_path,
     """A crash or a full disk truncated one node's result file: the rerun recomputes that node and what
     follows it for that patient, and nothing of the other patients."""
     root = tmp_path
-    run_study(_study(cohort, root))
+    run_study(study_wf(cohort, root, **FEW))
     nodes = finished_nodes(root / "work")
     result = root / "work" / "inrlddmm_study" / "registration" / "_patient_p02" / "coarse" / "result_coarse.pklz"
     result.write_bytes(result.read_bytes()[:100])
     with caplog.at_level("WARNING", logger="nipype.workflow"):
-        rows = run_study(_study(cohort, root))
+        rows = run_study(study_wf(cohort, root, **FEW))
     assert [row["status"] for row in rows] == ["ok"] * 3
     assert "_patient_p02/coarse: its cached result could not be read" in caplog.text
     rerun = rerun_nodes(nodes, finished_nodes(root / "work"))
@@ -258,13 +251,13 @@ def test_a_diverging_stage_is_retried_then_fails_its_patient_naming_it_and_the_r
     after some 600): each patient's stage goes back once to its last good weights with a tenth of the
     step, diverges again, and fails its patient naming the stage; with fewer iterations the rerun
     finishes."""
-    rows = run_study(_study(pair_cohort, tmp_path, coarse_iterations=1500))
+    rows = run_study(study_wf(pair_cohort, tmp_path, **{**FEW, "coarse_iterations": 1500}))
     assert [row["status"] for row in rows] == ["failed", "failed"], rows
     assert all(re.fullmatch(r"coarse: \S*DivergenceError: the coarse stage diverged at iteration \d+ \(loss \S+\), "
                             r"again after restarting at iteration \d+ from its last good weights with a tenth of "
                             r"the step", row["error"]) for row in rows), rows
     _readable_volumes(tmp_path / "out")
-    assert [row["status"] for row in run_study(_study(pair_cohort, tmp_path))] == ["ok", "ok"]
+    assert [row["status"] for row in run_study(study_wf(pair_cohort, tmp_path, **FEW))] == ["ok", "ok"]
 
 
 def _pool_workers(study_pid: int) -> set[int]:

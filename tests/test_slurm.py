@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SLURM_FAST, finished_nodes, rerun_nodes, start_study, study_outcome
+from conftest import SLURM_FAST, finished_nodes, rerun_nodes, start_study, study_outcome, study_wf
 from nipype.utils.filemanip import loadpkl
 
 from nipype_inrlddmm import cli
 from nipype_inrlddmm.phantom import write_cohort
-from nipype_inrlddmm.workflows import init_study_wf, run_study, slurm_sbatch_args, study_slurm_jobs
+from nipype_inrlddmm.workflows import run_study, slurm_sbatch_args, study_slurm_jobs
 
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 FEW_FLAGS = ["--coarse-iterations", "5", "--distill-iterations", "3", "--fine-iterations", "5", "--quiet"]
@@ -36,16 +36,12 @@ def cohort(tmp_path_factory):
     return write_cohort(tmp_path_factory.mktemp("cohort"), 2, shape=(32, 28, 16))
 
 
-def _study(manifest, root):
-    return init_study_wf(manifest=manifest, out_dir=root / "out", work_dir=root / "work",
-                         label_names=Path(manifest).parent / "labels.tsv", **FEW)
-
 
 @pytest.fixture(scope="module")
 def reference(slurm, cohort, tmp_path_factory):
     """The same study with MultiProc on this machine: the table SLURM must reproduce."""
     root = tmp_path_factory.mktemp("multiproc")
-    rows = run_study(_study(cohort, root), plugin="MultiProc", plugin_args={"n_procs": 2})
+    rows = run_study(study_wf(cohort, root, **FEW), plugin="MultiProc", plugin_args={"n_procs": 2})
     assert {row["status"] for row in rows} == {"ok"}
     return (root / "out" / "study_dice.csv").read_text()
 
@@ -71,7 +67,7 @@ def _slurm_jobs_of_nodes(work_dir) -> dict[str, dict]:
 def _assert_ran_as_slurm_jobs(work_dir, cohort, *, graph=False):
     """Every registration node ran in its own SLURM job, with the resources derived from the node."""
     batch = Path(work_dir) / "inrlddmm_study" / "batch"
-    workflow = _study(cohort, Path(work_dir).parent)
+    workflow = study_wf(cohort, Path(work_dir).parent, **FEW)
     jobs = _slurm_jobs_of_nodes(work_dir)
     for node, variables in jobs.items():
         assert "SLURM_JOB_ID" in variables, f"{node} did not run in a SLURM job"
@@ -142,7 +138,7 @@ def test_a_cancelled_job_leaves_the_study_resumable(slurm, cohort, reference, tm
     assert f"registration/_patient_{failed}/coarse" in finished, _job_log_tail(tmp_path / "work", cancelled)
     assert f"registration/_patient_{failed}/distill" not in finished, _job_log_tail(tmp_path / "work", cancelled)
 
-    rows = run_study(_study(cohort, tmp_path), plugin="SLURM", plugin_args=SLURM_FAST)
+    rows = run_study(study_wf(cohort, tmp_path, **FEW), plugin="SLURM", plugin_args=SLURM_FAST)
     assert [row["status"] for row in rows] == ["ok", "ok"]
     assert (tmp_path / "out" / "study_dice.csv").read_text() == reference
     after = finished_nodes(tmp_path / "work")
@@ -168,4 +164,4 @@ def test_slurmgraph_submits_and_exits_then_collect_gathers(slurm, cohort, refere
     _assert_ran_as_slurm_jobs(work, cohort, graph=True)
     after = finished_nodes(work)
     assert not rerun_nodes(before, after)
-    assert study_slurm_jobs(_study(cohort, tmp_path)) == []
+    assert study_slurm_jobs(study_wf(cohort, tmp_path, **FEW)) == []

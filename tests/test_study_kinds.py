@@ -6,6 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import study_table
 
 from nipype_inrlddmm import dicom, engine, io, metrics, qc, report
 from nipype_inrlddmm.phantom import LABELS, write_cohort
@@ -25,10 +26,6 @@ def _manifest(path, rows: list[dict]):
     return io.write_csv(path, rows, delimiter="\t")
 
 
-def _table(out_dir) -> list[dict]:
-    with open(out_dir / "study_dice.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
 
 def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_series(cohort, tmp_path):
     manifest = cohort / "dicom_manifest.tsv"  # the generator's: series folders and RTSTRUCTs
@@ -39,7 +36,7 @@ def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_seri
     assert workflow.get_node("dicom_patients").iterables == ("patient", ["p01", "p02"])
     rows = run_study(workflow)
     assert [(row["patient"], row["status"]) for row in rows] == [("p01", "ok"), ("p02", "ok")]
-    table = _table(out)
+    table = study_table(out)
     assert [row["patient"] for row in table] == ["p01", "p02"]
     for row in table:
         assert all(0.5 < float(row[name]) <= 1.0 for name in LABELS.values()), row
@@ -94,7 +91,7 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
     assert (fine.iterations, fine.learning_rate, fine.regularity_patches) == (4, 5e-4, 24)  # the warm ones
     rows = run_study(workflow)
     assert [(row["patient"], row["status"]) for row in rows] == [("warm", "ok"), ("cold", "ok")]
-    assert [row["patient"] for row in _table(out)] == ["warm", "cold"]
+    assert [row["patient"] for row in study_table(out)] == ["warm", "cold"]
     assert not (out / "warm" / "coarse_log.csv").exists() and (out / "cold" / "coarse_log.csv").is_file()
     assert len(list(csv.DictReader(open(out / "warm" / "fine_log.csv")))) == 4
     assert len(list(csv.DictReader(open(out / "cold" / "fine_log.csv")))) == 10

@@ -5,15 +5,14 @@ Which nodes ran is read from Nipype's own records (each node folder's
 """
 
 import csv
-from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import finished_nodes, rerun_nodes
+from conftest import finished_nodes, rerun_nodes, study_table, study_wf
 
 from nipype_inrlddmm import cli, engine
 from nipype_inrlddmm.phantom import write_cohort
-from nipype_inrlddmm.workflows import estimate_mem_gb, init_registration_wf, init_study_wf, run_study
+from nipype_inrlddmm.workflows import estimate_mem_gb, init_registration_wf, run_study
 
 FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10)
 FEW_FLAGS = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
@@ -25,20 +24,12 @@ def cohort(tmp_path_factory):
     return write_cohort(tmp_path_factory.mktemp("cohort"), 3, shape=(48, 40, 20))
 
 
-def _study(manifest, root, **options):
-    return init_study_wf(manifest=manifest, out_dir=root / "out", work_dir=root / "work",
-                         label_names=Path(manifest).parent / "labels.tsv", **{**FEW, **options})
-
-
-def _table(out_dir) -> list[dict]:
-    with open(Path(out_dir) / "study_dice.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
 def linear_study(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
-    rows = run_study(_study(cohort, root))
+    rows = run_study(study_wf(cohort, root, **FEW))
     return root, rows
 
 
@@ -46,7 +37,7 @@ def test_the_command_and_the_study_write_the_same_registration(linear_study, coh
     """`inrlddmm register` and the study's workflow, same patient and settings: the same files, byte for byte,
     and the same optimisation (the study logs each stage apart; only the seconds differ)."""
     root, _ = linear_study
-    run_study(_study(cohort, root))  # the reference state, whatever ran before
+    run_study(study_wf(cohort, root, **FEW))  # the reference state, whatever ran before
     patient, study = cohort.parent / "p02", root / "out" / "p02"
     assert cli.main(["register", "--moving", str(patient / "ct.nii.gz"), "--fixed", str(patient / "cbct.nii.gz"),
                      "--moving-labels", str(patient / "ct_labels.nii.gz"),
@@ -118,7 +109,7 @@ def test_registration_wf_with_affine_runs_end_to_end(cohort, tmp_path):
 def test_study_writes_every_patient_and_the_table(linear_study):
     root, rows = linear_study
     assert [row["patient"] for row in rows] == PATIENTS and {row["status"] for row in rows} == {"ok"}
-    table = _table(root / "out")
+    table = study_table(root / "out")
     assert [row["patient"] for row in table] == PATIENTS
     assert {"body", "heart", "target", "mean_dice", "jacobian_nonpositive_percent", "error"} <= table[0].keys()
     for patient in PATIENTS:
@@ -131,17 +122,17 @@ def test_study_writes_every_patient_and_the_table(linear_study):
 
 def test_linear_and_multiproc_give_the_same_table(linear_study, cohort, tmp_path):
     root, _ = linear_study
-    rows = run_study(_study(cohort, tmp_path), plugin="MultiProc", plugin_args={"n_procs": 2})
+    rows = run_study(study_wf(cohort, tmp_path, **FEW), plugin="MultiProc", plugin_args={"n_procs": 2})
     assert {row["status"] for row in rows} == {"ok"}
     assert (tmp_path / "out" / "study_dice.csv").read_text() == (root / "out" / "study_dice.csv").read_text()
 
 
 def test_a_rerun_recomputes_nothing(linear_study, cohort):
     root, _ = linear_study
-    run_study(_study(cohort, root))  # the reference state, whatever ran before
+    run_study(study_wf(cohort, root, **FEW))  # the reference state, whatever ran before
     nodes = finished_nodes(root / "work")
     outputs = {path: path.stat().st_mtime_ns for path in (root / "out").rglob("*") if path.is_file()}
-    run_study(_study(cohort, root))
+    run_study(study_wf(cohort, root, **FEW))
     rerun = rerun_nodes(nodes, finished_nodes(root / "work"))
     assert len(nodes) == 3 * 8 + 2  # per patient: select, coarse, distill, fine, warp_labels, dice, qc, sink
     assert not rerun, rerun
@@ -150,9 +141,9 @@ def test_a_rerun_recomputes_nothing(linear_study, cohort):
 
 def test_a_fine_parameter_change_reruns_only_fine_and_what_follows(linear_study, cohort):
     root, _ = linear_study
-    run_study(_study(cohort, root))
+    run_study(study_wf(cohort, root, **FEW))
     before = finished_nodes(root / "work")
-    run_study(_study(cohort, root, fine_iterations=12))
+    run_study(study_wf(cohort, root, **{**FEW, "fine_iterations": 12}))
     rerun = rerun_nodes(before, finished_nodes(root / "work"))
     expected = {f"registration/_patient_{p}/{stage}" for p in PATIENTS
                 for stage in ("fine", "warp_labels", "dice", "qc")}
