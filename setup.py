@@ -54,7 +54,7 @@ setup(
         "networkx>=3",
         "tqdm>=4.60",
         "matplotlib>=3.7",
-        # DICOM in and out (nipype_inrlddmm.dicom): pydicom reads and writes the files; scikit-image turns
+        # DICOM in and out (nipype_inrlddmm.io.dicom): pydicom reads and writes the files; scikit-image turns
         # contours into voxels and back.  Not rt-utils: it needs OpenCV (with libGL) and places pixels wrongly
         # on images with non-square pixels or rows and columns of different counts; the tests use it only to read
         # back what we write, as another program would.

@@ -55,7 +55,8 @@ import torch
 
 from cases import Case, cases
 
-from nipype_inrlddmm import __version__, engine, io, metrics
+from nipype_inrlddmm import __version__, engine, io
+from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.engine.affine import AffineConfig, checked_affine_register
 
 METHODS = ("inr-lddmm", "ants-syn", "no-distill", "no-coarse", "paper-plain")

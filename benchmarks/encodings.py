@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nipype_inrlddmm import engine, io, metrics, register
+from nipype_inrlddmm import engine, io, register
+from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.phantom import LABELS, make_pair
 
 VARIANTS = {

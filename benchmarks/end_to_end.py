@@ -52,7 +52,8 @@ import numpy as np
 
 from cases import SETS, Case, cases
 
-from nipype_inrlddmm import __version__, io, metrics
+from nipype_inrlddmm import __version__, io
+from nipype_inrlddmm.evaluation import metrics
 
 PHASES = ("read", "pre-align", "stages", "dense field and warp", "write", "labels", "evaluation", "QC")
 

@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from nipype_inrlddmm import metrics, register
+from nipype_inrlddmm import register
+from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.phantom import make_pair
 
 PAIRS = {"phantom": ((128, 112, 48), (360.0, 300.0, 240.0)), "small-ct": ((128, 112, 96), (384.0, 336.0, 288.0))}

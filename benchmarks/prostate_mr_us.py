@@ -38,7 +38,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from nipype_inrlddmm import __version__, engine, io, metrics
+from nipype_inrlddmm import __version__, engine, io
+from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.engine.affine import start_transform
 
 REPO = Path(__file__).resolve().parents[1]

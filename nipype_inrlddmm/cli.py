@@ -162,7 +162,7 @@ def _cmd_register(args) -> int:
     label_names = args.label_names or (_label_names_beside(args.fixed_labels) if args.fixed_labels else None)
     dicom = args.moving_rtstruct or args.fixed_rtstruct or Path(args.moving).is_dir() or Path(args.fixed).is_dir()
     if dicom:
-        from .propagate import register_dicom
+        from .pipeline.dicom import register_dicom
 
         register = partial(register_dicom, moving_rtstruct=args.moving_rtstruct, fixed_rtstruct=args.fixed_rtstruct)
     else:
@@ -204,7 +204,7 @@ _PRINTED_LABELS = 8
 
 def _print_study(rows: list[dict], table_path: Path) -> None:
     """The study table: per patient the Dice of each label (few labels) and the summary, then each failure."""
-    from .report import label_columns
+    from .reports.study import label_columns
 
     ok = [row for row in rows if row["status"] == "ok"]
     labels = label_columns(ok or rows)

@@ -236,7 +236,7 @@ def write_dicom(folder, pair: PhantomPair, patient: str) -> dict[str, Path]:
     reference for the propagated contours).  The body ROI is the whole body,
     the organs inside it included, as planning systems draw it.
     """
-    from . import dicom
+    from .io import dicom
 
     folder = Path(folder)
     rois = [dicom.Roi(label, name, label, *ROI_STYLES[label], within=tuple(k for k in LABELS if k > 1) if label == 1

@@ -80,11 +80,11 @@ def tripwire(*args, **kwargs):
 @pytest.fixture
 def no_optimisation(monkeypatch):
     """Make any optimisation (or the whole registration) fail loudly if it is reached."""
-    from nipype_inrlddmm import engine, steps
+    from nipype_inrlddmm import engine, pipeline
 
     for name in ("coarse_stage", "distill_stage", "fine_stage", "register_volumes"):
         monkeypatch.setattr(engine, name, tripwire)
-    monkeypatch.setattr(steps, "checked_affine_register", tripwire)
+    monkeypatch.setattr(pipeline.stages, "checked_affine_register", tripwire)
 
 
 #: Few, small iterations of :func:`registered`: enough for a non-trivial field, seconds on one core.

@@ -7,7 +7,7 @@ import torch
 from scipy.io import savemat
 from scipy.spatial.transform import Rotation
 
-from nipype_inrlddmm import engine, io, steps
+from nipype_inrlddmm import engine, io, pipeline
 from nipype_inrlddmm.engine.affine import AffineConfig, affine_register
 from nipype_inrlddmm.interfaces import AffineInit
 from nipype_inrlddmm.phantom import make_pair
@@ -38,7 +38,7 @@ def test_a_known_rotation_and_translation_is_recovered(phantom, transform):
     """The same CT with a rotated and shifted header: A must be the known transform (< 1 degree, < 1 mm)."""
     ct = engine.normalise_intensity(torch.tensor(phantom.ct))
     affine = torch.tensor(phantom.affine)
-    with steps.torch_threads(1):  # small tensors: more threads only add synchronisation
+    with pipeline.torch_threads(1):  # small tensors: more threads only add synchronisation
         found = affine_register(ct, torch.tensor(KNOWN @ phantom.affine), ct, affine,
                                 AffineConfig(transform=transform)).numpy()
     body = np.argwhere(phantom.ct_labels > 0) @ phantom.affine[:3, :3].T + phantom.affine[:3, 3]
@@ -71,7 +71,7 @@ def test_a_given_transform_is_used_instead_of_estimating(phantom, tmp_path):
     fixed = io.save_image(tmp_path / "fixed.nii.gz", phantom.ct, phantom.affine)
     moving = io.save_image(tmp_path / "moving.nii.gz", phantom.ct, KNOWN @ phantom.affine)
     given = io.save_itk_affine(tmp_path / "given.txt", KNOWN)
-    outputs = steps.affine_init(moving, fixed, tmp_path / "out", transform_file=given)
+    outputs = pipeline.affine_init(moving, fixed, tmp_path / "out", transform_file=given)
     np.testing.assert_allclose(nib.load(outputs["aligned_image"]).affine, phantom.affine, atol=1e-4)
 
 
@@ -141,9 +141,9 @@ def test_mr_to_ultrasound_estimates_that_mirror_or_turn_are_caught(real_data, ca
     """On this MR -> ultrasound pair the affine search mirrors the prostate and the rigid one turns it by
     74 degrees: both are rejected, naming the pair, and the centres-of-mass start is kept."""
     moving, fixed = (real_data / "prostate-mr-us" / kind / "case000003.nii.gz" for kind in ("mr_images", "us_images"))
-    pair = steps.load_pair(moving, fixed)
+    pair = pipeline.load_pair(moving, fixed)
     with caplog.at_level("WARNING", logger="nipype_inrlddmm"):
-        matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform="affine"))
+        matrix = pipeline.estimate_affine(pair, moving, fixed, AffineConfig(transform="affine"))
     assert engine.affine.implausibility(torch.from_numpy(matrix)) is None
     assert len(caplog.records) == 3 and all(str(moving) in r.getMessage() for r in caplog.records)
     assert "mirrors" in caplog.records[0].getMessage() and "turns" in caplog.records[1].getMessage()

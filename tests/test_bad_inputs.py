@@ -39,8 +39,8 @@ import pytest
 import torch
 from conftest import PHANTOM_SHAPE
 
-from nipype_inrlddmm import engine, io, steps
-from nipype_inrlddmm.evaluate import evaluate_files
+from nipype_inrlddmm import engine, evaluation, io, pipeline
+from nipype_inrlddmm.evaluation import evaluate_files
 from nipype_inrlddmm.phantom import LABELS
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
@@ -354,18 +354,18 @@ CASES = [
 def _entry_points(entry: str, files: dict, out: Path) -> list[Callable[[], object]]:
     """The calls that meet a bad input of kind ``entry`` in a real run."""
     if entry == "coarse":
-        return [lambda: steps.run_coarse(files["moving"], files["fixed"], out, CONFIG,
+        return [lambda: pipeline.run_coarse(files["moving"], files["fixed"], out, CONFIG,
                                          fixed_mask=files["fixed_mask"])]
     if entry == "labels":  # a study checks them in SelectPatient, `inrlddmm register` in load_pair
         labels = {"moving_labels": files["moving_labels"], "fixed_labels": files["fixed_labels"]}
-        return [lambda: steps.check_labels(files["moving"], files["fixed"], **labels),
-                lambda: steps.load_pair(files["moving"], files["fixed"], fixed_mask=files["fixed_mask"], **labels)]
+        return [lambda: pipeline.check_labels(files["moving"], files["fixed"], **labels),
+                lambda: pipeline.load_pair(files["moving"], files["fixed"], fixed_mask=files["fixed_mask"], **labels)]
     if entry == "fine":
-        return [lambda: steps.run_fine(files["moving"], files["fixed"], files["model"], out, CONFIG)]
+        return [lambda: pipeline.run_fine(files["moving"], files["fixed"], files["model"], out, CONFIG)]
     if entry == "distill":
-        return [lambda: steps.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out, CONFIG)]
+        return [lambda: pipeline.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out, CONFIG)]
     if entry == "warp":
-        return [lambda: steps.apply_warp(files["moving_labels"], files["coarse_displacement"], files["fixed"],
+        return [lambda: pipeline.apply_warp(files["moving_labels"], files["coarse_displacement"], files["fixed"],
                                          out / "warped_labels.nii.gz", interpolation="label")]
     if entry == "manifest":
         return [lambda: io.read_manifest(files["manifest"])]
@@ -427,7 +427,7 @@ def test_labels_present_in_one_map_only_are_reported_missing(phantom_patient, tm
     found = [float(table[name]["dice"]) for name in ("body", "right_lung", "left_lung", "heart")]
     assert summary["mean_dice"] == pytest.approx(np.mean(found))  # the missing ones do not drag it silently
 
-    row = steps.study_row("p01", tmp_path / "dice.csv", tmp_path / "dice.json")
+    row = evaluation.study_row("p01", tmp_path / "dice.csv", tmp_path / "dice.json")
     assert row["missing_labels"] == ("spinal_cord: absent from both maps; target: absent from warped; "
                                      "extra: absent from fixed")
 
@@ -490,7 +490,7 @@ _KILLED_DURING_WRITE = textwrap.dedent(
     """
     import gzip, os, sys, time
     from pathlib import Path
-    from nipype_inrlddmm import engine, steps
+    from nipype_inrlddmm import engine, pipeline
     import torch
 
     moving, fixed, out, marker = sys.argv[1:5]
@@ -510,7 +510,7 @@ _KILLED_DURING_WRITE = textwrap.dedent(
 
     gzip.GzipFile.write = write
     torch.set_num_threads(2)
-    steps.run_coarse(moving, fixed, out, engine.config_from_options(coarse_iterations=2, n_patches=4, patch_size=8))
+    pipeline.run_coarse(moving, fixed, out, engine.config_from_options(coarse_iterations=2, n_patches=4, patch_size=8))
     """
 )
 
@@ -534,16 +534,16 @@ def test_a_stage_killed_while_writing_leaves_no_partial_result_and_a_rerun_write
         process.wait()
     assert process.returncode == -signal.SIGKILL
 
-    result = out / steps.COARSE_OUTPUTS["displacement"]
+    result = out / pipeline.COARSE_OUTPUTS["displacement"]
     assert not result.exists()  # ...but never where the result belongs
     with pytest.raises(Exception):
         np.asarray(nib.load(partial).dataobj)  # (it really is incomplete)
-    assert not (out / steps.COARSE_OUTPUTS["log"]).exists()
-    kept = io.load_checkpoint(out / steps.COARSE_OUTPUTS["model"], shape=PHANTOM_SHAPE,
+    assert not (out / pipeline.COARSE_OUTPUTS["log"]).exists()
+    kept = io.load_checkpoint(out / pipeline.COARSE_OUTPUTS["model"], shape=PHANTOM_SHAPE,
                               affine=_affine_of(phantom_patient["fixed"]))
     assert kept is not None  # what was finished before the kill is whole
 
-    outputs = steps.run_coarse(phantom_patient["moving"], phantom_patient["fixed"], out,
+    outputs = pipeline.run_coarse(phantom_patient["moving"], phantom_patient["fixed"], out,
                                engine.config_from_options(coarse_iterations=2, n_patches=4, patch_size=8))
     field, _ = io.load_displacement(outputs["displacement"])
     assert outputs["displacement"] == result and field.shape == (16, 14, 8, 3) and np.isfinite(field).all()
@@ -682,7 +682,7 @@ def test_fuzzed_files_load_validly_or_fail_with_an_input_error(shape, dtype, val
                     assert loaded.dtype == np.float32
                     np.testing.assert_allclose(loaded, reference.astype(np.float64), rtol=1e-6, atol=0)
             try:
-                pair = steps.load_pair(path, path, moving_labels=path, fixed_labels=path, fixed_mask=path)
+                pair = pipeline.load_pair(path, path, moving_labels=path, fixed_labels=path, fixed_mask=path)
             except io.InputError as error:
                 assert error.path == str(path)
                 hypothesis.event("load_pair: InputError")

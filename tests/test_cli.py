@@ -11,8 +11,9 @@ import pytest
 from conftest import assert_report_renders
 from PIL import Image
 
-from nipype_inrlddmm import cli, metrics
-from nipype_inrlddmm.evaluate import evaluate_files
+from nipype_inrlddmm import cli
+from nipype_inrlddmm.evaluation import metrics
+from nipype_inrlddmm.evaluation import evaluate_files
 from nipype_inrlddmm.phantom import write_cohort
 
 FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
@@ -75,7 +76,7 @@ def _stage_logs(log):
 def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_reproduces_the_warp(cohort, tmp_path):
     from scipy import ndimage
 
-    from nipype_inrlddmm import io, steps
+    from nipype_inrlddmm import io, pipeline
 
     patient = cohort.parent / "p01"
     ct = nib.load(patient / "ct.nii.gz")
@@ -94,7 +95,7 @@ def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_repr
     assert code == 0
     matrix = io.load_itk_affine(out / "affine.txt")  # fixed world -> moving world, RAS mm
     # The same search without the shift, then the shift: a header translation moves the result by exactly it.
-    unshifted = io.load_itk_affine(steps.affine_init(patient / "ct.nii.gz", patient / "cbct.nii.gz",
+    unshifted = io.load_itk_affine(pipeline.affine_init(patient / "ct.nii.gz", patient / "cbct.nii.gz",
                                                      tmp_path / "unshifted")["transform"])
     translation = np.eye(4)
     translation[:3, 3] = shift
@@ -124,7 +125,7 @@ def test_register_names_a_bad_file_and_writes_nothing(cohort, tmp_path, capsys):
 
 
 def test_a_run_that_fails_after_writing_leaves_its_output_folder_as_it_found_it(cohort, tmp_path, monkeypatch):
-    from nipype_inrlddmm import qc
+    from nipype_inrlddmm.reports import qc
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,7 +10,9 @@ import pydicom
 import pytest
 from scipy.spatial.transform import Rotation
 
-from nipype_inrlddmm import dicom, io, metrics
+from nipype_inrlddmm import io
+from nipype_inrlddmm.io import dicom
+from nipype_inrlddmm.evaluation import metrics
 
 SHAPE = (20, 20, 6)
 

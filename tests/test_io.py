@@ -58,7 +58,7 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path, monkeypatch):
 
     with pytest.raises(io.InputError, match="another fixed-image grid"):
         io.load_checkpoint(path, shape=(10, 10, 7), affine=affine)
-    monkeypatch.setattr(io, "__version__", "9.0.0")
+    monkeypatch.setattr(io.checkpoints, "__version__", "9.0.0")
     with pytest.raises(io.InputError, match="incompatible"):
         io.load_checkpoint(path)
 

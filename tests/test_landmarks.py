@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from nipype_inrlddmm import io, metrics
-from nipype_inrlddmm.evaluate import evaluate_landmarks
+from nipype_inrlddmm import io
+from nipype_inrlddmm.evaluation import metrics
+from nipype_inrlddmm.evaluation import evaluate_landmarks
 
 
 def _write_points(path, lps_points):

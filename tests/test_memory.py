@@ -9,7 +9,7 @@ with a faked small available memory: nothing is allocated to provoke it.
 import pytest
 from conftest import PHANTOM_SHAPE, tripwire
 
-from nipype_inrlddmm import engine, host, io, register, steps
+from nipype_inrlddmm import engine, host, io, pipeline, register
 
 FEW = dict(coarse_iterations=5, distill_iterations=3, fine_iterations=5)
 CONFIG = engine.config_from_options(**FEW)
@@ -25,10 +25,10 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(phantom_patie
     monkeypatch.setattr(host, "available_memory", lambda device="cpu": 200_000_000)
     files, out = phantom_patient, tmp_path / "out"
     calls = {
-        "coarse": lambda: steps.run_coarse(files["moving"], files["fixed"], out, ALL_PATCHES),
-        "distill": lambda: steps.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out,
+        "coarse": lambda: pipeline.run_coarse(files["moving"], files["fixed"], out, ALL_PATCHES),
+        "distill": lambda: pipeline.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out,
                                              ALL_PATCHES),
-        "fine": lambda: steps.run_fine(files["moving"], files["fixed"], files["model"], out, ALL_PATCHES),
+        "fine": lambda: pipeline.run_fine(files["moving"], files["fixed"], files["model"], out, ALL_PATCHES),
     }
     for stage, call in calls.items():
         with pytest.raises(engine.InsufficientMemoryError) as caught:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nipype_inrlddmm import metrics
+from nipype_inrlddmm.evaluation import metrics
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from nipype_inrlddmm import metrics, qc
+from nipype_inrlddmm.evaluation import metrics
+from nipype_inrlddmm.reports import qc
 
 
 def test_a_slice_fills_its_box_at_the_voxels_aspect_with_row_zero_at_the_bottom():

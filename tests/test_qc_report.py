@@ -18,7 +18,10 @@ from conftest import PHANTOM_SHAPE, REGISTERED_OPTIONS, assert_report_renders
 from PIL import Image
 from scipy import ndimage
 
-from nipype_inrlddmm import cli, engine, io, metrics, qc, report, steps
+from nipype_inrlddmm import cli, engine, io, pipeline
+from nipype_inrlddmm.evaluation import metrics
+from nipype_inrlddmm.reports import qc
+from nipype_inrlddmm.reports import study as study_report
 from nipype_inrlddmm.interfaces import ApplyWarp, QCReport
 from nipype_inrlddmm.phantom import LABELS, write_cohort
 
@@ -51,13 +54,13 @@ def test_apply_warp_invert_carries_fixed_space_labels_back(registered, tmp_path)
     elsewhere = io.save_image(tmp_path / "other_grid.nii.gz", np.zeros((8, 8, 8), np.int32), np.eye(4))
     refused = re.escape(f"{elsewhere}: the image to carry back is not on the fixed grid")
     with pytest.raises(io.InputError, match=refused):
-        steps.apply_inverse_warp(elsewhere, files["model"], files["moving"], tmp_path / "x.nii.gz")
+        pipeline.apply_inverse_warp(elsewhere, files["model"], files["moving"], tmp_path / "x.nii.gz")
 
 
 def test_trajectory_starts_at_the_moving_image_and_ends_at_the_warped_one(registered, tmp_path):
     _, pair, result, files = registered
     stride = engine.config_from_options(**REGISTERED_OPTIONS).field_stride
-    outputs = steps.run_trajectory(files["model"], files["moving"], files["fixed"], tmp_path, n_times=4,
+    outputs = pipeline.run_trajectory(files["model"], files["moving"], files["fixed"], tmp_path, n_times=4,
                                    field_stride=stride, title="p")
     frames = np.asarray(nib.load(outputs["trajectory"]).dataobj)
     assert frames.shape == (*PHANTOM_SHAPE, 4)
@@ -138,7 +141,8 @@ def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
         (tmp_path / patient).mkdir()
         image.save(tmp_path / patient / "qc.png")
     image.save(tmp_path / "p03" / "trajectory.gif")
-    path = report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5, "similarity": "lncc"}})
+    path = study_report.write_study_report(tmp_path, _rows(),
+                                           parameters={"fine": {"iterations": 5, "similarity": "lncc"}})
     text = path.read_text()
     assert path.name == "report.html" and "&lt;bad&gt;" in text and "<bad>" not in text  # the reason, escaped
     assert 'href="p01/qc.png"' in text and 'src="p03/trajectory.gif"' in text and "http" not in text  # offline
@@ -151,11 +155,11 @@ def test_study_report_marks_failures_links_figures_and_renders(tmp_path):
     assert "results written" not in provenance  # no patient's dice.csv here
     (tmp_path / "p01" / "dice.csv").write_text("label,name,dice\n")
     os.utime(tmp_path / "p01" / "dice.csv", (0, 1.7e9))
-    text = report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}}).read_text()
+    text = study_report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}}).read_text()
     assert time.strftime("%Y-%m-%d %H:%M", time.localtime(1.7e9)) in text  # when the results were written
     # Rewritten only when the content changes: a cached rerun leaves the study folder untouched.
     before = path.stat().st_mtime_ns
-    report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}})
+    study_report.write_study_report(tmp_path, _rows(), parameters={"fine": {"iterations": 5}})
     assert path.stat().st_mtime_ns == before
     assert_report_renders(path, {"p01": "ok", "p02": "failed", "p03": "ok"}, figures=3)
 
@@ -177,25 +181,25 @@ def _wide_rows(n_labels=30, n_patients=4):
 
 def test_dice_tables_fit_the_page_and_the_plot_axis_shows_the_change(tmp_path):
     rows, names, before = _wide_rows()
-    text = report.study_report_html(rows, before=before)
+    text = study_report.study_report_html(rows, before=before)
     # The patient table has the same few columns whatever the labels; the labels go into tables of
     # at most LABELS_PER_TABLE columns each, laid out to the page's width.
     patient_table = re.search(r'<table id="dice-table">.*?</table>', text).group(0)
-    assert patient_table.count("<th>") == len(report.PATIENT_COLUMNS) + 1 and names[0] not in patient_table
+    assert patient_table.count("<th>") == len(study_report.PATIENT_COLUMNS) + 1 and names[0] not in patient_table
     label_tables = re.findall(r'<table class="labels wide">.*?</table>', text)
     assert len(label_tables) == 3
-    assert all(t.count("<th>") <= report.LABELS_PER_TABLE for t in label_tables)
+    assert all(t.count("<th>") <= study_report.LABELS_PER_TABLE for t in label_tables)
     assert sum(t.count("<th>") for t in label_tables) == len(names)
     assert "table.labels { table-layout: fixed; } table.labels.wide { width: 100%; }" in text
     assert '<span class="before">0.880</span>' in text  # before registration, beside the Dice after
 
     # The axis spans the values shown (before and after), padded, not 0-1: the change fills it.
     values = [v for row in rows for v in (row[n] for n in names)] + [v for b in before.values() for v in b.values()]
-    low, high = report.dice_axis_limits(values)
+    low, high = study_report.dice_axis_limits(values)
     assert low <= min(values) and high >= max(values) and high <= 1.005
     assert (max(values) - min(values)) / (high - low) > 0.8, (low, high)
-    assert report.dice_axis_limits([1.0, 1.0]) == (0.99, 1.005)
-    assert Image.open(BytesIO(report.dice_boxplot(rows, before))).width <= 1400
+    assert study_report.dice_axis_limits([1.0, 1.0]) == (0.99, 1.005)
+    assert Image.open(BytesIO(study_report.dice_boxplot(rows, before))).width <= 1400
 
     # In a 1400 px window nothing scrolls sideways (the load script records the page's scroll width).
     from conftest import CHROMIUM_FLAGS, chromium
@@ -217,14 +221,14 @@ def test_dice_before_is_the_labels_through_the_headers_in_the_mask(tmp_path):
     io.write_csv(tmp_path / "out" / "p01" / "dice.csv", [{"label": k, "name": v, "dice": 0.99, "missing": ""}
                                                           for k, v in LABELS.items()])
     rows = [{"patient": "p01", "status": "ok", **{v: 0.99 for v in LABELS.values()}}]
-    found = report.dice_before(manifest, tmp_path / "out", rows)
+    found = study_report.dice_before(manifest, tmp_path / "out", rows)
     moving, _ = io.load_labels(data / "ct_labels.nii.gz")
     fixed, _ = io.load_labels(data / "cbct_labels.nii.gz")
     mask = np.asarray(nib.load(data / "cbct_fov.nii.gz").dataobj) > 0
     expected = {v: metrics.dice(moving[mask], fixed[mask], k) for k, v in LABELS.items()}
     assert found["p01"] == pytest.approx(expected, abs=1e-4)
     assert min(found["p01"].values()) < 0.9  # the phantom's labels move: some overlap far less before
-    path = report.write_study_report(tmp_path / "out", rows, manifest=manifest)
+    path = study_report.write_study_report(tmp_path / "out", rows, manifest=manifest)
     assert '<span class="before">' in path.read_text() and "mean Dice before" in path.read_text()
 
 def test_register_command_shows_a_progress_bar_per_stage(tmp_path, capsys):

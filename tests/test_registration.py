@@ -7,7 +7,8 @@ import torch
 from conftest import voxel_epe
 from scipy import ndimage
 
-from nipype_inrlddmm import engine, io, metrics, register
+from nipype_inrlddmm import engine, io, register
+from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.phantom import LABELS, make_pair
 
 pytestmark = pytest.mark.slow

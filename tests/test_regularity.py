@@ -98,7 +98,7 @@ def test_the_penalty_enters_the_image_loss_with_its_weight(monkeypatch):
 
 def test_the_dense_jacobian_determinant_is_exact_for_an_affine_field_and_matches_a_batched_determinant():
     """metrics.jacobian_determinant (what dice.csv and the QC figure report), on an oblique grid."""
-    from nipype_inrlddmm import metrics
+    from nipype_inrlddmm.evaluation import metrics
 
     affine = oblique_affine()
     world = engine.world_grid((9, 8, 7), torch.tensor(affine)).numpy()

@@ -8,7 +8,11 @@ import pytest
 import torch
 from conftest import study_table
 
-from nipype_inrlddmm import dicom, engine, io, metrics, qc, report
+from nipype_inrlddmm import engine, io
+from nipype_inrlddmm.io import dicom
+from nipype_inrlddmm.evaluation import metrics
+from nipype_inrlddmm.reports import qc
+from nipype_inrlddmm.reports import study as study_report
 from nipype_inrlddmm.phantom import LABELS, write_cohort
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
@@ -59,7 +63,7 @@ def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_seri
     assert (out / "report.html").is_file()
     # The Dice before registration of DICOM rows: their RTSTRUCTs' labels, as the NIfTI labels of the same phantom.
     assert "mean Dice before" in (out / "report.html").read_text()
-    before = report.dice_before(manifest, out, rows)
+    before = study_report.dice_before(manifest, out, rows)
     assert sorted(before) == ["p01", "p02"]
     for patient in ("p01", "p02"):
         moving, moving_affine = io.load_labels(cohort / patient / "ct_labels.nii.gz")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from .. import steps
+from .. import pipeline
 from ..engine.affine import STARTS, TRANSFORMS, AffineConfig
 from .base import ComputeInputSpec, enum_values, optional
 
@@ -92,8 +92,8 @@ class AffineInit(SimpleInterface):
         config = AffineConfig(transform=inputs.transform, start=inputs.start,
                               shrink_factors=tuple(inputs.shrink_factors), iterations=tuple(inputs.iterations),
                               learning_rate=inputs.learning_rate, max_points=inputs.max_points)
-        with steps.torch_threads(inputs.num_threads):
-            outputs = steps.affine_init(
+        with pipeline.torch_threads(inputs.num_threads):
+            outputs = pipeline.affine_init(
                 inputs.moving_image, inputs.fixed_image, runtime.cwd, moving_labels=optional(inputs.moving_labels),
                 fixed_mask=optional(inputs.fixed_mask), transform_file=optional(inputs.in_transform), config=config,
                 seed=inputs.seed, device=inputs.device,

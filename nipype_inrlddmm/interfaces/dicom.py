@@ -1,6 +1,6 @@
 """DICOM conversions as interfaces: a series to NIfTI, an RTSTRUCT to a label map, a label map to an RTSTRUCT.
 
-The conversions themselves are :mod:`nipype_inrlddmm.dicom`'s; these only
+The conversions themselves are :mod:`nipype_inrlddmm.io.dicom`'s; these only
 place their outputs in the node's working directory.
 """
 
@@ -11,7 +11,8 @@ import os
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, isdefined, traits
 
-from .. import __version__, dicom, io
+from .. import __version__, io
+from ..io import dicom
 from .base import VersionedInputSpec
 
 
@@ -32,7 +33,7 @@ class _DicomToNiftiOutputSpec(TraitedSpec):
 
 
 class DicomToNifti(SimpleInterface):
-    """A DICOM image series as a NIfTI volume (:func:`~nipype_inrlddmm.dicom.read_series`).
+    """A DICOM image series as a NIfTI volume (:func:`~nipype_inrlddmm.io.dicom.read_series`).
 
     LPS patient coordinates become the RAS affine, slices are ordered along
     their normal, and two series, missing, duplicated or unevenly spaced
@@ -42,7 +43,8 @@ class DicomToNifti(SimpleInterface):
     --------
     >>> from pathlib import Path
     >>> import numpy as np
-    >>> from nipype_inrlddmm import dicom, io
+    >>> from nipype_inrlddmm import io
+    >>> from nipype_inrlddmm.io import dicom
     >>> from nipype_inrlddmm.interfaces import DicomToNifti
     >>> series = dicom.write_series("ct", np.arange(4 * 3 * 2.0).reshape(4, 3, 2), np.diag([1, 1, 2.5, 1]))
     >>> result = DicomToNifti(dicom_folder=str(series.folder)).run()
@@ -83,7 +85,7 @@ class _RTStructToLabelsOutputSpec(TraitedSpec):
 
 
 class RTStructToLabels(SimpleInterface):
-    """An RTSTRUCT's ROIs as a label map on its series' grid (:func:`~nipype_inrlddmm.dicom.read_rtstruct`).
+    """An RTSTRUCT's ROIs as a label map on its series' grid (:func:`~nipype_inrlddmm.io.dicom.read_rtstruct`).
 
     A voxel belongs to an ROI when its centre lies inside the ROI's
     contours; where ROIs overlap, the smaller wins, and the label table
@@ -91,13 +93,14 @@ class RTStructToLabels(SimpleInterface):
     writes it back whole.  An RTSTRUCT in another frame of reference than
     the series, or an empty ROI, is refused, naming the file and the ROI.
     With ``match_table`` the ROIs are renumbered by name as that table's
-    (:func:`~nipype_inrlddmm.dicom.match_rois`), and the label table lists
+    (:func:`~nipype_inrlddmm.io.dicom.match_rois`), and the label table lists
     those matched.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from nipype_inrlddmm import dicom, io
+    >>> from nipype_inrlddmm import io
+    >>> from nipype_inrlddmm.io import dicom
     >>> from nipype_inrlddmm.interfaces import RTStructToLabels
     >>> series = dicom.write_series("ct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
     >>> labels = np.zeros((8, 8, 3), np.int32); labels[2:6, 2:6, 1] = 1
@@ -148,13 +151,14 @@ class _LabelsToRTStructOutputSpec(TraitedSpec):
 
 class LabelsToRTStruct(SimpleInterface):
     """A label map on a series' grid as a new RTSTRUCT referencing that series
-    (:func:`~nipype_inrlddmm.dicom.write_rtstruct`): one ROI per row of the label table, marked UNAPPROVED.
+    (:func:`~nipype_inrlddmm.io.dicom.write_rtstruct`): one ROI per row of the label table, marked UNAPPROVED.
 
     Examples
     --------
     >>> import numpy as np
     >>> import pydicom
-    >>> from nipype_inrlddmm import dicom, io
+    >>> from nipype_inrlddmm import io
+    >>> from nipype_inrlddmm.io import dicom
     >>> from nipype_inrlddmm.interfaces import LabelsToRTStruct
     >>> series = dicom.write_series("cbct", np.random.default_rng(0).normal(size=(8, 8, 3)), np.eye(4))
     >>> labels = np.zeros((8, 8, 3), np.int32); labels[2:6, 2:6, 1] = 1

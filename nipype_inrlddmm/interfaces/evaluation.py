@@ -6,7 +6,7 @@ import os
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from ..evaluate import evaluate_files, evaluate_landmarks
+from ..evaluation import evaluate_files, evaluate_landmarks
 from .base import VersionedInputSpec, optional
 
 

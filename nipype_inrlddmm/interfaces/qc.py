@@ -6,7 +6,8 @@ import os
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from .. import qc, steps
+from .. import pipeline
+from ..reports import qc
 from .base import VersionedInputSpec, field_stride_trait, optional
 
 
@@ -37,7 +38,7 @@ class _QCReportOutputSpec(TraitedSpec):
 
 
 class QCReport(SimpleInterface):
-    """The QC figure of one registration (:func:`nipype_inrlddmm.qc.qc_figure`).
+    """The QC figure of one registration (:func:`nipype_inrlddmm.reports.qc.qc_figure`).
 
     Fixed, moving and warped mid-slices in the three planes, a fixed/warped
     checkerboard, label contours before and after registration (fixed
@@ -98,7 +99,7 @@ class Trajectory(SimpleInterface):
 
     Frames at ``t = k / (n_times - 1)`` follow the Euler path of the fine
     stage's network, interpolated linearly in time between step boundaries
-    (exact for the Euler scheme: :func:`nipype_inrlddmm.steps.trajectory_frames`).
+    (exact for the Euler scheme: :func:`nipype_inrlddmm.pipeline.trajectory_frames`).
 
     Examples
     --------
@@ -116,8 +117,8 @@ class Trajectory(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        with steps.torch_threads(inputs.num_threads):
-            outputs = steps.run_trajectory(inputs.model, inputs.moving_image, inputs.fixed_image, runtime.cwd,
+        with pipeline.torch_threads(inputs.num_threads):
+            outputs = pipeline.run_trajectory(inputs.model, inputs.moving_image, inputs.fixed_image, runtime.cwd,
                                            n_times=inputs.n_times, field_stride=inputs.field_stride,
                                            title=optional(inputs.title) or "")
         self._results.update({name: str(path) for name, path in outputs.items()})

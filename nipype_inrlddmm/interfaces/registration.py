@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from .. import steps
+from .. import pipeline
 from .base import (
     DEFAULTS,
     DenseFieldInputSpec,
@@ -67,8 +67,8 @@ class CoarseINR(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        with steps.torch_threads(inputs.num_threads):
-            outputs = steps.run_coarse(
+        with pipeline.torch_threads(inputs.num_threads):
+            outputs = pipeline.run_coarse(
                 inputs.moving_image, inputs.fixed_image, runtime.cwd, stage_config(inputs, "coarse"),
                 fixed_mask=optional(inputs.fixed_mask), device=inputs.device, progress=progress_of(inputs),
             )
@@ -117,8 +117,8 @@ class DistillINR(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        with steps.torch_threads(inputs.num_threads):
-            outputs = steps.run_distill(
+        with pipeline.torch_threads(inputs.num_threads):
+            outputs = pipeline.run_distill(
                 inputs.coarse_model, inputs.coarse_displacement, inputs.fixed_image, runtime.cwd,
                 stage_config(inputs, "distill"), device=inputs.device, progress=progress_of(inputs),
             )
@@ -155,7 +155,7 @@ class FineINR(SimpleInterface):
     """Fine stage: continue a network on the full-resolution images; write the final field.
 
     With ``warm_start`` the network is a previous registration's of the same
-    moving image (:func:`~nipype_inrlddmm.steps.warm_start_model`): this
+    moving image (:func:`~nipype_inrlddmm.pipeline.warm_start_model`): this
     node is then the whole optimisation.
 
     When the moving image went through :class:`AffineInit`, the displacement
@@ -179,8 +179,8 @@ class FineINR(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        with steps.torch_threads(inputs.num_threads):
-            outputs = steps.run_fine(
+        with pipeline.torch_threads(inputs.num_threads):
+            outputs = pipeline.run_fine(
                 inputs.moving_image, inputs.fixed_image, inputs.init_model, runtime.cwd, stage_config(inputs, "fine"),
                 fixed_mask=optional(inputs.fixed_mask), warm_start=inputs.warm_start, device=inputs.device,
                 progress=progress_of(inputs),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
-from .. import io, steps
+from .. import evaluation, io, pipeline
 from .base import VersionedInputSpec
 
 class _SelectPatientInputSpec(VersionedInputSpec):
@@ -88,7 +88,7 @@ class SelectPatient(SimpleInterface):
                                     f"(manifest {manifest}, column {column!r})")
             self._results[_OUTPUTS.get(column, column)] = row[column]
         _check_image_kinds(manifest, patient, row)
-        steps.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
+        pipeline.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
                            fixed_labels=row.get("fixed_labels"))
         return runtime
 
@@ -117,6 +117,7 @@ class GatherDice(SimpleInterface):
         inputs = self.inputs
         if not len(inputs.patient) == len(inputs.dice_csv) == len(inputs.dice_json):
             raise ValueError("GatherDice: patient, dice_csv and dice_json must have the same length")
-        rows = [steps.study_row(*row) for row in zip(inputs.patient, inputs.dice_csv, inputs.dice_json)]
-        self._results["study_table"] = str(steps.write_study_table(os.path.join(runtime.cwd, "study_dice.csv"), rows))
+        rows = [evaluation.study_row(*row) for row in zip(inputs.patient, inputs.dice_csv, inputs.dice_json)]
+        table = evaluation.write_study_table(os.path.join(runtime.cwd, "study_dice.csv"), rows)
+        self._results["study_table"] = str(table)
         return runtime

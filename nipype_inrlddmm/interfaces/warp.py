@@ -7,7 +7,7 @@ import os
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, isdefined, traits
 from nipype.utils.filemanip import fname_presuffix
 
-from .. import steps
+from .. import pipeline
 from .base import VersionedInputSpec, field_stride_trait
 
 #: The map to apply, one of the two: Nipype refuses both (naming them) and neither (naming both).
@@ -96,14 +96,14 @@ class ApplyWarp(SimpleInterface):
                 raise ValueError("ApplyWarp: invert=True needs velocity_checkpoint (the model.pt of the "
                                  "registration) instead of displacement: the inverse map is integrated backwards "
                                  "through the velocity network")
-            out = steps.apply_inverse_warp(inputs.in_file, inputs.velocity_checkpoint, inputs.reference_image,
+            out = pipeline.apply_inverse_warp(inputs.in_file, inputs.velocity_checkpoint, inputs.reference_image,
                                            out_file, interpolation=inputs.interpolation,
                                            field_stride=inputs.field_stride)
         else:
             if not isdefined(inputs.displacement):
                 raise ValueError("ApplyWarp: the forward warp needs displacement; velocity_checkpoint is for "
                                  "invert=True")
-            out = steps.apply_warp(inputs.in_file, inputs.displacement, inputs.reference_image, out_file,
+            out = pipeline.apply_warp(inputs.in_file, inputs.displacement, inputs.reference_image, out_file,
                                    interpolation=inputs.interpolation)
         self._results["out_file"] = str(out)
         return runtime

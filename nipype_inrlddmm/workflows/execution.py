@@ -40,7 +40,8 @@ from nipype.pipeline.plugins import SLURMPlugin as _NipypeSLURMPlugin
 from nipype.pipeline.plugins.multiproc import process_initializer, run_node
 from nipype.utils.filemanip import loadpkl
 
-from .. import io, report, steps
+from .. import evaluation, io
+from ..reports import study as study_report
 from ..worker_server import start_worker_server
 from .study import branch_prefixes, study_parameters
 
@@ -373,7 +374,7 @@ def run_study(workflow: Workflow, *, plugin: str = "Linear", plugin_args: dict |
     JoinNode's ``study_dice.csv`` is already in the output folder; otherwise
     (Nipype skips a JoinNode after an upstream failure) the table is written
     here from the patients' own results.  ``report.html``
-    (:func:`nipype_inrlddmm.report.write_study_report`) is written beside
+    (:func:`nipype_inrlddmm.reports.study.write_study_report`) is written beside
     it, with the failed patients marked and each patient's Dice before
     registration read from the manifest's label maps.
 
@@ -498,15 +499,15 @@ def _run_study(workflow: Workflow, plugin: str, plugin_args: dict | None) -> lis
     rows = []
     for patient in patients:
         if patient in failed:
-            rows.append(steps.failed_row(patient, _failure_reason(failed[patient], stopped)))
+            rows.append(evaluation.failed_row(patient, _failure_reason(failed[patient], stopped)))
         elif not (out_dir / patient / "dice.json").is_file():
             # Nipype stops scheduling when it cannot even record a failure (a full disk): the patients after
             # it never ran, and a rerun takes them up.
-            rows.append(steps.failed_row(patient, "not run: the study stopped at another patient's failure"))
+            rows.append(evaluation.failed_row(patient, "not run: the study stopped at another patient's failure"))
         else:
-            rows.append(steps.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
+            rows.append(evaluation.study_row(patient, out_dir / patient / "dice.csv", out_dir / patient / "dice.json"))
     # Otherwise the JoinNode's table is in out_dir already; a study of several branches has none.
     if any(row["status"] == "failed" for row in rows) or len(prefixes) > 1:
-        steps.write_study_table(out_dir / "study_dice.csv", rows)
-    report.write_study_report(out_dir, rows, parameters=study_parameters(workflow), manifest=manifest)
+        evaluation.write_study_table(out_dir / "study_dice.csv", rows)
+    study_report.write_study_report(out_dir, rows, parameters=study_parameters(workflow), manifest=manifest)
     return rows

@@ -141,7 +141,7 @@ def init_registration_wf(
     warm_start : no coarse stage or distillation: the inputnode's
         ``init_model`` (the ``model.pt`` of a registration of the same
         moving image onto a fixed grid covering this one) starts the fine
-        stage (:func:`~nipype_inrlddmm.steps.warm_start_model`), which runs
+        stage (:func:`~nipype_inrlddmm.pipeline.warm_start_model`), which runs
         ``warm_iterations`` from ``warm_learning_rate``.
     **options : registration settings, as
         :func:`nipype_inrlddmm.engine.config_from_options` (``seed``,

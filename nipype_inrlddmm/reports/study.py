@@ -20,22 +20,22 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io as _bytes_io
 import math
 import platform
 import shlex
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import __version__, io
+from .. import __version__, io
 
 REPORT_NAME = "report.html"
-#: Study-table columns that are not per-label Dice (see :func:`nipype_inrlddmm.steps.study_row`).
+#: Study-table columns that are not per-label Dice (see :func:`nipype_inrlddmm.evaluation.study_row`).
 SUMMARY_COLUMNS = ("patient", "status", "mean_dice", "mean_hd95_mm", "jacobian_min", "jacobian_nonpositive_percent",
                    "sdlogj", "missing_labels", "error")
 #: Per-patient figures linked from the report, by file name in ``<out_dir>/<patient>/``.
@@ -162,7 +162,7 @@ def dice_boxplot(rows: list[dict], before: dict[str, dict[str, float]] | None = 
         axis.legend(handles, ["before (headers only)", "after registration"], fontsize=8, loc="lower left",
                     bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
     figure.tight_layout()
-    buffer = _bytes_io.BytesIO()
+    buffer = BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
@@ -229,7 +229,7 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
     RTSTRUCTs', rasterised on their series as the study did (:func:`dicom_labels`).  Patients whose
     files cannot be read are left out.
     """
-    from . import metrics
+    from ..evaluation import metrics
     from .qc import labels_before
 
     entries = {entry["patient"]: entry for entry in io.read_manifest(manifest, check_files=False)}
@@ -262,7 +262,7 @@ def dice_before(manifest, out_dir, rows: list[dict]) -> dict[str, dict[str, floa
 def dicom_labels(entry: dict) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A manifest row of DICOM series: its moving and fixed RTSTRUCTs as label maps with their series'
     affines, the fixed ROIs numbered by name as the moving ones (as the study's ``RTStructToLabels``)."""
-    from . import dicom
+    from ..io import dicom
 
     moving_series, fixed_series = dicom.read_series(entry["moving"]), dicom.read_series(entry["fixed"])
     structures = dicom.read_rtstruct(entry["moving_rtstruct"], moving_series)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, metrics
+from .. import io
+from . import metrics
 
 
 def evaluate_labels(
@@ -19,7 +20,7 @@ def evaluate_labels(
     ``names`` (``{id: name}``), when given, are exactly the labels evaluated,
     otherwise every label present; ``mask`` (bool) restricts the evaluation
     to a region; ``jacobian`` (det J of the field on the grid) adds its
-    statistics (:func:`~nipype_inrlddmm.metrics.determinant_summary`).
+    statistics (:func:`~nipype_inrlddmm.evaluation.metrics.determinant_summary`).
     """
     rows = metrics.label_overlap(warped, fixed, affine, sorted(names) if names else None, names=names, mask=mask)
     found = [r["dice"] for r in rows if not r["missing"]]

@@ -1,4 +1,4 @@
-"""File-level registration steps: what each Nipype interface runs.
+"""Each stage from files to files: what each Nipype interface runs.
 
 Every function reads and validates its input files (failing with
 :class:`~nipype_inrlddmm.io.InputError`, which names the file, before any
@@ -15,133 +15,18 @@ the same configuration gives the same field as :func:`nipype_inrlddmm.register`
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from . import engine, host, io
-from .api import as_tensor
-from .engine.affine import AffineConfig, checked_affine_register
-from .engine.grid import bounding_box
-
-LOGGER = logging.getLogger("nipype_inrlddmm")
-
-#: File names of each step's outputs (the study's DataSink keeps them in out_dir/<patient>/).
-COARSE_OUTPUTS = {"model": "coarse_model.pt", "displacement": "coarse_displacement.nii.gz", "log": "coarse_log.csv"}
-DISTILL_OUTPUTS = {"model": "distilled_model.pt", "log": "distill_log.csv"}
-FINE_OUTPUTS = {"model": "model.pt", "displacement": "displacement.nii.gz", "warped_image": "warped.nii.gz",
-                "log": "fine_log.csv"}
-AFFINE_OUTPUTS = {"aligned_image": "moving_aligned.nii.gz", "aligned_labels": "moving_labels_aligned.nii.gz",
-                  "transform": "affine.txt"}
-TRAJECTORY_OUTPUTS = {"trajectory": "trajectory.nii.gz", "animation": "trajectory.gif"}
-
-
-@contextlib.contextmanager
-def torch_threads(n_threads: int | None):
-    """Run a block with ``n_threads`` torch CPU threads, then restore the previous count.
-
-    Nipype's Linear plugin runs every node in the caller's process; restoring
-    keeps one node's setting from leaking into the next or into the caller.
-    """
-    previous = torch.get_num_threads()
-    if n_threads:
-        torch.set_num_threads(int(n_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@dataclass
-class Pair:
-    """A validated moving/fixed pair (float32 data, float64 affines); ``fixed_mask`` is bool, labels int32, or None."""
-
-    moving: np.ndarray
-    moving_affine: np.ndarray
-    fixed: np.ndarray
-    fixed_affine: np.ndarray
-    fixed_mask: np.ndarray | None = None
-    moving_labels: np.ndarray | None = None
-    fixed_labels: np.ndarray | None = None
-    fixed_label_names: dict[int, str] | None = None  # those of a 4-D fixed label file ("volume k"), None for 3-D
-
-
-def load_pair(moving, fixed, *, moving_labels=None, fixed_labels=None, fixed_mask=None,
-              label_volume: int | None = None) -> Pair:
-    """Read and validate a pair and, when given, its label maps and fixed mask.
-
-    Label maps must lie on their image's grid and the mask on the fixed grid;
-    any problem raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
-    ``label_volume`` picks one volume of 4-D label files (:func:`~nipype_inrlddmm.io.load_named_labels`).
-    """
-    moving_data, moving_affine = io.load_image(moving)
-    fixed_data, fixed_affine = io.load_image(fixed)
-
-    def labels(path, image, data, affine):
-        return io.load_named_labels(path, reference=(image, data, affine), volume=label_volume) if path else (None,) * 3
-
-    moving_map, _, _ = labels(moving_labels, moving, moving_data, moving_affine)
-    fixed_map, _, fixed_names = labels(fixed_labels, fixed, fixed_data, fixed_affine)
-    mask = None
-    if fixed_mask:
-        mask = io.load_mask(fixed_mask, fixed_data.shape, fixed_affine, reference=f"the fixed image {fixed}")
-        if not mask.any():
-            raise io.InputError(fixed_mask, "the mask is empty: no voxel to sample")
-    return Pair(moving_data, moving_affine, fixed_data, fixed_affine, mask, moving_map, fixed_map, fixed_names)
-
-
-def check_labels(moving, fixed, *, moving_labels=None, fixed_labels=None) -> None:
-    """Validate label maps before any optimisation: readable, integer, non-empty, on their image's grid.
-
-    Only the images' headers are read (their voxels are validated by the
-    stage that loads them); an image whose header is unusable (unreadable,
-    not 3-D, singular affine, ...) is left for that stage to report, and its
-    labels are then checked without the grid.
-    Raises :class:`~nipype_inrlddmm.io.InputError` naming the file.
-    """
-    for labels, image in ((moving_labels, moving), (fixed_labels, fixed)):
-        if not labels:
-            continue
-        try:
-            header, shape = io.open_volume(image, "image")
-            reference = (image, shape, np.asarray(header.affine, np.float64))
-        except io.InputError:  # the image's own stage reports it
-            reference = None
-        io.load_labels(labels, reference=reference)
-
-
-def check_memory(stage: str, fixed_shape, config: engine.RegistrationConfig, *, device, source,
-                 moving_shape=None) -> None:
-    """Refuse, before it starts, a stage that would not fit in the available memory.
-
-    :func:`nipype_inrlddmm.engine.check_memory`, its message starting with
-    ``source`` (the fixed image's path); raises
-    :class:`~nipype_inrlddmm.engine.InsufficientMemoryError` with advice.
-    """
-    engine.check_memory(stage, fixed_shape, config, moving_shape=moving_shape, device=device,
-                        available=host.available_memory(device), source=source)
-
-
-def _normalised(volume: torch.Tensor, path) -> torch.Tensor:
-    """:func:`engine.normalise_intensity`, failing with an :class:`io.InputError` naming ``path``."""
-    try:
-        return engine.normalise_intensity(volume)
-    except ValueError as error:
-        raise io.InputError(path, "the image is constant once its 0.5 % extreme voxels are clipped: "
-                            "similarity is undefined") from error
-
-
-def _tensors(pair: Pair, device: torch.device):
-    mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)
-    arrays = (pair.moving, pair.moving_affine, pair.fixed, pair.fixed_affine)
-    return (*(as_tensor(a, device) for a in arrays), mask)
+from .. import engine, io
+from ..api import as_tensor
+from ..engine.affine import AffineConfig, checked_affine_register
+from .inputs import LOGGER, Pair, check_memory, load_pair, normalised, pair_tensors, warm_start_model
+from .outputs import AFFINE_OUTPUTS, COARSE_OUTPUTS, DISTILL_OUTPUTS, FINE_OUTPUTS, TRAJECTORY_OUTPUTS, fine_writers
 
 
 def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
@@ -155,8 +40,8 @@ def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fix
     pair = load_pair(moving, fixed, fixed_mask=fixed_mask)
     device = engine.resolve_device(device)
     check_memory("coarse", pair.fixed.shape, config, moving_shape=pair.moving.shape, device=device, source=fixed)
-    moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
-    moving_n, fixed_n = _normalised(moving_t, moving), _normalised(fixed_t, fixed)
+    moving_t, moving_affine, fixed_t, fixed_affine, mask = pair_tensors(pair, device)
+    moving_n, fixed_n = normalised(moving_t, moving), normalised(fixed_t, fixed)
     result = engine.coarse_stage(moving_n, moving_affine, fixed_n, fixed_affine, config, fixed_mask=mask,
                                  progress=progress)
     out = Path(out_dir)
@@ -193,72 +78,6 @@ def run_distill(coarse_model, coarse_displacement, fixed, out_dir, config: engin
     }
 
 
-def warm_start_model(path, fixed, fixed_shape, fixed_affine: np.ndarray, *,
-                     model_options: dict | None = None, moving: dict | None = None) -> engine.VelocityField:
-    """The velocity network of checkpoint ``path`` (a previous registration's ``model.pt``), to start a
-    registration on the fixed image ``fixed`` (its grid: ``fixed_shape``, ``fixed_affine``) from.
-
-    Refused with an :class:`~nipype_inrlddmm.io.InputError` naming ``path``
-    when it cannot be read, comes from another version, or was fitted on a
-    fixed grid that does not cover this one
-    (:func:`~nipype_inrlddmm.engine.warm_start_mismatch`: both grids are
-    then named), and when ``model_options`` (architecture settings the user
-    gave, :class:`~nipype_inrlddmm.engine.ModelConfig` fields) contradict
-    the network's.  With ``moving`` (:func:`~nipype_inrlddmm.io.image_fingerprint`
-    of this registration's moving image), refused too when the checkpoint
-    records another moving image (:func:`check_same_moving`).
-    """
-    velocity = io.load_checkpoint(path)
-    if moving is not None:
-        check_same_moving(path, moving)
-    mismatch = engine.warm_start_mismatch(velocity, fixed_shape, as_tensor(fixed_affine))
-    if mismatch:
-        shape, affine = io.checkpoint_grid(path)
-        raise io.InputError(path, f"cannot start the registration onto {fixed} from this model: {mismatch}; it was "
-                            f"fitted on {_grid_text(shape, affine)}, the fixed image is "
-                            f"{_grid_text(fixed_shape, fixed_affine)}")
-    contradicted = {name: value for name, value in (model_options or {}).items()
-                    if getattr(velocity.config, name) != value}
-    if contradicted:
-        raise io.InputError(path, "the network's architecture is fixed by the model: "
-                            + ", ".join(f"{name} is {getattr(velocity.config, name)!r}, not {value!r}"
-                                        for name, value in contradicted.items()) + "; leave those options out")
-    return velocity
-
-
-def check_same_moving(path, moving: dict) -> None:
-    """Refuse checkpoint ``path`` when it was fitted with another moving image than ``moving`` (both
-    :func:`~nipype_inrlddmm.io.image_fingerprint`): another shape or other voxel values.
-
-    A warm start continues a registration of the same moving image (a
-    course's planning CT); another image would start from a field that maps
-    someone else's anatomy.  The headers are not compared: a pre-alignment
-    gives the same voxels another affine every day.  A checkpoint recording
-    no moving image (one written before fingerprints were stored, or a
-    coarse or distilled model) is taken as it is, with a warning.
-    """
-    recorded = io.checkpoint_moving(path)
-    if recorded is None:
-        LOGGER.warning("%s records no moving image (an older model?): that it was fitted with %s is not checked",
-                       path, moving["file"])
-        return
-    if [int(n) for n in recorded["shape"]] != moving["shape"] or recorded["voxels"] != moving["voxels"]:
-        def text(fingerprint):
-            return (f"{fingerprint['file']} ({' x '.join(str(int(n)) for n in fingerprint['shape'])} voxels, "
-                    f"voxel hash {fingerprint['voxels'][:12]})")
-        raise io.InputError(path, f"was fitted with the moving image {text(recorded)}, not with this one, "
-                            f"{text(moving)}: a warm start continues a registration of the same moving image "
-                            "(the course's planning CT)")
-
-
-def _grid_text(shape, affine) -> str:
-    """A grid in words: its shape, voxel size and the world box of its voxel centres (mm, RAS)."""
-    low, high = (point.tolist() for point in bounding_box(shape, as_tensor(affine)))
-    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
-    return (f"{' x '.join(str(int(n)) for n in shape)} voxels of {' x '.join(f'{v:.2f}' for v in sizes)} mm from "
-            f"({', '.join(f'{v:.1f}' for v in low)}) to ({', '.join(f'{v:.1f}' for v in high)}) mm")
-
-
 def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
              warm_start=False, device="auto", progress=False) -> dict[str, Path]:
     """Fine stage at full resolution from ``init_model``, then warp the moving image.
@@ -281,20 +100,15 @@ def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConf
     device = engine.resolve_device(device)
     config = replace(config, model=velocity.config)
     check_memory("fine", pair.fixed.shape, config, moving_shape=pair.moving.shape, device=device, source=fixed)
-    moving_t, moving_affine, fixed_t, fixed_affine, mask = _tensors(pair, device)
-    moving_n, fixed_n = _normalised(moving_t, moving), _normalised(fixed_t, fixed)
+    moving_t, moving_affine, fixed_t, fixed_affine, mask = pair_tensors(pair, device)
+    moving_n, fixed_n = normalised(moving_t, moving), normalised(fixed_t, fixed)
     result = engine.fine_stage(velocity.to(device), moving_n, moving_affine, fixed_n, fixed_affine, config,
                                fixed_mask=mask, progress=progress)
     warped = engine.warp(moving_t, moving_affine, result.displacement, fixed_affine)
-    out = Path(out_dir)
-    return {
-        "model": io.save_checkpoint(out / FINE_OUTPUTS["model"], result.velocity, shape=pair.fixed.shape,
-                                    affine=pair.fixed_affine, moving=fingerprint),
-        "displacement": io.save_displacement(out / FINE_OUTPUTS["displacement"], result.displacement.cpu().numpy(),
-                                             pair.fixed_affine),
-        "warped_image": io.save_image(out / FINE_OUTPUTS["warped_image"], warped.cpu().numpy(), pair.fixed_affine),
-        "log": io.write_csv(out / FINE_OUTPUTS["log"], result.log),
-    }
+    writers = fine_writers(out_dir, result.velocity, result.displacement.cpu().numpy(), warped.cpu().numpy(),
+                           fixed_shape=pair.fixed.shape, fixed_affine=pair.fixed_affine, moving=fingerprint)
+    return {name: write() for name, write in writers.items()} | {
+        "log": io.write_csv(Path(out_dir) / FINE_OUTPUTS["log"], result.log)}
 
 
 def apply_warp(in_file, displacement, reference, out_file, *, interpolation="linear") -> Path:
@@ -314,9 +128,17 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
                     what="displacement", reference=f"the reference {reference}")
     if interpolation != "linear" and not np.array_equal(data, np.round(data)):
         raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
-    out = engine.warp(as_tensor(data), as_tensor(affine), as_tensor(field), as_tensor(field_affine),
+    return io.save_image(out_file, warp_array(data, affine, field, field_affine, interpolation=interpolation),
+                         ref_affine)
+
+
+def warp_array(data: np.ndarray, affine: np.ndarray, displacement: np.ndarray, field_affine: np.ndarray, *,
+               interpolation: str = "linear") -> np.ndarray:
+    """``data`` (on the grid of ``affine``) resampled through ``displacement`` (``(X, Y, Z, 3)`` mm RAS on the
+    grid of ``field_affine``): float32 for ``"linear"``, int32 label ids for ``"nearest"`` and ``"label"``."""
+    out = engine.warp(as_tensor(data), as_tensor(affine), as_tensor(displacement), as_tensor(field_affine),
                       interpolation=interpolation).numpy()
-    return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
+    return out if interpolation == "linear" else out.astype(np.int32)
 
 
 def _reference_grid(reference, what: str = "reference image"):
@@ -389,7 +211,7 @@ def write_trajectory(frames: np.ndarray, times: np.ndarray, affine: np.ndarray, 
     interval of the flow); the GIF shows the axial slice through the grid's
     centre.
     """
-    from . import qc  # matplotlib is imported only by the steps that draw, not by every interface
+    from ..reports import qc  # matplotlib is imported only by the stages that draw, not by every interface
 
     out = Path(out_dir)
     image = nib.Nifti1Image(np.asarray(frames, np.float32), affine)
@@ -426,7 +248,7 @@ def estimate_affine(pair: Pair, moving, fixed, config: AffineConfig = AffineConf
     pair.  ``moving`` and ``fixed`` (the paths) name the image in any error.
     """
     device = engine.resolve_device(device)
-    moving_t, fixed_t = (_normalised(as_tensor(a, device), path) for a, path in ((pair.moving, moving),
+    moving_t, fixed_t = (normalised(as_tensor(a, device), path) for a, path in ((pair.moving, moving),
                                                                                (pair.fixed, fixed)))
     # float64 geometry: the transform is what this step returns, keep it exact.
     moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
@@ -474,38 +296,3 @@ def affine_init(moving, fixed, out_dir, *, moving_labels=None, fixed_mask=None, 
     else:
         matrix = estimate_affine(pair, moving, fixed, config, seed=seed, device=device)
     return write_aligned(pair, matrix, out_dir)
-
-
-# --- study tables -------------------------------------------------------------
-
-def study_row(patient: str, dice_csv, dice_json) -> dict:
-    """One study-table row: per-label Dice columns (named), mean Dice and HD95, folding."""
-    summary = json.loads(Path(dice_json).read_text())
-    with open(dice_csv, newline="") as handle:
-        labels = list(csv.DictReader(handle))
-    row = {"patient": patient, "status": "ok"}
-    row.update({label["name"]: round(float(label["dice"]), 4) for label in labels})
-    hd95 = [float(label["hd95_mm"]) for label in labels if not label["missing"]]
-    row["mean_dice"] = round(summary["mean_dice"], 4)
-    row["mean_hd95_mm"] = round(float(np.mean(hd95)), 3) if hd95 else float("nan")
-    for key in ("jacobian_min", "jacobian_nonpositive_percent", "sdlogj"):
-        if key in summary:
-            row[key] = round(summary[key], 4)
-    # A label absent from one map has Dice 0 (or NaN from both) by definition: say so, never silently.
-    row["missing_labels"] = "; ".join(
-        f"{label['name']}: absent from {'both maps' if label['missing'] == 'both' else label['missing']}"
-        for label in labels if label["missing"])
-    row["error"] = ""
-    return row
-
-
-def failed_row(patient: str, reason: str) -> dict:
-    """A study-table row for a patient whose registration did not finish."""
-    return {"patient": patient, "status": "failed", "error": reason}
-
-
-def write_study_table(path, rows: list[dict]) -> Path:
-    """Write the study table, in row order, with the columns of a successful row first."""
-    template = next((row for row in rows if row["status"] == "ok"), rows[0])
-    columns = list(dict.fromkeys([*template, *(key for row in rows for key in row)]))
-    return io.write_csv(path, [{key: row.get(key, "") for key in columns} for row in rows])

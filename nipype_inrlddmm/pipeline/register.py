@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, io, metrics, qc, steps
-from .api import register
-from .engine.affine import AffineConfig
-from .evaluate import evaluate_labels, write_evaluation
-
-#: File names of the outputs of :func:`register_files` beyond the stages' (:data:`~.steps.FINE_OUTPUTS`).
-REGISTER_OUTPUTS = {"log": "log.csv", "warped_labels": "warped_labels.nii.gz", "dice": "dice.csv",
-                    "dice_summary": "dice.json", "qc": "qc.png"}
+from .. import engine, io
+from ..api import register
+from ..engine.affine import AffineConfig
+from ..evaluation import evaluate_labels, metrics, write_evaluation
+from ..reports import qc
+from .inputs import load_pair, torch_threads, warm_start_model
+from .outputs import REGISTER_OUTPUTS, fine_writers
+from .stages import estimate_affine, trajectory_frames, warp_array, write_aligned, write_trajectory
 
 
 class PhaseClock:
@@ -58,7 +58,7 @@ def register_files(
     """Register two NIfTI files and write every output into ``out_dir``.
 
     Writes ``warped.nii.gz``, ``displacement.nii.gz`` (ITK/ANTs),
-    ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.qc`) and,
+    ``model.pt``, ``log.csv``, ``qc.png`` (:mod:`nipype_inrlddmm.reports.qc`) and,
     with both label maps, ``warped_labels.nii.gz``, ``dice.csv`` and
     ``dice.json`` (4-D label files: one label per volume, or volume
     ``label_volume`` alone, named "volume k" unless ``label_names`` says
@@ -67,7 +67,7 @@ def register_files(
     ``affine`` (``"rigid"`` or ``"affine"``) the moving image is first
     pre-aligned, as ANTs does before SyN, the search starting from
     ``affine_start`` (one of :data:`~nipype_inrlddmm.engine.affine.STARTS`;
-    :func:`~nipype_inrlddmm.steps.affine_init`: ``affine.txt``, and
+    :func:`~nipype_inrlddmm.pipeline.affine_init`: ``affine.txt``, and
     ``moving_aligned.nii.gz`` with its header rewritten, voxels untouched),
     and registered from there; ``antsApplyTransforms ... -t
     displacement.nii.gz -t affine.txt`` applies both to the original moving
@@ -75,7 +75,7 @@ def register_files(
     same moving image onto a fixed image whose grid covers this one: the
     previous fraction of a course), a warm start: the fine stage alone
     continues that network, ``warm_iterations`` from ``warm_learning_rate``
-    (:func:`~nipype_inrlddmm.steps.warm_start_model` checks the file and the
+    (:func:`~nipype_inrlddmm.pipeline.warm_start_model` checks the file and the
     grids, and that the model was fitted with this moving image: each
     ``model.pt`` records its moving image's
     :func:`~nipype_inrlddmm.io.image_fingerprint`, naming
@@ -101,13 +101,13 @@ def register_files(
         if progress:
             print(f"inrlddmm: {what}", file=sys.stderr, flush=True)
     with clock("read"):
-        pair = steps.load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
+        pair = load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                fixed_mask=fixed_mask, label_volume=label_volume)
         names = io.load_label_names(label_names) if label_names else pair.fixed_label_names
         initial = fingerprint = None
         if init_model:
             fingerprint = io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine)
-            initial = steps.warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
+            initial = warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
                                              model_options={name: value for name, value in options.items()
                                                             if name in engine.ModelConfig.__dataclass_fields__},
                                              moving=fingerprint)
@@ -118,14 +118,14 @@ def register_files(
     outputs = {}
     # Compressing a volume takes a core for seconds: threads write while the phases after the registration run.
     # Every output goes to a staging folder first, moved into out_dir only once all of them are written.
-    with io.staged_folder(final) as out_dir, steps.torch_threads(num_threads), \
+    with io.staged_folder(final) as out_dir, torch_threads(num_threads), \
             ThreadPoolExecutor(max_workers=2) as writer:
         if affine:
             with clock("pre-align"):
                 say(f"pre-aligning ({affine})")
-                matrix = steps.estimate_affine(pair, moving, fixed, AffineConfig(transform=affine, start=affine_start),
+                matrix = estimate_affine(pair, moving, fixed, AffineConfig(transform=affine, start=affine_start),
                                                seed=config.seed, device=device)
-                aligned = steps.write_aligned(pair, matrix, out_dir)
+                aligned = write_aligned(pair, matrix, out_dir)
             outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
             moving_affine = np.linalg.inv(matrix) @ pair.moving_affine
 
@@ -136,23 +136,17 @@ def register_files(
         clock.seconds["stages"] = _stage_seconds(result.log)
         clock.seconds["dense field and warp"] = time.perf_counter() - start - clock.seconds["stages"]
 
-        writes = {
-            "warped": writer.submit(io.save_image, out_dir / steps.FINE_OUTPUTS["warped_image"], result.warped,
-                                    fixed_affine),
-            "displacement": writer.submit(io.save_displacement, out_dir / steps.FINE_OUTPUTS["displacement"],
-                                          result.displacement, fixed_affine),
-            # The moving image's fingerprint is hashed in the writer's thread (hashlib lets go of the GIL).
-            "model": writer.submit(lambda: io.save_checkpoint(
-                out_dir / steps.FINE_OUTPUTS["model"], result.model, shape=pair.fixed.shape, affine=fixed_affine,
-                moving=fingerprint or io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine))),
-            "log": writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log),
-        }
+        fingerprint = fingerprint or io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine)
+        writers = fine_writers(out_dir, result.model, result.displacement, result.warped, fixed_shape=pair.fixed.shape,
+                               fixed_affine=fixed_affine, moving=fingerprint)
+        writes = {name: writer.submit(write) for name, write in writers.items()}
+        writes["log"] = writer.submit(io.write_csv, out_dir / REGISTER_OUTPUTS["log"], result.log)
         warped_labels = before = dice_before = dice_after = None
         if evaluate:
             with clock("labels"):
                 say("carrying the labels")
-                warped_labels = result.apply((pair.moving_labels, moving_affine),
-                                             interpolation="label").astype(np.int32)
+                warped_labels = warp_array(pair.moving_labels, moving_affine, result.displacement, fixed_affine,
+                                           interpolation="label")
                 writes["warped_labels"] = writer.submit(io.save_image, out_dir / REGISTER_OUTPUTS["warped_labels"],
                                                         warped_labels, fixed_affine)
                 before = qc.labels_before(pair.moving_labels, moving_affine, pair.fixed.shape, fixed_affine)
@@ -183,9 +177,9 @@ def register_files(
         if trajectory:
             with clock("trajectory"):
                 say("drawing the trajectory")
-                frames, times = steps.trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
+                frames, times = trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
                                                         fixed_affine, trajectory, field_stride=config.field_stride)
-                outputs.update(steps.write_trajectory(frames, times, fixed_affine, out_dir, title=title))
+                outputs.update(write_trajectory(frames, times, fixed_affine, out_dir, title=title))
         with clock("write"):  # what is left of it once everything else is done
             outputs |= {name: write.result() for name, write in writes.items()}
     outputs = {name: final / value.name if isinstance(value, Path) else value for name, value in outputs.items()}

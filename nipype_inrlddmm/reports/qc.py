@@ -33,7 +33,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from . import io, metrics
+from .. import io
+from ..evaluation import metrics
 
 #: Overlay colours (RGB): the fixed labels, the moving or warped labels, and where their contours agree.
 FIXED_COLOUR, WARPED_COLOUR, OVERLAP_COLOUR = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1), (1.0, 0.95, 0.0)
@@ -122,8 +123,8 @@ def _before(moving, moving_affine, shape, affine, *, labels=False) -> np.ndarray
     """The moving image (or labels) on the grid of ``shape`` and ``affine`` without any deformation: 'before'."""
     import torch
 
-    from .api import as_tensor
-    from .engine import warp
+    from ..api import as_tensor
+    from ..engine import warp
 
     zero = torch.zeros((*shape, 3))
     out = warp(as_tensor(moving), as_tensor(moving_affine), zero, as_tensor(affine),
@@ -257,7 +258,7 @@ def qc_figure(
         them (``dice.csv``), to spare counting them again; a label they
         lack is counted here.
     jacobian : optional ``(X, Y, Z)`` determinant of the field's Jacobian on
-        the fixed grid (:func:`~nipype_inrlddmm.metrics.jacobian_determinant`):
+        the fixed grid (:func:`~nipype_inrlddmm.evaluation.metrics.jacobian_determinant`):
         its column, with folded voxels (det J <= 0) marked magenta.
     mask : optional bool region of the fixed grid where the Dice in the
         titles is counted (as in ``dice.csv``).

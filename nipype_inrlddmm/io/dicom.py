@@ -41,7 +41,9 @@ from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon
 from skimage.measure import find_contours
 
-from . import __version__, io
+from .. import __version__
+from .files import InputError, atomic_path
+from .nifti import save_image
 
 #: RAS <-> LPS on homogeneous 4x4 matrices (its own inverse).
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -129,7 +131,7 @@ def _image_headers(folder: Path) -> list[tuple[Path, Dataset]]:
     (an RTSTRUCT, a DICOMDIR), are not part of an image series and are passed over.
     """
     if not folder.is_dir():
-        raise io.InputError(folder, "is not a folder of DICOM files"
+        raise InputError(folder, "is not a folder of DICOM files"
                             + ("" if folder.exists() else " (it does not exist)"))
     found = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -140,7 +142,7 @@ def _image_headers(folder: Path) -> list[tuple[Path, Dataset]]:
         if "ImagePositionPatient" in header and "Rows" in header:
             found.append((path, header))
     if not found:
-        raise io.InputError(folder, "holds no DICOM image (no file with pixels and an ImagePositionPatient)")
+        raise InputError(folder, "holds no DICOM image (no file with pixels and an ImagePositionPatient)")
     return found
 
 
@@ -152,7 +154,7 @@ def _one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
         listed = "; ".join(f"{uid or 'no UID'} ({len(items)} files, e.g. {items[0][0].name}, "
                            f"{items[0][1].get('Modality', '?')} {items[0][1].get('SeriesDescription', '')!s})"
                            for uid, items in series.items())
-        raise io.InputError(folder, f"holds {len(series)} DICOM image series (SeriesInstanceUID {listed}): "
+        raise InputError(folder, f"holds {len(series)} DICOM image series (SeriesInstanceUID {listed}): "
                             "give a folder with one series")
 
 
@@ -161,11 +163,11 @@ def _same(folder: Path, headers, keyword: str, what: str) -> np.ndarray:
     values = []
     for path, header in headers:
         if keyword not in header:
-            raise io.InputError(path, f"has no {keyword} ({what})")
+            raise InputError(path, f"has no {keyword} ({what})")
         values.append(np.asarray(header[keyword].value, np.float64))
     for (path, _), value in zip(headers, values):
         if value.shape != values[0].shape or not np.allclose(value, values[0], atol=1e-4):
-            raise io.InputError(folder, f"its slices differ in {what}: {headers[0][0].name} has "
+            raise InputError(folder, f"its slices differ in {what}: {headers[0][0].name} has "
                                 f"{values[0].tolist()}, {path.name} has {value.tolist()}")
     return values[0]
 
@@ -175,7 +177,7 @@ def _directions(folder: Path, orientation: np.ndarray) -> np.ndarray:
     row, column = orientation[:3], orientation[3:]
     norms = np.linalg.norm(row), np.linalg.norm(column)
     if orientation.shape != (6,) or min(norms) < 0.99 or max(norms) > 1.01 or abs(row @ column) > 1e-3:
-        raise io.InputError(folder, f"ImageOrientationPatient {orientation.tolist()} is not two orthogonal "
+        raise InputError(folder, f"ImageOrientationPatient {orientation.tolist()} is not two orthogonal "
                             "unit vectors")
     row, column = row / norms[0], column / norms[1]
     return np.stack([row, column, np.cross(row, column)])
@@ -192,25 +194,25 @@ def _sorted_slices(folder: Path, headers, directions: np.ndarray, pixel_spacing:
     order = np.argsort(along, kind="stable")
     headers, positions, along = [headers[i] for i in order], positions[order], along[order]
     if len(headers) < 2:
-        raise io.InputError(folder, f"holds a single slice ({headers[0][0].name}): a 3-D volume needs at least 2")
+        raise InputError(folder, f"holds a single slice ({headers[0][0].name}): a 3-D volume needs at least 2")
     gaps = np.diff(along)
     gap = float(np.median(gaps))
     tolerance = SLICE_TOLERANCE * max(gap, float(pixel_spacing.min()))
     for n in np.flatnonzero(gaps <= tolerance):
-        raise io.InputError(folder, f"holds duplicated slices: {headers[n][0].name} and {headers[n + 1][0].name} "
+        raise InputError(folder, f"holds duplicated slices: {headers[n][0].name} and {headers[n + 1][0].name} "
                             f"are both at {along[n]:.3f} mm along the slice normal")
     for n in np.flatnonzero(np.abs(gaps - gap) > tolerance):
         ratio = gaps[n] / gap
         if abs(ratio - round(ratio)) * gap <= tolerance:
-            raise io.InputError(folder, f"misses {round(ratio) - 1} slice(s) between {headers[n][0].name} and "
+            raise InputError(folder, f"misses {round(ratio) - 1} slice(s) between {headers[n][0].name} and "
                                 f"{headers[n + 1][0].name} ({gaps[n]:.3f} mm apart where slices are {gap:.3f} mm)")
-        raise io.InputError(folder, f"has uneven slice spacing: {headers[n][0].name} and {headers[n + 1][0].name} "
+        raise InputError(folder, f"has uneven slice spacing: {headers[n][0].name} and {headers[n + 1][0].name} "
                             f"are {gaps[n]:.3f} mm apart where the other slices are {gap:.3f} mm")
     offsets = (positions - positions[0]) @ directions[:2].T  # in-plane drift of each slice from the first
     drift = np.linalg.norm(offsets, axis=1)
     if drift.max() > tolerance:
         degrees = np.degrees(np.arctan2(drift[-1], along[-1] - along[0]))
-        raise io.InputError(folder, f"its slices are not stacked along their normal (gantry tilt of about "
+        raise InputError(folder, f"its slices are not stacked along their normal (gantry tilt of about "
                             f"{degrees:.2f} degrees: {headers[-1][0].name} lies {drift[-1]:.3f} mm aside): "
                             "resample it to an untilted series first")
     step = (positions[-1] - positions[0]) / (len(headers) - 1)
@@ -225,7 +227,7 @@ def _pixels(path: Path, header: Dataset) -> np.ndarray:
             raise ValueError("a multi-frame image; one file per slice is expected")
         return np.asarray(apply_rescale(dataset.pixel_array, dataset), np.float32)
     except Exception as error:  # pydicom raises many types for pixel data it cannot decode
-        raise io.InputError(path, f"cannot read the pixels ({type(error).__name__}: {error})") from error
+        raise InputError(path, f"cannot read the pixels ({type(error).__name__}: {error})") from error
 
 
 def read_series(folder) -> Series:
@@ -267,7 +269,7 @@ def as_nifti(path, folder) -> tuple[Path, Series | None]:
     if not path.is_dir():
         return path, None
     series = read_series(path)
-    return io.save_image(Path(folder) / f"{path.name}.nii.gz", series.data, series.affine), series
+    return save_image(Path(folder) / f"{path.name}.nii.gz", series.data, series.affine), series
 
 
 def _ds(values) -> list[str]:
@@ -288,7 +290,7 @@ def _file_dataset(sop_class: str, sop_instance: str) -> Dataset:
 
 
 def _save(dataset: Dataset, path: Path) -> Path:
-    with io.atomic_path(path) as temporary:
+    with atomic_path(path) as temporary:
         dataset.save_as(temporary, enforce_file_format=True)
     return path
 
@@ -361,13 +363,13 @@ def write_series(folder, data, affine, *, patient_id: str = "PHANTOM", patient_n
 
 def _read_rtstruct_file(path: Path) -> Dataset:
     if not path.is_file():
-        raise io.InputError(path, "RTSTRUCT file does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise InputError(path, "RTSTRUCT file does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
-        raise io.InputError(path, f"cannot read it as DICOM ({type(error).__name__}: {error})") from error
+        raise InputError(path, f"cannot read it as DICOM ({type(error).__name__}: {error})") from error
     if dataset.get("SOPClassUID") != RTStructureSetStorage or "StructureSetROISequence" not in dataset:
-        raise io.InputError(path, f"is not an RTSTRUCT (SOP class {dataset.get('SOPClassUID', 'missing')}, "
+        raise InputError(path, f"is not an RTSTRUCT (SOP class {dataset.get('SOPClassUID', 'missing')}, "
                             f"modality {dataset.get('Modality', 'missing')})")
     return dataset
 
@@ -381,11 +383,11 @@ def _rasterise(path: Path, name: str, contours, series: Series) -> np.ndarray:
         ijk = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         k = float(np.median(ijk[:, 2]))
         if np.abs(ijk[:, 2] - round(k)).max() > CONTOUR_TOLERANCE:
-            raise io.InputError(path, f"contour {number} of ROI {name!r} does not lie in a slice of the series "
+            raise InputError(path, f"contour {number} of ROI {name!r} does not lie in a slice of the series "
                                 f"{series.folder} (it spans slices {ijk[:, 2].min():.2f} to {ijk[:, 2].max():.2f}): "
                                 "was it drawn on another series?")
         if not 0 <= round(k) < shape[2]:
-            raise io.InputError(path, f"contour {number} of ROI {name!r} lies outside the series {series.folder} "
+            raise InputError(path, f"contour {number} of ROI {name!r} lies outside the series {series.folder} "
                                 f"(at slice {k:.2f} of {shape[2]})")
         rows, columns = polygon(ijk[:, 0], ijk[:, 1], shape[:2])
         plane = np.zeros(shape[:2], bool)
@@ -480,7 +482,7 @@ def read_rtstruct(path, series: Series) -> Structures:
         number, name = int(item.ROINumber), str(item.get("ROIName", "") or f"ROI {item.ROINumber}")
         frame = str(item.get("ReferencedFrameOfReferenceUID", ""))
         if frame != series.frame_of_reference_uid:
-            raise io.InputError(path, f"ROI {name!r} is in frame of reference {frame or '(none)'}, the series "
+            raise InputError(path, f"ROI {name!r} is in frame of reference {frame or '(none)'}, the series "
                                 f"{series.folder} in {series.frame_of_reference_uid or '(none)'}: the RTSTRUCT was "
                                 "not drawn on this series")
         colour, closed, other = contours.get(number, (None, [], 0))
@@ -488,15 +490,15 @@ def read_rtstruct(path, series: Series) -> Structures:
             if other:
                 skipped.append(name)
                 continue
-            raise io.InputError(path, f"ROI {name!r} (number {number}) is empty: it has no contour")
+            raise InputError(path, f"ROI {name!r} (number {number}) is empty: it has no contour")
         mask = _rasterise(path, name, closed, series)
         if not mask.any():
-            raise io.InputError(path, f"ROI {name!r} (number {number}) covers no voxel centre of the series "
+            raise InputError(path, f"ROI {name!r} (number {number}) covers no voxel centre of the series "
                                 f"{series.folder}")
         rois.append(Roi(len(rois) + 1, name, number, colour, kinds.get(number, "")))
         masks.append(mask)
     if not rois:
-        raise io.InputError(path, "holds no ROI with a closed contour")
+        raise InputError(path, "holds no ROI with a closed contour")
     labels, rois = _label_map(masks, rois, path)
     return Structures(labels, tuple(rois), tuple(skipped))
 
@@ -517,7 +519,7 @@ def match_rois(structures: Structures, rois, path) -> Structures:
             labels[structures.labels == roi.label] = by_name[roi.name].label
             matched.append(by_name[roi.name])
     if not matched:
-        raise io.InputError(path, f"shares no ROI name with the moving RTSTRUCT (its ROIs: "
+        raise InputError(path, f"shares no ROI name with the moving RTSTRUCT (its ROIs: "
                             f"{', '.join(r.name for r in structures.rois)}; the moving ones: "
                             f"{', '.join(r.name for r in rois)})")
     return Structures(labels, tuple(sorted(matched, key=lambda roi: roi.label)), structures.skipped)
@@ -632,10 +634,10 @@ def read_label_table(path) -> tuple[Roi, ...]:
     ROI numbers are the label ids, with no colour, type or enclosed labels."""
     path = Path(path)
     if not path.is_file():
-        raise io.InputError(path, "label table does not exist")
+        raise InputError(path, "label table does not exist")
     rows = list(csv.DictReader(path.read_text().splitlines(), delimiter="\t"))
     if not rows or not {"index", "name"} <= set(rows[0]):
-        raise io.InputError(path, "expected a TSV with columns 'index' and 'name' (and optionally 'roi_number', "
+        raise InputError(path, "expected a TSV with columns 'index' and 'name' (and optionally 'roi_number', "
                             "'colour', 'type', 'within') and at least one row")
     try:
         rois = tuple(Roi(int(row["index"]), row["name"], int(row.get("roi_number") or row["index"]),
@@ -643,8 +645,8 @@ def read_label_table(path) -> tuple[Roi, ...]:
                          row.get("type") or "", tuple(int(k) for k in (row.get("within") or "").split()))
                      for row in rows)
     except ValueError as error:
-        raise io.InputError(path, f"an id, ROI number or colour is not an integer ({error})") from error
+        raise InputError(path, f"an id, ROI number or colour is not an integer ({error})") from error
     for roi in rois:
         if roi.colour is not None and (len(roi.colour) != 3 or not all(0 <= c <= 255 for c in roi.colour)):
-            raise io.InputError(path, f"the colour of ROI {roi.name!r} is not three values 0-255: {roi.colour}")
+            raise InputError(path, f"the colour of ROI {roi.name!r} is not three values 0-255: {roi.colour}")
     return rois

@@ -17,11 +17,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import __version__, dicom, io, steps
-from .pipeline import register_files
-
-#: File names of what :func:`register_dicom` writes beyond :func:`~nipype_inrlddmm.pipeline.register_files`.
-RTSTRUCT_OUTPUTS = {"rtstruct": "rtstruct.dcm", "label_table": "labels.tsv"}
+from .. import __version__, io
+from ..io import dicom
+from .outputs import AFFINE_OUTPUTS, FINE_OUTPUTS, RTSTRUCT_OUTPUTS
+from .register import register_files
+from .stages import apply_warp
 
 
 def _check_options(moving: Path, fixed: Path, *, moving_rtstruct, fixed_rtstruct, moving_labels, fixed_labels,
@@ -48,8 +48,8 @@ def _warped_labels(outputs: dict, stage: Path, moving_labels: Path, fixed: Path,
     through the field it wrote (and the pre-aligned header, with ``affine``), as it would have."""
     path = outputs.get("warped_labels")
     if path is None:
-        source = stage / steps.AFFINE_OUTPUTS["aligned_labels"] if affine else moving_labels
-        path = steps.apply_warp(source, stage / steps.FINE_OUTPUTS["displacement"], fixed,
+        source = stage / AFFINE_OUTPUTS["aligned_labels"] if affine else moving_labels
+        path = apply_warp(source, stage / FINE_OUTPUTS["displacement"], fixed,
                                 stage / "warped_labels.nii.gz", interpolation="label")
         outputs["warped_labels"] = path
     return np.asarray(nib.load(path).dataobj, np.int32)
@@ -66,9 +66,9 @@ def register_dicom(moving, fixed, out_dir, *, moving_rtstruct=None, fixed_rtstru
     """Register ``moving`` onto ``fixed``, each a NIfTI file or a folder holding one DICOM series.
 
     With ``moving_rtstruct`` (an RTSTRUCT drawn on the moving series) its
-    ROIs become the moving labels (:func:`~nipype_inrlddmm.dicom.read_rtstruct`),
+    ROIs become the moving labels (:func:`~nipype_inrlddmm.io.dicom.read_rtstruct`),
     are carried with the field, and are written onto the fixed series as
-    ``rtstruct.dcm`` (:func:`~nipype_inrlddmm.dicom.write_rtstruct`), with
+    ``rtstruct.dcm`` (:func:`~nipype_inrlddmm.io.dicom.write_rtstruct`), with
     ``warped_labels.nii.gz`` and ``labels.tsv`` (label id, ROI name, number,
     colour, type).  With ``fixed_rtstruct`` (the day's reference contours on
     the fixed series) the ROIs of the same name are evaluated
