@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from . import __version__
+from .options import HELP
 from .worker_server import start_worker_server
 
 #: The engine's choices (``engine.affine.TRANSFORMS`` and ``STARTS``, ``SIMILARITIES``, ``ENCODINGS``), spelt
@@ -31,36 +32,13 @@ STARTS = ("moments", "geometry", "identity")
 SIMILARITIES = ("lncc", "ncc", "mse", "mi", "mind")
 ENCODINGS = ("fourier", "siren", "none")
 
-#: CLI flag -> registration option, for the hyper-parameters users tune most.
+#: CLI flag -> the type of the registration option it sets (the help is :data:`~nipype_inrlddmm.options.HELP`'s).
 _OPTIONS = {
-    "n_steps": (int, "Euler steps of the flow over t in [0, 1]"),
-    "width": (int, "hidden units per layer of the velocity MLP"),
-    "depth": (int, "hidden layers of the velocity MLP (the paper uses 3)"),
-    "encoding": (str, "input encoding of the velocity MLP"),
-    "similarity": (str, "image similarity: lncc (CT->CBCT, MR), ncc, mse, mi (Mattes mutual information) or mind "
-                        "(MIND-SSC descriptors, across modalities such as MR->ultrasound)"),
-    "mind_distance_mm": (float, "mind: distance between the neighbourhoods each descriptor compares (mm)"),
-    "mind_radius_mm": (float, "mind: half-width of the box over which neighbourhoods are compared (mm)"),
-    "mi_weight": (float, "weight of the Mattes mutual information added to the similarity (0: off)"),
-    "reg_weight": (float, "weight of the velocity penalty (1/n) sum ||v_i||^2 (mm^-2)"),
-    "jacobian_weight": (float, "weight of the spread of log det J on the patch lattices (SDlogJ squared for small "
-                               "deviations), which keeps the field smooth and fold-free (0: off)"),
-    "jacobian_scale": (float, "deviation of log det J past which that penalty grows linearly, not by its square"),
-    "coarse_factor": (int, "block size of the coarse stage's downsampling, at least 2"),
-    "coarse_iterations": (int, "iterations of the coarse stage"),
-    "distill_iterations": (int, "iterations of the distillation stage"),
-    "fine_iterations": (int, "iterations of the fine stage"),
-    "warm_iterations": (int, "iterations of the fine stage when it starts from a previous registration's model "
-                             "(register: --init-model; study: the manifest's init_model column), the only stage then"),
-    "warm_learning_rate": (float, "learning rate of that warm-started fine stage (a third of the fine stage's: the "
-                                  "network already holds a whole field, which the full rate would scatter)"),
-    "warm_regularity_patches": (int, "patches drawn anywhere for the smoothness penalties alone at each iteration "
-                                     "of that warm-started fine stage, at 48 image patches, as the fine stage's "
-                                     "(0: two thirds of the work per iteration, less accurate on some days)"),
-    "convergence_window": (int, "iterations over which the loss trend is fitted to stop a stage early "
-                                "(0: never stop early)"),
-    "convergence_threshold": (float, "stop a stage once its loss fell by less than this fraction over the window"),
-    "seed": (int, "random seed (same seed and threads give the same field)"),
+    "n_steps": int, "width": int, "depth": int, "encoding": str, "similarity": str, "mind_distance_mm": float,
+    "mind_radius_mm": float, "mi_weight": float, "reg_weight": float, "jacobian_weight": float,
+    "jacobian_scale": float, "coarse_factor": int, "coarse_iterations": int, "distill_iterations": int,
+    "fine_iterations": int, "warm_iterations": int, "warm_learning_rate": float, "warm_regularity_patches": int,
+    "convergence_window": int, "convergence_threshold": float, "seed": int,
 }
 
 
@@ -102,8 +80,8 @@ def _add_affine_option(parser, what: str) -> None:
 
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration")
-    for name, (kind, help_text) in _OPTIONS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, choices=_CHOICES.get(name), help=help_text)
+    for name, kind in _OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, choices=_CHOICES.get(name), help=HELP[name])
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto uses CUDA when present (default: auto)")
     group.add_argument("--num-threads", type=int, default=None,

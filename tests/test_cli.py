@@ -12,8 +12,7 @@ from conftest import assert_report_renders
 from PIL import Image
 
 from nipype_inrlddmm import cli
-from nipype_inrlddmm.evaluation import metrics
-from nipype_inrlddmm.evaluation import evaluate_files
+from nipype_inrlddmm.evaluation import evaluate_files, metrics
 from nipype_inrlddmm.phantom import write_cohort
 
 FEW = ["--coarse-iterations", "10", "--distill-iterations", "5", "--fine-iterations", "10", "--quiet"]
@@ -205,6 +204,24 @@ def test_help_shows_every_default_and_the_choices():
     assert f"--width WIDTH hidden units per layer of the velocity MLP (default: {config.model.width})" in flat
     assert "{lncc,ncc,mse,mi,mind}" in out and "{fourier,siren,none}" in out
     assert "(default: sized to the grid)" in flat
+
+
+def test_an_option_reads_the_same_in_the_help_and_in_the_interfaces():
+    """Each option's help is written once (nipype_inrlddmm.options): the command's --help and the traits say it."""
+    from nipype_inrlddmm.interfaces import CoarseINR, DistillINR, FineINR
+    from nipype_inrlddmm.options import HELP
+
+    out = subprocess.run([sys.executable, "-m", "nipype_inrlddmm.cli", "register", "--help"],
+                         capture_output=True, text=True).stdout
+    squeezed = "".join(out.split())  # argparse wraps lines, also after a hyphen
+    for name in cli._OPTIONS:
+        assert "".join(HELP[name].split()) in squeezed, name
+    for interface, stage in ((CoarseINR, "coarse"), (DistillINR, "distill"), (FineINR, "fine")):
+        traits = interface().inputs.traits()
+        assert traits["iterations"].desc == HELP[f"{stage}_iterations"]
+        shared = [name for name in HELP if name in traits and name != "coarse_factor"]
+        assert shared and all(traits[name].desc == HELP[name] for name in shared), stage
+    assert CoarseINR().inputs.traits()["coarse_factor"].desc.startswith(HELP["coarse_factor"])
 
 
 def test_help_describes_every_command():

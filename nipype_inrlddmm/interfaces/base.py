@@ -9,6 +9,7 @@ from __future__ import annotations
 from nipype.interfaces.base import BaseInterfaceInputSpec, isdefined, traits
 
 from .. import __version__, engine
+from ..options import HELP
 from ..engine.similarity import SIMILARITIES
 from ..engine.velocity import ACTIVATIONS, ENCODINGS
 
@@ -81,7 +82,7 @@ def field_stride_trait(desc: str):
 def reg_weight_trait(default):
     """The ``reg_weight`` input of an INR stage, whose default differs by stage."""
     return traits.Range(low=0.0, value=default, usedefault=True,
-                        desc="weight of the velocity penalty (1/n) sum_i ||v_i||^2 (mm^-2)")
+                        desc=HELP["reg_weight"])
 
 
 def sampling_fraction_trait(default):
@@ -118,8 +119,7 @@ class ComputeInputSpec(VersionedInputSpec):
     """Settings of every interface that runs torch."""
 
     seed = traits.Int(DEFAULTS.seed, usedefault=True,
-                      desc="random seed (network initialisation, sampled points); with the same "
-                      "num_threads the CPU result is bit-identical")
+                      desc=HELP["seed"])
     num_threads = traits.Range(
         low=1, value=1, usedefault=True, nohash=True,
         desc="torch CPU threads; a Node reports it as n_procs so MultiProc never runs more "
@@ -134,11 +134,9 @@ class OptimisationInputSpec(ComputeInputSpec):
 
     reg_weight = reg_weight_trait(DEFAULTS.coarse.reg_weight)
     convergence_window = traits.Range(low=0, value=DEFAULTS.coarse.convergence_window, usedefault=True,
-                                      desc="iterations over which the loss trend is fitted to stop early, as ANTs' "
-                                      "convergence window; 0 runs every iteration")
+                                      desc=HELP["convergence_window"])
     convergence_threshold = traits.Range(low=0.0, value=DEFAULTS.coarse.convergence_threshold, usedefault=True,
-                                         desc="stop once the loss fell by less than this fraction of its magnitude "
-                                         "over the convergence window")
+                                         desc=HELP["convergence_threshold"])
     progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a tqdm progress bar on stderr")
     progress_label = traits.Str(nohash=True, desc="name on the progress bar, e.g. the patient, so that the bars "
                                 "of parallel nodes are told apart")
@@ -172,30 +170,24 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              desc="mask on the fixed grid: patches are drawn inside it "
                              "(body, lungs, CBCT field of view)")
     similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
-                             desc="image dissimilarity: lncc (CT->CBCT, MR), ncc, mse, mi (Mattes mutual "
-                             "information) or mind (MIND-SSC descriptors, across modalities such as MR->ultrasound)")
+                             desc=HELP["similarity"])
     lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
                                desc="edge of the LNCC window, in voxels")
     mind_distance_mm = traits.Range(low=0.0, value=DEFAULTS.coarse.mind_distance_mm, exclude_low=True,
                                     usedefault=True,
-                                    desc="mind: distance between the neighbourhoods each descriptor compares (mm)")
+                                    desc=HELP["mind_distance_mm"])
     mind_radius_mm = traits.Range(low=0.0, value=DEFAULTS.coarse.mind_radius_mm, exclude_low=True, usedefault=True,
-                                  desc="mind: half-width of the box over which neighbourhoods are compared (mm)")
+                                  desc=HELP["mind_radius_mm"])
     mi_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.mi_weight, usedefault=True,
-                             desc="weight of a Mattes mutual information term (32 bins, over all patch voxels) "
-                             "added to the similarity (unless that is mi), as a second ANTs metric; 0 turns it off")
+                             desc=HELP["mi_weight"])
     n_patches = traits.Range(low=1, value=DEFAULTS.coarse.n_patches, usedefault=True,
                              desc="patches of the fixed grid drawn at each iteration (with sampling_fraction: at "
                              "most)")
     sampling_fraction = sampling_fraction_trait(DEFAULTS.coarse.sampling_fraction)
     jacobian_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.jacobian_weight, usedefault=True,
-                                   desc="weight of the spread of log det J of the displacement on the patch lattices "
-                                   "(SDlogJ squared for deviations under jacobian_scale, linear beyond): smooth, "
-                                   "fold-free fields; 0 turns it off")
+                                   desc=HELP["jacobian_weight"])
     jacobian_scale = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.jacobian_scale, usedefault=True,
-                                  desc="deviation of log det J from its mean past which the Jacobian penalty grows "
-                                  "linearly rather than by its square, so large anatomical volume changes stay "
-                                  "affordable")
+                                  desc=HELP["jacobian_scale"])
     regularity_patches = traits.Range(low=0, value=DEFAULTS.coarse.regularity_patches, usedefault=True,
                                       desc="patches drawn anywhere in the grid, ignoring the mask, at each iteration "
                                       "for the penalties alone, so the field stays smooth away from the anatomy")
@@ -206,10 +198,10 @@ class ImageStageInputSpec(OptimisationInputSpec):
 class ModelInputSpec(BaseInterfaceInputSpec):
     """The velocity-network architecture: chosen by the coarse stage, then read from checkpoints."""
 
-    width = traits.Range(low=1, value=_MODEL.width, usedefault=True, desc="hidden units per layer of the MLP")
-    depth = traits.Range(low=1, value=_MODEL.depth, usedefault=True, desc="hidden layers of the MLP (the paper: 3)")
+    width = traits.Range(low=1, value=_MODEL.width, usedefault=True, desc=HELP["width"])
+    depth = traits.Range(low=1, value=_MODEL.depth, usedefault=True, desc=HELP["depth"])
     encoding = traits.Enum(*enum_values(_MODEL.encoding, ENCODINGS), usedefault=True,
-                           desc="input encoding: fourier (random Fourier features), siren or none")
+                           desc=HELP["encoding"])
     n_frequencies = traits.Range(low=1, value=_MODEL.n_frequencies, usedefault=True,
                                  desc="number of Fourier features (fourier encoding)")
     sigma = traits.Range(low=0.0, exclude_low=True, value=_MODEL.sigma, usedefault=True,
@@ -219,4 +211,4 @@ class ModelInputSpec(BaseInterfaceInputSpec):
     activation = traits.Enum(*enum_values(_MODEL.activation, ACTIVATIONS), usedefault=True,
                              desc="hidden activation (fourier and none encodings)")
     n_steps = traits.Range(low=1, value=_MODEL.n_steps, usedefault=True,
-                           desc="Euler steps of the flow over t in [0, 1]")
+                           desc=HELP["n_steps"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from nipype.interfaces.base import SimpleInterface, TraitedSpec, traits
 
 from .. import pipeline
+from ..options import HELP
 from .base import (
     DEFAULTS,
     DenseFieldInputSpec,
@@ -29,14 +30,13 @@ from .base import (
 
 class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
     iterations = traits.Range(low=0, value=DEFAULTS.coarse.iterations, usedefault=True,
-                              desc="Adam iterations of the coarse stage")
+                              desc=HELP["coarse_iterations"])
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     patch_stride = patch_stride_trait(DEFAULTS.coarse.patch_stride)
     coarse_factor = per_axis_trait(
         DEFAULTS.coarse_factor,
-        "block size (one for all axes, or three) by which both images are averaged; None: per axis, "
-        "the one closest in ratio to 3 mm voxels, at least 2")
+        HELP["coarse_factor"] + " (one for all axes, or three; None: the default)")
 
 
 class _CoarseINROutputSpec(TraitedSpec):
@@ -83,7 +83,7 @@ class _DistillINRInputSpec(OptimisationInputSpec, DenseFieldInputSpec):
     fixed_image = traits.File(exists=True, mandatory=True,
                               desc="the fixed image of the coarse stage: its full grid is fitted")
     iterations = traits.Range(low=0, value=DEFAULTS.distill.iterations, usedefault=True,
-                              desc="Adam iterations of the distillation")
+                              desc=HELP["distill_iterations"])
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.distill.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     batch_points = traits.Range(low=1, value=DEFAULTS.distill.batch_points, usedefault=True,
@@ -134,7 +134,7 @@ class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
                              "fraction of a course), fitted on a fixed grid that covers this one, not this "
                              "registration's distillation")
     iterations = traits.Range(low=0, value=DEFAULTS.fine.iterations, usedefault=True,
-                              desc="Adam iterations of the fine stage")
+                              desc=HELP["fine_iterations"])
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     reg_weight = reg_weight_trait(DEFAULTS.fine.reg_weight)

@@ -34,17 +34,6 @@ class _SelectPatientOutputSpec(TraitedSpec):
 _OUTPUTS = {"moving": "moving_image", "fixed": "fixed_image"}
 
 
-def _check_image_kinds(manifest, patient: str, row: dict) -> None:
-    """RTSTRUCTs come with DICOM series folders, label maps with NIfTI files: anything else, named."""
-    dicom = bool(row.get("moving_rtstruct"))
-    for column in ("moving", "fixed"):
-        if Path(row[column]).is_dir() != dicom:
-            need = ("a folder holding one DICOM series (the RTSTRUCTs are drawn on it)" if dicom else
-                    "a NIfTI file (a DICOM series takes its labels as moving_rtstruct and fixed_rtstruct)")
-            raise io.InputError(row[column], f"the {column} image of patient {patient!r} must be {need} "
-                                f"(manifest {manifest}, column {column!r})")
-
-
 class SelectPatient(SimpleInterface):
     """One patient's files from a study manifest (absolute paths), label maps validated.
 
@@ -87,7 +76,7 @@ class SelectPatient(SimpleInterface):
                 raise io.InputError(row[column], f"{column} file of patient {patient!r} does not exist "
                                     f"(manifest {manifest}, column {column!r})")
             self._results[_OUTPUTS.get(column, column)] = row[column]
-        _check_image_kinds(manifest, patient, row)
+        io.check_image_kinds(manifest, patient, row)
         pipeline.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
                            fixed_labels=row.get("fixed_labels"))
         return runtime

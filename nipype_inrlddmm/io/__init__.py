@@ -18,13 +18,15 @@ from .checkpoints import (CHECKPOINT_FORMAT, checkpoint_grid, checkpoint_moving,
 from .files import InputError, atomic_path, staged_folder
 from .nifti import (check_affine, grid_mismatch, load_image, load_labels, load_mask, load_named_labels, load_volume,
                     open_volume, require_grid, save_image)
-from .tables import MANIFEST_COLUMNS, MANIFEST_FILES, MANIFEST_LABELS, load_label_names, read_manifest, write_csv
+from .tables import (MANIFEST_COLUMNS, MANIFEST_FILES, MANIFEST_LABELS, check_image_kinds, load_label_names,
+                     read_manifest, write_csv)
 from .transforms import load_displacement, load_itk_affine, load_landmarks, save_displacement, save_itk_affine
 
 __all__ = [
     "CHECKPOINT_FORMAT", "InputError", "MANIFEST_COLUMNS", "MANIFEST_FILES", "MANIFEST_LABELS", "atomic_path",
-    "check_affine", "checkpoint_grid", "checkpoint_moving", "grid_mismatch", "image_fingerprint", "load_checkpoint",
-    "load_displacement", "load_image", "load_itk_affine", "load_label_names", "load_labels", "load_landmarks",
-    "load_mask", "load_named_labels", "load_volume", "open_volume", "read_manifest", "require_grid",
-    "save_checkpoint", "save_displacement", "save_image", "save_itk_affine", "staged_folder", "write_csv",
+    "check_affine", "check_image_kinds", "checkpoint_grid", "checkpoint_moving", "grid_mismatch",
+    "image_fingerprint", "load_checkpoint", "load_displacement", "load_image", "load_itk_affine",
+    "load_label_names", "load_labels", "load_landmarks", "load_mask", "load_named_labels", "load_volume",
+    "open_volume", "read_manifest", "require_grid", "save_checkpoint", "save_displacement", "save_image",
+    "save_itk_affine", "staged_folder", "write_csv",
 ]

@@ -142,3 +142,18 @@ def read_manifest(path, *, check_files: bool = True) -> list[dict]:
         shown = "; ".join(absent[:10]) + (f"; and {len(absent) - 10} more" if len(absent) > 10 else "")
         raise InputError(path, f"{len(absent)} referenced file(s) do not exist: {shown}")
     return [row for _, row in rows]
+
+
+def check_image_kinds(manifest, patient: str, row: dict) -> None:
+    """Refuse a manifest row (of ``patient``) whose images are not of the kind its labels need, naming both.
+
+    RTSTRUCTs come with DICOM series folders, label maps with NIfTI files.  Read from the file system: a
+    study checks it in the patient's own node, so another patient's missing file is not this one's error.
+    """
+    dicom = bool(row.get("moving_rtstruct"))
+    for column in ("moving", "fixed"):
+        if Path(row[column]).is_dir() != dicom:
+            need = ("a folder holding one DICOM series (the RTSTRUCTs are drawn on it)" if dicom else
+                    "a NIfTI file (a DICOM series takes its labels as moving_rtstruct and fixed_rtstruct)")
+            raise InputError(row[column], f"the {column} image of patient {patient!r} must be {need} "
+                             f"(manifest {manifest}, column {column!r})")
