@@ -58,7 +58,7 @@ class RegistrationConfig:
     coarse: StageConfig = field(default_factory=lambda: StageConfig(iterations=100, patch_stride=3,
                                                                     sampling_fraction=1 / 3))
     # The distillation's learning rate is 1.5e-3: at omega_0 22.5, 2e-3 fitted a given coarse field less
-    # closely than the half voxel tests/test_registration.py asks.  It draws 1/64 of the fine grid per
+    # closely than the half voxel tests/engine/test_registration.py asks.  It draws 1/64 of the fine grid per
     # iteration, at most 8192 points: large grids keep 8192, small ones draw fewer in less time with the
     # same Dice.  Figures: docs/decisions.md.
     distill: StageConfig = field(default_factory=lambda: StageConfig(iterations=50, learning_rate=1.5e-3,

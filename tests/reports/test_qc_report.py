@@ -239,4 +239,4 @@ def test_register_command_shows_a_progress_bar_per_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     for stage in ("coarse", "distill", "fine"):
         assert re.search(rf"{stage}: .*loss=", err), (stage, err[-500:])
-    # --quiet: tests/test_cli.py::test_register_writes_every_documented_output checks that no bar is shown.
+    # --quiet: tests/cli/test_cli.py::test_register_writes_every_documented_output checks that no bar is shown.

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: A session's history: issue numbers, commit hashes, dates of runs.
 HISTORY = re.compile(r"issue[ -][0-9]|(?<![.\w])[0-9a-f]{7,40}\b|20[0-9]{2}-[01][0-9]-[0-3][0-9]")
 

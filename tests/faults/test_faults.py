@@ -5,9 +5,9 @@ study killed, a node's cached result cut short, a second study on the same
 work folder, one patient's registration failing, a MultiProc worker killed
 (as the out-of-memory killer does), and on SLURM a restarting controller, a
 killed node daemon and a job killed for memory.  A stage's divergence is
-caught inside the engine (tests/test_divergence.py) and fails its patient
+caught inside the engine (tests/engine/test_divergence.py) and fails its patient
 like any other failing stage; bad input files have their own table
-(tests/test_bad_inputs.py).
+(tests/io/test_bad_inputs.py).
 
 Each test holds the same promise: the run either finishes with every
 patient correct, or stops with a message naming the cause (and, in a study,

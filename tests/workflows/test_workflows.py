@@ -1,4 +1,4 @@
-"""Workflows: the registration graph, a 3-patient study, its caching and reruns (faults: tests/test_faults.py).
+"""Workflows: the registration graph, a 3-patient study, its caching and reruns (faults: tests/faults/test_faults.py).
 
 Which nodes ran is read from Nipype's own records (each node folder's
 ``result_<node>.pklz`` and its mtime), never from timing.
