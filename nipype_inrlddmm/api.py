@@ -67,6 +67,7 @@ def register(
     *,
     fixed_mask=None,
     initial: engine.VelocityField | None = None,
+    config: engine.RegistrationConfig | None = None,
     device: str = "auto",
     num_threads: int | None = None,
     progress: bool = False,
@@ -86,6 +87,8 @@ def register(
         stage alone, ``warm_iterations`` from ``warm_learning_rate``
         (:func:`~nipype_inrlddmm.engine.register_volumes`), e.g. the same
         planning CT against the next day's CBCT.
+    config : the whole configuration at once, in place of ``**options``
+        (:func:`~nipype_inrlddmm.engine.config_from_options` builds it).
     device : ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
     num_threads : torch CPU threads (``None`` leaves torch's setting).
     **options : registration settings, see
@@ -102,7 +105,10 @@ def register(
     >>> result.displacement.shape, result.warped.shape
     ((48, 40, 20, 3), (48, 40, 20))
     """
-    config = engine.config_from_options(**options)
+    if config is None:
+        config = engine.config_from_options(**options)
+    elif options:
+        raise TypeError(f"register() takes a config or options, not both (options: {', '.join(options)})")
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     device = engine.resolve_device(device)

@@ -132,7 +132,7 @@ def register_files(
         start = time.perf_counter()
         mask = None if pair.fixed_mask is None else (pair.fixed_mask, fixed_affine)
         result = register((pair.moving, moving_affine), (pair.fixed, fixed_affine), fixed_mask=mask, initial=initial,
-                          device=device, progress=progress, **options)
+                          config=config, device=device, progress=progress)
         clock.seconds["stages"] = _stage_seconds(result.log)
         clock.seconds["dense field and warp"] = time.perf_counter() - start - clock.seconds["stages"]
 
