@@ -97,10 +97,14 @@ def _t(array) -> torch.Tensor:
 
 
 def run_inr(case: Case, variant: str, options: dict) -> dict:
-    """The package pipeline (or one ablation of it); returns the field on the fixed grid and the pre-affine.
+    """The package's registration, or one ablation of it; returns the field on the fixed grid and the pre-affine.
 
-    ``options`` (registration options, as :func:`nipype_inrlddmm.register` takes them) change the defaults
-    of every variant, to try settings before making them the defaults.
+    ``inr-lddmm`` and ``paper-plain`` (the paper's plain network and loss) run
+    :func:`nipype_inrlddmm.engine.register_volumes`, the registration ``register()`` and
+    ``inrlddmm register`` run, timed without their file reading and writing (``end_to_end.py``
+    times the command); the ablations leave out a stage, so they chain the engine's stages here.
+    ``options`` (registration options, as :func:`nipype_inrlddmm.register` takes them) change the
+    defaults of every variant, to try settings before making them the defaults.
     """
     moving, moving_affine = _load(case.moving, case.clip_min)
     fixed, fixed_affine = _load(case.fixed, case.clip_min)
@@ -121,26 +125,31 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
     args = (moving_t, moving_affine_t, fixed_t, fixed_affine_t, config)
     start = time.perf_counter()
     if variant in ("inr-lddmm", "paper-plain"):
-        coarse = engine.coarse_stage(*args, fixed_mask=mask)
-        seconds["coarse"], iterations["coarse"] = time.perf_counter() - start, len(coarse.log)
-        start = time.perf_counter()
-        initial = engine.distill_stage(coarse, fixed.shape, fixed_affine_t, config).velocity
-        seconds["distill"] = time.perf_counter() - start
-    elif variant == "no-distill":
-        coarse = engine.coarse_stage(*args, fixed_mask=mask)
-        seconds["coarse"], iterations["coarse"], initial = time.perf_counter() - start, len(coarse.log), coarse.velocity
-    elif variant == "no-coarse":
-        budget = config.coarse.iterations + config.distill.iterations + config.fine.iterations
-        config = engine.config_from_options(**dict(options, fine_iterations=budget))
-        args = args[:4] + (config,)
-        initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, config.model, config.seed)
+        result = engine.register_volumes(_t(moving), moving_affine_t, _t(fixed), fixed_affine_t, config,
+                                         fixed_mask=mask)
+        stages = {"coarse": result.coarse, "distill": result.distilled, "fine": result.fine}
+        for name, stage in stages.items():
+            seconds[name], iterations[name] = (stage.log[-1]["seconds"] if stage.log else 0.0), len(stage.log)
+        seconds["dense field"] = time.perf_counter() - start - sum(seconds[name] for name in stages)
+        displacement = result.displacement
     else:
-        raise ValueError(variant)
-    start = time.perf_counter()
-    fine = engine.fine_stage(initial, *args, fixed_mask=mask)
-    seconds["fine"], iterations["fine"] = (fine.log[-1]["seconds"] if fine.log else 0.0), len(fine.log)
-    seconds["dense field"] = time.perf_counter() - start - seconds["fine"]
-    return {"displacement": fine.displacement.numpy(), "pre_affine": pre, "moving_affine": np.linalg.inv(pre) @
+        if variant == "no-distill":
+            coarse = engine.coarse_stage(*args, fixed_mask=mask)
+            seconds["coarse"], iterations["coarse"] = time.perf_counter() - start, len(coarse.log)
+            initial = coarse.velocity
+        elif variant == "no-coarse":
+            budget = config.coarse.iterations + config.distill.iterations + config.fine.iterations
+            config = engine.config_from_options(**dict(options, fine_iterations=budget))
+            args = args[:4] + (config,)
+            initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, config.model, config.seed)
+        else:
+            raise ValueError(variant)
+        start = time.perf_counter()
+        fine = engine.fine_stage(initial, *args, fixed_mask=mask)
+        seconds["fine"], iterations["fine"] = (fine.log[-1]["seconds"] if fine.log else 0.0), len(fine.log)
+        seconds["dense field"] = time.perf_counter() - start - seconds["fine"]
+        displacement = fine.displacement
+    return {"displacement": displacement.numpy(), "pre_affine": pre, "moving_affine": np.linalg.inv(pre) @
             moving_affine, "stage_seconds": seconds, "stage_iterations": iterations}
 
 
