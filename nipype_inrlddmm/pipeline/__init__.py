@@ -20,12 +20,12 @@ below are the public ones; import them from here.
 """
 
 from .inputs import (Pair, check_labels, check_memory, check_same_moving, load_pair, normalised, pair_tensors,
-                     torch_threads, warm_start_model)
+                     warm_start_model)
 from .outputs import (AFFINE_OUTPUTS, COARSE_OUTPUTS, DISTILL_OUTPUTS, FINE_OUTPUTS, REGISTER_OUTPUTS,
                       RTSTRUCT_OUTPUTS, TRAJECTORY_OUTPUTS, fine_writers)
 from .register import PhaseClock, register_files
 from .stages import (affine_init, apply_inverse_warp, apply_warp, estimate_affine, run_coarse, run_distill, run_fine,
-                     run_trajectory, trajectory_frames, warp_array, write_aligned, write_trajectory)
+                     run_trajectory, torch_threads, trajectory_frames, warp_array, write_aligned, write_trajectory)
 
 __all__ = [
     "AFFINE_OUTPUTS", "COARSE_OUTPUTS", "DISTILL_OUTPUTS", "FINE_OUTPUTS", "Pair", "PhaseClock", "REGISTER_OUTPUTS",

@@ -9,7 +9,6 @@ a stage needs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -21,22 +20,6 @@ from ..api import as_tensor
 from ..engine.grid import bounding_box
 
 LOGGER = logging.getLogger("nipype_inrlddmm")
-
-
-@contextlib.contextmanager
-def torch_threads(n_threads: int | None):
-    """Run a block with ``n_threads`` torch CPU threads, then restore the previous count.
-
-    Nipype's Linear plugin runs every node in the caller's process; restoring
-    keeps one node's setting from leaking into the next or into the caller.
-    """
-    previous = torch.get_num_threads()
-    if n_threads:
-        torch.set_num_threads(int(n_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass

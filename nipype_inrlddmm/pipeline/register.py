@@ -22,9 +22,9 @@ from ..api import register
 from ..engine.affine import AffineConfig
 from ..evaluation import evaluate_labels, metrics, write_evaluation
 from ..reports import qc
-from .inputs import load_pair, torch_threads, warm_start_model
+from .inputs import load_pair, warm_start_model
 from .outputs import REGISTER_OUTPUTS, fine_writers
-from .stages import estimate_affine, trajectory_frames, warp_array, write_aligned, write_trajectory
+from .stages import estimate_affine, torch_threads, trajectory_frames, warp_array, write_aligned, write_trajectory
 
 
 class PhaseClock:

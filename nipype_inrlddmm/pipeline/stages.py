@@ -15,6 +15,7 @@ the same configuration gives the same field as :func:`nipype_inrlddmm.register`
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,22 @@ from ..api import as_tensor
 from ..engine.affine import AffineConfig, checked_affine_register
 from .inputs import LOGGER, Pair, check_memory, load_pair, normalised, pair_tensors, warm_start_model
 from .outputs import AFFINE_OUTPUTS, COARSE_OUTPUTS, DISTILL_OUTPUTS, FINE_OUTPUTS, TRAJECTORY_OUTPUTS, fine_writers
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None):
+    """Run a block with ``n_threads`` torch CPU threads, then restore the previous count.
+
+    Nipype's Linear plugin runs every node in the caller's process; restoring
+    keeps one node's setting from leaking into the next or into the caller.
+    """
+    previous = torch.get_num_threads()
+    if n_threads:
+        torch.set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_coarse(moving, fixed, out_dir, config: engine.RegistrationConfig, *, fixed_mask=None,
