@@ -8,8 +8,8 @@
   interface runs;
 * :mod:`.register`: :func:`register_files`, the whole registration in one
   process with every output: what ``inrlddmm register`` runs;
-* :mod:`.outputs`: the name of every output file, and the one function
-  that writes each registration output;
+* :mod:`.outputs`: the name of every output file, and the writers of the
+  registration's result (network, field, warped image);
 * :mod:`.dicom`: :func:`~.dicom.register_dicom`, the same registration of
   DICOM series with an RTSTRUCT carried onto the fixed series (imported on
   its own: it loads pydicom).

@@ -1,10 +1,14 @@
-"""The name of every file a registration writes, and the one function that writes each.
+"""The name of every file a registration writes, and the writers of its result.
 
 A study's nodes and ``inrlddmm register`` write the same files under the
 same names (the study's DataSink keeps them in ``out_dir/<patient>/``):
-each name is defined here once, and each registration output is written by
-one function here, which :mod:`.stages` (the interfaces) and
-:mod:`.register` (the command) both call.
+each name is defined here once.  The result itself (network, field,
+warped image) is written by :func:`fine_writers`, which :mod:`.stages`
+(the fine stage's interface) and :mod:`.register` (the command) both call;
+each other output has its one function too, which both call: the warped
+labels :func:`~.stages.warp_array`, the Dice
+:func:`~nipype_inrlddmm.evaluation.write_evaluation`, the QC figure
+:func:`~nipype_inrlddmm.reports.qc.qc_figure`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import numpy as np
 from .. import engine, io
 
 #: File names of each stage's outputs.
-#: File names of each step's outputs (the study's DataSink keeps them in out_dir/<patient>/).
 COARSE_OUTPUTS = {"model": "coarse_model.pt", "displacement": "coarse_displacement.nii.gz", "log": "coarse_log.csv"}
 DISTILL_OUTPUTS = {"model": "distilled_model.pt", "log": "distill_log.csv"}
 FINE_OUTPUTS = {"model": "model.pt", "displacement": "displacement.nii.gz", "warped_image": "warped.nii.gz",
