@@ -68,5 +68,5 @@ setup(
         # reference and workflow graphs come from nipype.sphinxext (Graphviz's dot for the graphs).
         "docs": ["sphinx>=8", "furo>=2024.8.6", "myst-parser>=4"],
     },
-    entry_points={"console_scripts": ["inrlddmm = nipype_inrlddmm.cli:main"]},
+    entry_points={"console_scripts": ["inrlddmm = nipype_inrlddmm.cli:run"]},
 )

@@ -168,6 +168,28 @@ def test_init_needs_a_pre_alignment(cohort, tmp_path, capsys):
     assert "--init: sets where the pre-alignment starts: give --affine" in capsys.readouterr().err
 
 
+def test_the_program_exits_with_its_code_and_its_exit_handlers_but_without_the_teardown(cohort, tmp_path):
+    """`inrlddmm` skips the interpreter's teardown once every output is written: the exit code, the outputs and
+    the exit handlers (here one registered before the command runs) are what an ordinary exit gives."""
+    patient = cohort.parent / "p01"
+
+    def program(moving, out_dir):
+        argv = ["inrlddmm", "register", "--moving", str(moving), "--fixed", str(patient / "cbct.nii.gz"),
+                "--out-dir", str(out_dir), *FEW]
+        script = ("import atexit, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+                  f"sys.argv = {argv!r}; from nipype_inrlddmm.cli import run; run()")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+    done = program(patient / "ct.nii.gz", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("exit handler ran")
+    assert {"warped.nii.gz", "displacement.nii.gz", "model.pt", "log.csv", "qc.png"} <= {
+        path.name for path in (tmp_path / "out").iterdir()}
+    refused = program(tmp_path / "missing.nii.gz", tmp_path / "refused")
+    assert refused.returncode == 2 and "missing.nii.gz" in refused.stderr
+    assert refused.stdout.rstrip().endswith("exit handler ran") and not (tmp_path / "refused").exists()
+
+
 def test_demo_runs_and_prints_the_dice_table(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nipype_inrlddmm.cli", "demo", "--out-dir", str(tmp_path), "--patients", "2",
