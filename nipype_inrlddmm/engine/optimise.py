@@ -70,6 +70,17 @@ class StageConfig:
     penalties alone (velocity and Jacobian): a SIREN's sine features span
     the whole image, and a field left unconstrained away from the anatomy is
     rough there.
+    With a ``fixed_mask`` (the head of an MR, where the image patches are
+    drawn), the regularity patches are drawn outside it instead, and their
+    part of the spread weighs ``outside_jacobian_weight`` rather than
+    ``jacobian_weight`` (about the one mean of all the iteration's cells):
+    where there is no anatomy to match the field need only be smooth, and
+    there the default holds it four times as stiff as over the anatomy.  On
+    the brains the rough field in the air around the head was a third of
+    SDlogJ, where SyN's field fades to the identity; held there, the
+    anatomy affords a softer ``jacobian_weight`` (3 rather than 4) at a
+    lower SDlogJ.  None, or no mask: the regularity patches lie anywhere at
+    ``jacobian_weight``.
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
@@ -108,9 +119,10 @@ class StageConfig:
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
-    jacobian_weight: float = 4.0
+    jacobian_weight: float = 3.0
     jacobian_scale: float = 0.1
     regularity_patches: int = 24
+    outside_jacobian_weight: float | None = 12.0
     convergence_window: int = 0
     convergence_threshold: float = 0.0
     patch_stride: int | tuple[int, int, int] | None = None
@@ -129,6 +141,8 @@ class StageConfig:
             raise ValueError("mind_distance_mm and mind_radius_mm must be > 0")
         if self.regularity_patches < 0 or self.jacobian_scale <= 0:
             raise ValueError("regularity_patches must be >= 0 and jacobian_scale > 0")
+        if self.outside_jacobian_weight is not None and self.outside_jacobian_weight < 0:
+            raise ValueError(f"outside_jacobian_weight must be None or >= 0, got {self.outside_jacobian_weight}")
         if self.convergence_window < 0 or self.convergence_window == 1 or self.convergence_threshold < 0:
             raise ValueError("convergence_window must be 0 (off) or >= 2, convergence_threshold >= 0")
 
@@ -343,14 +357,23 @@ def fit_images(
     knot_spacing = [(n - 1) / max(q - 1, 1) for n, q in zip(edge, lattice.shape[:3])]
 
     n_patches, n_regularity = config.patches(fixed.shape), config.regularity_patch_count(fixed.shape)
+    # With a mask and an outside weight, the regularity patches are drawn outside the mask (where no image
+    # patch is centred) and their Jacobian spread weighs outside_jacobian_weight, not jacobian_weight.
+    outside, patch_weights = None, None
+    if (n_regularity and config.jacobian_weight and config.outside_jacobian_weight is not None
+            and fixed_mask is not None and not bool(fixed_mask.all())):
+        outside = torch.nonzero(~fixed_mask).cpu()
+        patch_weights = torch.ones(n_patches + n_regularity, 1, 1, 1, dtype=dtype, device=device)
+        patch_weights[n_patches:] = config.outside_jacobian_weight / config.jacobian_weight
 
     def objective(iteration):
         corners = random_patch_corners(
             fixed.shape, n_patches, config.patch_size, candidates=candidates, generator=generator
         ).to(device)
         if n_regularity:
-            corners = torch.cat([corners, random_patch_corners(fixed.shape, n_regularity,
-                                                               config.patch_size, generator=generator).to(device)])
+            corners = torch.cat([corners, random_patch_corners(fixed.shape, n_regularity, config.patch_size,
+                                                               candidates=outside,
+                                                               generator=generator).to(device)])
         target = gather_patches(fixed_values, corners[:n_patches], edge)
         corner_voxels = corners.to(dtype)[:, None, None, None]
         displacement, kinetic = integrate(velocity, apply_affine(fixed_affine, corner_voxels + lattice).reshape(-1, 3),
@@ -362,7 +385,8 @@ def fit_images(
         loss, terms = sim + config.reg_weight * kinetic, {"similarity": sim, "regularisation": kinetic}
         if config.jacobian_weight:
             determinants = lattice_jacobian_determinants(displacement, knot_spacing, fixed_affine[:3, :3])
-            terms["log_jacobian_spread"] = log_jacobian_spread(determinants, config.jacobian_scale)
+            terms["log_jacobian_spread"] = log_jacobian_spread(determinants, config.jacobian_scale,
+                                                               weights=patch_weights)
             loss = loss + config.jacobian_weight * terms["log_jacobian_spread"]
         return loss, terms
 

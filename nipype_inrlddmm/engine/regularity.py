@@ -64,7 +64,8 @@ def lattice_jacobian_determinants(displacement: torch.Tensor, knot_spacing, line
     return torch.stack(determinants) / torch.linalg.det(linear.to(displacement))
 
 
-def log_jacobian_spread(det: torch.Tensor, scale: float, *, floor: float = 1e-2) -> torch.Tensor:
+def log_jacobian_spread(det: torch.Tensor, scale: float, *, floor: float = 1e-2,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Spread of ``log det J`` about its mean over a tensor of Jacobian determinants, robust to large changes.
 
     Each deviation ``x`` of ``log det J`` from the mean costs ``2 s^2
@@ -78,7 +79,13 @@ def log_jacobian_spread(det: torch.Tensor, scale: float, *, floor: float = 1e-2)
     below ``floor`` (folded or nearly) the log is continued by its tangent
     at ``floor``, so a folded cell keeps a gradient that unfolds it instead
     of a clamp's zero.
+
+    ``weights`` (broadcast against ``det``) scale each value's cost, about
+    the one mean of all: the mean of the weighted costs.
     """
     log_det = torch.where(det > floor, det.clamp(min=floor).log(), math.log(floor) + (det - floor) / floor)
     deviation = (log_det - log_det.mean()) / scale
-    return 2 * scale**2 * ((1 + deviation.square()).sqrt() - 1).mean()
+    cost = (1 + deviation.square()).sqrt() - 1
+    if weights is not None:
+        cost = cost * weights
+    return 2 * scale**2 * cost.mean()

@@ -110,3 +110,52 @@ def test_the_dense_jacobian_determinant_is_exact_for_an_affine_field_and_matches
     per_index = np.stack(np.gradient(field, axis=(0, 1, 2)), axis=-1)  # (..., component, array axis)
     expected = np.linalg.det(per_index @ np.linalg.inv(affine[:3, :3]) + np.eye(3))
     np.testing.assert_allclose(metrics.jacobian_determinant(field, affine), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_scale_each_value_s_cost_about_one_shared_mean():
+    dets = torch.tensor([0.9, 1.0, 1.3, 1.1], dtype=torch.float64)
+    assert log_jacobian_spread(dets, 0.1, weights=torch.ones(4, dtype=torch.float64)).item() == pytest.approx(
+        log_jacobian_spread(dets, 0.1).item(), rel=1e-12)
+    weights = torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64)
+    log_det = dets.log()
+    deviation = (log_det - log_det.mean()) / 0.1  # the mean of all four, not of each weight's group
+    expected = 2 * 0.1**2 * (weights * ((1 + deviation.square()).sqrt() - 1)).mean()
+    assert log_jacobian_spread(dets, 0.1, weights=weights).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_with_a_mask_the_regularity_patches_lie_outside_it_at_the_outside_weight(monkeypatch):
+    """The image patches are centred in the mask, the regularity patches outside it; their cells' spread
+    weighs outside_jacobian_weight / jacobian_weight times the image patches' cells'."""
+    from nipype_inrlddmm.engine import optimise
+    from nipype_inrlddmm.phantom import make_pair
+
+    pair = make_pair((32, 28, 16), seed=0)
+    affine = torch.tensor(pair.affine, dtype=torch.float32)
+    moving, fixed = (engine.normalise_intensity(torch.tensor(v, dtype=torch.float32)) for v in (pair.ct, pair.cbct))
+    mask = torch.zeros(fixed.shape, dtype=torch.bool)
+    mask[8:24, 6:22, 4:12] = True
+    draws, spreads = [], []
+    draw, spread = optimise.random_patch_corners, optimise.log_jacobian_spread
+    monkeypatch.setattr(optimise, "random_patch_corners",
+                        lambda *a, **k: draws.append(k.get("candidates")) or draw(*a, **k))
+    monkeypatch.setattr(optimise, "log_jacobian_spread",
+                        lambda det, scale, **k: spreads.append((det.shape, k.get("weights"))) or spread(det, scale, **k))
+
+    def run(outside_weight, fixed_mask):
+        draws.clear(), spreads.clear()
+        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+        config = engine.StageConfig(iterations=1, n_patches=4, patch_size=8, regularity_patches=2,
+                                    jacobian_weight=2.0, outside_jacobian_weight=outside_weight)
+        engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2, fixed_mask=fixed_mask,
+                          generator=torch.Generator().manual_seed(2))
+        return list(draws), list(spreads)
+
+    (image, regularity), [(shape, weights)] = run(8.0, mask)
+    assert mask[tuple(image.T)].all() and not mask[tuple(regularity.T)].any()
+    assert shape[1] == 6 and weights.flatten().tolist() == [1.0] * 4 + [4.0] * 2
+    (image, regularity), [(_, weights)] = run(None, mask)  # no outside weight: anywhere, one weight
+    assert regularity is None and weights is None
+    (image, regularity), [(_, weights)] = run(8.0, None)  # no mask: anywhere, one weight
+    assert image is None and regularity is None and weights is None
+    with pytest.raises(ValueError, match="outside_jacobian_weight"):
+        engine.StageConfig(outside_jacobian_weight=-1.0)
