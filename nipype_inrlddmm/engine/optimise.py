@@ -69,18 +69,15 @@ class StageConfig:
     :meth:`regularity_patch_count`) are drawn anywhere in the grid, for the
     penalties alone (velocity and Jacobian): a SIREN's sine features span
     the whole image, and a field left unconstrained away from the anatomy is
-    rough there.
-    With a ``fixed_mask`` (the head of an MR, where the image patches are
-    drawn), the regularity patches are drawn outside it instead, and their
-    part of the spread weighs ``outside_jacobian_weight`` rather than
-    ``jacobian_weight`` (about the one mean of all the iteration's cells):
-    where there is no anatomy to match the field need only be smooth, and
-    there the default holds it four times as stiff as over the anatomy.  On
-    the brains the rough field in the air around the head was a third of
-    SDlogJ, where SyN's field fades to the identity; held there, the
-    anatomy affords a softer ``jacobian_weight`` (3 rather than 4) at a
-    lower SDlogJ.  None, or no mask: the regularity patches lie anywhere at
-    ``jacobian_weight``.
+    rough there.  With a ``fixed_mask`` (the head of an MR, where the image
+    patches are drawn) and an ``outside_jacobian_weight``, the regularity
+    patches are drawn outside the mask instead, and their part of the spread
+    weighs ``outside_jacobian_weight`` rather than ``jacobian_weight``
+    (about the one mean of all the iteration's cells): where there is no
+    anatomy to match, the field need only be smooth.  On the brains the
+    rough field in the air around the head was a third of SDlogJ, where
+    SyN's field fades to the identity.  None, or no mask: the regularity
+    patches lie anywhere at ``jacobian_weight``.
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
@@ -119,10 +116,10 @@ class StageConfig:
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
-    jacobian_weight: float = 3.0
+    jacobian_weight: float = 4.0
     jacobian_scale: float = 0.1
     regularity_patches: int = 24
-    outside_jacobian_weight: float | None = 12.0
+    outside_jacobian_weight: float | None = None
     convergence_window: int = 0
     convergence_threshold: float = 0.0
     patch_stride: int | tuple[int, int, int] | None = None
