@@ -18,7 +18,7 @@ LabelsToRTStruct  a label map on a series' grid as a new RTSTRUCT
 ================  ==============================================================
 
 Each is a :class:`~nipype.interfaces.base.SimpleInterface` over
-:mod:`nipype_inrlddmm.steps` (the DICOM conversions over
+:mod:`nipype_inrlddmm.pipeline` (the DICOM conversions over
 :mod:`nipype_inrlddmm.io.dicom`); outputs are written into the node's working
 directory.  Every interface takes a hashed ``version`` input (the package
 version) so that upgrading the package invalidates Nipype's cache; the

@@ -60,7 +60,7 @@ def stage_config(inputs, stage: str) -> engine.RegistrationConfig:
 
 
 def optional(value):
-    """A trait value, or None when it is undefined (what the file-level steps expect)."""
+    """A trait value, or None when it is undefined (what the file-level stages expect)."""
     return value if isdefined(value) else None
 
 

@@ -3,7 +3,7 @@
 ``CoarseINR`` -> ``DistillINR`` -> ``FineINR`` is Algorithm 2 of the paper,
 one node per stage so that Nipype caches each: changing a fine-stage
 setting reruns the fine stage only.  Each interface is a thin wrapper over
-:mod:`nipype_inrlddmm.steps`.
+:mod:`nipype_inrlddmm.pipeline.stages`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input, faults and interruptions: clear errors, nothing lost.
 
 * ``CASES``: one row per bad input.  Each is fed to the entry point that
-  meets it in a real run (a stage of :mod:`nipype_inrlddmm.steps`, the
+  meets it in a real run (a stage of :mod:`nipype_inrlddmm.pipeline`, the
   label check of a study, the manifest reader, the evaluation) and must
   raise :class:`~nipype_inrlddmm.io.InputError` naming the file and the
   problem, with no optimisation started (the engine's stages are replaced by
