@@ -230,6 +230,26 @@ def _pixels(path: Path, header: Dataset) -> np.ndarray:
         raise InputError(path, f"cannot read the pixels ({type(error).__name__}: {error})") from error
 
 
+def series_shape(folder) -> tuple[int, int, int]:
+    """The grid :func:`read_series` reads from a folder, ``(columns, rows, slices)``, from one file's header.
+
+    The slices are the folder's files, counted, not read: cheap enough to
+    size a study's nodes before any series is read.  A file beside the
+    series that is not a slice counts as one; a folder :func:`read_series`
+    would refuse is refused there, naming what is wrong.
+    """
+    folder = Path(folder)
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "Rows" in header and "Columns" in header:
+            return int(header.Columns), int(header.Rows), len(files)
+    raise InputError(folder, "holds no DICOM image (no file with rows and columns)")
+
+
 def read_series(folder) -> Series:
     """Read a folder holding one DICOM image series (one file per slice) as a volume with its RAS affine.
 

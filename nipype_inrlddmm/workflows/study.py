@@ -37,12 +37,19 @@ _BRANCH_TITLES = {"": "", "warm_": " (warm start)", "dicom_": " (DICOM)", "dicom
 
 
 def _largest_image(rows: list[dict]) -> tuple[int, int, int] | None:
-    """Grid of the largest readable image of a manifest, by voxel count (headers only)."""
+    """Grid of the largest readable image of a manifest, NIfTI file or DICOM series, by voxel count (headers
+    only)."""
     shapes = []
     for row in rows:
         for column in ("moving", "fixed"):
+            path = Path(row[column])
             try:
-                shapes.append(tuple(int(n) for n in nib.load(row[column]).shape[:3]))
+                if path.is_dir():
+                    from ..io.dicom import series_shape  # pydicom, for studies of DICOM series only
+
+                    shapes.append(series_shape(path))
+                else:
+                    shapes.append(tuple(int(n) for n in nib.load(path).shape[:3]))
             except Exception:  # an unreadable file fails its own patient later, with a clear message
                 continue
     return max(shapes, key=math.prod, default=None)

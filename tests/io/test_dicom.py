@@ -56,6 +56,7 @@ def test_a_series_written_and_read_back_gives_the_same_array_and_affine(tmp_path
     integers = rng.integers(-1024, 3000, (9, 7, 5)).astype(np.float32)
     back = dicom.read_series(dicom.write_series(tmp_path / "int", integers, affine).folder)
     np.testing.assert_array_equal(back.data, integers)  # a slope of 1: exact
+    assert dicom.series_shape(tmp_path / "int") == back.data.shape  # from one header, as a study sizes its nodes
     np.testing.assert_allclose(back.affine, affine, atol=1e-4)
     floats = rng.normal(0.0, 300.0, (9, 7, 5)).astype(np.float32)
     back = dicom.read_series(dicom.write_series(tmp_path / "float", floats, affine).folder)

@@ -14,7 +14,7 @@ from nipype_inrlddmm.evaluation import metrics
 from nipype_inrlddmm.reports import qc
 from nipype_inrlddmm.reports import study as study_report
 from nipype_inrlddmm.phantom import LABELS, write_cohort
-from nipype_inrlddmm.workflows import init_study_wf, run_study
+from nipype_inrlddmm.workflows import estimate_mem_gb, init_study_wf, run_study
 
 FEW = dict(coarse_iterations=10, distill_iterations=5, fine_iterations=10, warm_iterations=4,
            warm_learning_rate=5e-4)
@@ -38,6 +38,9 @@ def test_a_study_of_dicom_patients_writes_each_an_rtstruct_on_its_own_fixed_seri
     out = tmp_path / "out"
     workflow = init_study_wf(manifest=manifest, out_dir=out, work_dir=tmp_path / "work", **FEW)
     assert workflow.get_node("dicom_patients").iterables == ("patient", ["p01", "p02"])
+    # The nodes' memory is sized from the series' headers, as from a NIfTI file's.
+    assert workflow.get_node("dicom_registration.fine").mem_gb == estimate_mem_gb(
+        "fine", (40, 36, 16), engine.config_from_options(**FEW))
     rows = run_study(workflow)
     assert [(row["patient"], row["status"]) for row in rows] == [("p01", "ok"), ("p02", "ok")]
     table = study_table(out)
