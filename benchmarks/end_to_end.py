@@ -243,7 +243,7 @@ def main():
                 out.mkdir(parents=True)
                 measured = run(case, inputs, out, args.threads, env)
                 row[method] = dict(score(case, measured), **({"timings": measured["timings"]} if method == "ours"
-                                                              else {}))
+                                                             else {}))
             results[case.name] = row
             print(f"<!-- {case.name}: {json.dumps(row)} -->", flush=True)
         study = run_study(args.study, scratch, args.threads, env) if args.study else None

@@ -116,7 +116,7 @@ def _print_summary(outputs: dict, out_dir) -> None:
           f"{summary['jacobian_min']:.3f}, SDlogJ {summary['sdlogj']:.3f}")
     timings = outputs["timings"]
     print(f"time: {sum(timings.values()):.1f} s (" + ", ".join(f"{phase} {seconds:.1f}"
-                                                                for phase, seconds in timings.items()) + ")")
+                                                               for phase, seconds in timings.items()) + ")")
     print(f"outputs in {out_dir}")
 
 

@@ -221,7 +221,7 @@ def make_course(shape=(128, 112, 48), n_fractions: int = 5, *, seed: int = 0,
     affine = grid_affine(shape, field_of_view)
     points = _grid_points(shape, affine)
     ct, ct_labels = (values.reshape(shape).astype(dtype) for values, dtype in zip(anatomy(points),
-                                                                                   (np.float32, np.uint8)))
+                                                                                  (np.float32, np.uint8)))
     first, last = breathing_and_setup(points, rng), breathing_and_setup(points, rng)
     return [_day_scan(anatomy, ct, ct_labels, affine, (1 - s) * first + s * last, shape, affine, field_of_view, rng)
             for s in np.linspace(0.0, 1.0, n_fractions)]

@@ -119,7 +119,7 @@ class Trajectory(SimpleInterface):
         inputs = self.inputs
         with pipeline.torch_threads(inputs.num_threads):
             outputs = pipeline.run_trajectory(inputs.model, inputs.moving_image, inputs.fixed_image, runtime.cwd,
-                                           n_times=inputs.n_times, field_stride=inputs.field_stride,
-                                           title=optional(inputs.title) or "")
+                                              n_times=inputs.n_times, field_stride=inputs.field_stride,
+                                              title=optional(inputs.title) or "")
         self._results.update({name: str(path) for name, path in outputs.items()})
         return runtime

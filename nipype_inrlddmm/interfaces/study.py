@@ -78,7 +78,7 @@ class SelectPatient(SimpleInterface):
             self._results[_OUTPUTS.get(column, column)] = row[column]
         io.check_image_kinds(manifest, patient, row)
         pipeline.check_labels(row["moving"], row["fixed"], moving_labels=row.get("moving_labels"),
-                           fixed_labels=row.get("fixed_labels"))
+                              fixed_labels=row.get("fixed_labels"))
         return runtime
 
 

@@ -97,13 +97,13 @@ class ApplyWarp(SimpleInterface):
                                  "registration) instead of displacement: the inverse map is integrated backwards "
                                  "through the velocity network")
             out = pipeline.apply_inverse_warp(inputs.in_file, inputs.velocity_checkpoint, inputs.reference_image,
-                                           out_file, interpolation=inputs.interpolation,
-                                           field_stride=inputs.field_stride)
+                                              out_file, interpolation=inputs.interpolation,
+                                              field_stride=inputs.field_stride)
         else:
             if not isdefined(inputs.displacement):
                 raise ValueError("ApplyWarp: the forward warp needs displacement; velocity_checkpoint is for "
                                  "invert=True")
             out = pipeline.apply_warp(inputs.in_file, inputs.displacement, inputs.reference_image, out_file,
-                                   interpolation=inputs.interpolation)
+                                      interpolation=inputs.interpolation)
         self._results["out_file"] = str(out)
         return runtime

@@ -132,7 +132,7 @@ def _image_headers(folder: Path) -> list[tuple[Path, Dataset]]:
     """
     if not folder.is_dir():
         raise InputError(folder, "is not a folder of DICOM files"
-                            + ("" if folder.exists() else " (it does not exist)"))
+                         + ("" if folder.exists() else " (it does not exist)"))
     found = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
@@ -155,7 +155,7 @@ def _one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
                            f"{items[0][1].get('Modality', '?')} {items[0][1].get('SeriesDescription', '')!s})"
                            for uid, items in series.items())
         raise InputError(folder, f"holds {len(series)} DICOM image series (SeriesInstanceUID {listed}): "
-                            "give a folder with one series")
+                         "give a folder with one series")
 
 
 def _same(folder: Path, headers, keyword: str, what: str) -> np.ndarray:
@@ -168,7 +168,7 @@ def _same(folder: Path, headers, keyword: str, what: str) -> np.ndarray:
     for (path, _), value in zip(headers, values):
         if value.shape != values[0].shape or not np.allclose(value, values[0], atol=1e-4):
             raise InputError(folder, f"its slices differ in {what}: {headers[0][0].name} has "
-                                f"{values[0].tolist()}, {path.name} has {value.tolist()}")
+                             f"{values[0].tolist()}, {path.name} has {value.tolist()}")
     return values[0]
 
 
@@ -178,7 +178,7 @@ def _directions(folder: Path, orientation: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(row), np.linalg.norm(column)
     if orientation.shape != (6,) or min(norms) < 0.99 or max(norms) > 1.01 or abs(row @ column) > 1e-3:
         raise InputError(folder, f"ImageOrientationPatient {orientation.tolist()} is not two orthogonal "
-                            "unit vectors")
+                         "unit vectors")
     row, column = row / norms[0], column / norms[1]
     return np.stack([row, column, np.cross(row, column)])
 
@@ -200,21 +200,21 @@ def _sorted_slices(folder: Path, headers, directions: np.ndarray, pixel_spacing:
     tolerance = SLICE_TOLERANCE * max(gap, float(pixel_spacing.min()))
     for n in np.flatnonzero(gaps <= tolerance):
         raise InputError(folder, f"holds duplicated slices: {headers[n][0].name} and {headers[n + 1][0].name} "
-                            f"are both at {along[n]:.3f} mm along the slice normal")
+                         f"are both at {along[n]:.3f} mm along the slice normal")
     for n in np.flatnonzero(np.abs(gaps - gap) > tolerance):
         ratio = gaps[n] / gap
         if abs(ratio - round(ratio)) * gap <= tolerance:
             raise InputError(folder, f"misses {round(ratio) - 1} slice(s) between {headers[n][0].name} and "
-                                f"{headers[n + 1][0].name} ({gaps[n]:.3f} mm apart where slices are {gap:.3f} mm)")
+                             f"{headers[n + 1][0].name} ({gaps[n]:.3f} mm apart where slices are {gap:.3f} mm)")
         raise InputError(folder, f"has uneven slice spacing: {headers[n][0].name} and {headers[n + 1][0].name} "
-                            f"are {gaps[n]:.3f} mm apart where the other slices are {gap:.3f} mm")
+                         f"are {gaps[n]:.3f} mm apart where the other slices are {gap:.3f} mm")
     offsets = (positions - positions[0]) @ directions[:2].T  # in-plane drift of each slice from the first
     drift = np.linalg.norm(offsets, axis=1)
     if drift.max() > tolerance:
         degrees = np.degrees(np.arctan2(drift[-1], along[-1] - along[0]))
         raise InputError(folder, f"its slices are not stacked along their normal (gantry tilt of about "
-                            f"{degrees:.2f} degrees: {headers[-1][0].name} lies {drift[-1]:.3f} mm aside): "
-                            "resample it to an untilted series first")
+                         f"{degrees:.2f} degrees: {headers[-1][0].name} lies {drift[-1]:.3f} mm aside): "
+                         "resample it to an untilted series first")
     step = (positions[-1] - positions[0]) / (len(headers) - 1)
     return headers, positions[0], step
 
@@ -390,7 +390,7 @@ def _read_rtstruct_file(path: Path) -> Dataset:
         raise InputError(path, f"cannot read it as DICOM ({type(error).__name__}: {error})") from error
     if dataset.get("SOPClassUID") != RTStructureSetStorage or "StructureSetROISequence" not in dataset:
         raise InputError(path, f"is not an RTSTRUCT (SOP class {dataset.get('SOPClassUID', 'missing')}, "
-                            f"modality {dataset.get('Modality', 'missing')})")
+                         f"modality {dataset.get('Modality', 'missing')})")
     return dataset
 
 
@@ -404,11 +404,11 @@ def _rasterise(path: Path, name: str, contours, series: Series) -> np.ndarray:
         k = float(np.median(ijk[:, 2]))
         if np.abs(ijk[:, 2] - round(k)).max() > CONTOUR_TOLERANCE:
             raise InputError(path, f"contour {number} of ROI {name!r} does not lie in a slice of the series "
-                                f"{series.folder} (it spans slices {ijk[:, 2].min():.2f} to {ijk[:, 2].max():.2f}): "
-                                "was it drawn on another series?")
+                             f"{series.folder} (it spans slices {ijk[:, 2].min():.2f} to {ijk[:, 2].max():.2f}): "
+                             "was it drawn on another series?")
         if not 0 <= round(k) < shape[2]:
             raise InputError(path, f"contour {number} of ROI {name!r} lies outside the series {series.folder} "
-                                f"(at slice {k:.2f} of {shape[2]})")
+                             f"(at slice {k:.2f} of {shape[2]})")
         rows, columns = polygon(ijk[:, 0], ijk[:, 1], shape[:2])
         plane = np.zeros(shape[:2], bool)
         plane[rows, columns] = True
@@ -503,8 +503,8 @@ def read_rtstruct(path, series: Series) -> Structures:
         frame = str(item.get("ReferencedFrameOfReferenceUID", ""))
         if frame != series.frame_of_reference_uid:
             raise InputError(path, f"ROI {name!r} is in frame of reference {frame or '(none)'}, the series "
-                                f"{series.folder} in {series.frame_of_reference_uid or '(none)'}: the RTSTRUCT was "
-                                "not drawn on this series")
+                             f"{series.folder} in {series.frame_of_reference_uid or '(none)'}: the RTSTRUCT was "
+                             "not drawn on this series")
         colour, closed, other = contours.get(number, (None, [], 0))
         if not closed:
             if other:
@@ -514,7 +514,7 @@ def read_rtstruct(path, series: Series) -> Structures:
         mask = _rasterise(path, name, closed, series)
         if not mask.any():
             raise InputError(path, f"ROI {name!r} (number {number}) covers no voxel centre of the series "
-                                f"{series.folder}")
+                             f"{series.folder}")
         rois.append(Roi(len(rois) + 1, name, number, colour, kinds.get(number, "")))
         masks.append(mask)
     if not rois:
@@ -540,8 +540,8 @@ def match_rois(structures: Structures, rois, path) -> Structures:
             matched.append(by_name[roi.name])
     if not matched:
         raise InputError(path, f"shares no ROI name with the moving RTSTRUCT (its ROIs: "
-                            f"{', '.join(r.name for r in structures.rois)}; the moving ones: "
-                            f"{', '.join(r.name for r in rois)})")
+                         f"{', '.join(r.name for r in structures.rois)}; the moving ones: "
+                         f"{', '.join(r.name for r in rois)})")
     return Structures(labels, tuple(sorted(matched, key=lambda roi: roi.label)), structures.skipped)
 
 
@@ -658,7 +658,7 @@ def read_label_table(path) -> tuple[Roi, ...]:
     rows = list(csv.DictReader(path.read_text().splitlines(), delimiter="\t"))
     if not rows or not {"index", "name"} <= set(rows[0]):
         raise InputError(path, "expected a TSV with columns 'index' and 'name' (and optionally 'roi_number', "
-                            "'colour', 'type', 'within') and at least one row")
+                         "'colour', 'type', 'within') and at least one row")
     try:
         rois = tuple(Roi(int(row["index"]), row["name"], int(row.get("roi_number") or row["index"]),
                          tuple(int(c) for c in row["colour"].split()) if row.get("colour") else None,

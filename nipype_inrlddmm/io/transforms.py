@@ -41,7 +41,7 @@ def save_displacement(path, displacement: np.ndarray, affine: np.ndarray) -> Pat
         if str(path).endswith(".gz"):
             # No name and no time in the gzip header: the same field gives the same bytes.
             with open(temporary, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=0,
-                                                            mtime=0) as stored:
+                                                             mtime=0) as stored:
                 image.to_file_map({"image": nib.FileHolder(fileobj=stored)})
         else:
             image.to_filename(str(temporary))

@@ -50,7 +50,7 @@ def _warped_labels(outputs: dict, stage: Path, moving_labels: Path, fixed: Path,
     if path is None:
         source = stage / AFFINE_OUTPUTS["aligned_labels"] if affine else moving_labels
         path = apply_warp(source, stage / FINE_OUTPUTS["displacement"], fixed,
-                                stage / "warped_labels.nii.gz", interpolation="label")
+                          stage / "warped_labels.nii.gz", interpolation="label")
         outputs["warped_labels"] = path
     return np.asarray(nib.load(path).dataobj, np.int32)
 

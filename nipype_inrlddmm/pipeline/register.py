@@ -102,15 +102,15 @@ def register_files(
             print(f"inrlddmm: {what}", file=sys.stderr, flush=True)
     with clock("read"):
         pair = load_pair(moving, fixed, moving_labels=moving_labels, fixed_labels=fixed_labels,
-                               fixed_mask=fixed_mask, label_volume=label_volume)
+                         fixed_mask=fixed_mask, label_volume=label_volume)
         names = io.load_label_names(label_names) if label_names else pair.fixed_label_names
         initial = fingerprint = None
         if init_model:
             fingerprint = io.image_fingerprint(moving_source or moving, pair.moving, pair.moving_affine)
             initial = warm_start_model(init_model, fixed, pair.fixed.shape, pair.fixed_affine,
-                                             model_options={name: value for name, value in options.items()
-                                                            if name in engine.ModelConfig.__dataclass_fields__},
-                                             moving=fingerprint)
+                                       model_options={name: value for name, value in options.items()
+                                                      if name in engine.ModelConfig.__dataclass_fields__},
+                                       moving=fingerprint)
             say(f"warm start from {init_model}: no coarse stage or distillation, {config.warm_iterations} fine "
                 "iterations")
     evaluate = pair.moving_labels is not None and pair.fixed_labels is not None
@@ -124,7 +124,7 @@ def register_files(
             with clock("pre-align"):
                 say(f"pre-aligning ({affine})")
                 matrix = estimate_affine(pair, moving, fixed, AffineConfig(transform=affine, start=affine_start),
-                                               seed=config.seed, device=device)
+                                         seed=config.seed, device=device)
                 aligned = write_aligned(pair, matrix, out_dir)
             outputs.update(aligned_image=aligned["aligned_image"], affine_transform=aligned["transform"])
             moving_affine = np.linalg.inv(matrix) @ pair.moving_affine
@@ -178,7 +178,7 @@ def register_files(
             with clock("trajectory"):
                 say("drawing the trajectory")
                 frames, times = trajectory_frames(result.model, pair.moving, moving_affine, pair.fixed.shape,
-                                                        fixed_affine, trajectory, field_stride=config.field_stride)
+                                                  fixed_affine, trajectory, field_stride=config.field_stride)
                 outputs.update(write_trajectory(frames, times, fixed_affine, out_dir, title=title))
         with clock("write"):  # what is left of it once everything else is done
             outputs |= {name: write.result() for name, write in writes.items()}

@@ -266,7 +266,7 @@ def estimate_affine(pair: Pair, moving, fixed, config: AffineConfig = AffineConf
     """
     device = engine.resolve_device(device)
     moving_t, fixed_t = (normalised(as_tensor(a, device), path) for a, path in ((pair.moving, moving),
-                                                                               (pair.fixed, fixed)))
+                                                                                (pair.fixed, fixed)))
     # float64 geometry: the transform is what this step returns, keep it exact.
     moving_affine, fixed_affine = (torch.from_numpy(a).to(device) for a in (pair.moving_affine, pair.fixed_affine))
     mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask).to(device)

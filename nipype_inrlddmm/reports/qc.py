@@ -299,7 +299,7 @@ def qc_figure(
     legend = f"contours: fixed green, moving/warped red, overlap yellow   |   {CONVENTION}"
 
     fixed_grey, moving_grey = dict(vmin=fixed_window[0], vmax=fixed_window[1]), dict(vmin=moving_window[0],
-                                                                                   vmax=moving_window[1])
+                                                                                     vmax=moving_window[1])
     for row, plane in enumerate(("axial", "coronal", "sagittal")):
         axis_index = _AXIS[plane]
         index = shape[axis_index] // 2

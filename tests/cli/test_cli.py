@@ -95,7 +95,7 @@ def test_register_with_affine_recovers_a_header_shift_and_the_written_chain_repr
     matrix = io.load_itk_affine(out / "affine.txt")  # fixed world -> moving world, RAS mm
     # The same search without the shift, then the shift: a header translation moves the result by exactly it.
     unshifted = io.load_itk_affine(pipeline.affine_init(patient / "ct.nii.gz", patient / "cbct.nii.gz",
-                                                     tmp_path / "unshifted")["transform"])
+                                                        tmp_path / "unshifted")["transform"])
     translation = np.eye(4)
     translation[:3, 3] = shift
     np.testing.assert_allclose(matrix, translation @ unshifted, atol=1e-2)

@@ -25,6 +25,6 @@ def test_same_seed_and_threads_give_bitwise_identical_fields(phantom_patient, tm
     assert np.abs(first).max() > 0 and first.tobytes() == second.tobytes()
     # ... and the comparison can tell: another seed gives another field.
     other = pipeline.run_coarse(phantom_patient["moving"], phantom_patient["fixed"], tmp_path / "c",
-                             engine.config_from_options(seed=4, **TINY))
+                                engine.config_from_options(seed=4, **TINY))
     same_seed = io.load_displacement(tmp_path / "a" / "coarse_displacement.nii.gz")[0]
     assert not np.array_equal(io.load_displacement(other["displacement"])[0], same_seed)

@@ -27,7 +27,7 @@ def test_a_volume_too_large_for_the_memory_fails_early_with_advice(phantom_patie
     calls = {
         "coarse": lambda: pipeline.run_coarse(files["moving"], files["fixed"], out, ALL_PATCHES),
         "distill": lambda: pipeline.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out,
-                                             ALL_PATCHES),
+                                                ALL_PATCHES),
         "fine": lambda: pipeline.run_fine(files["moving"], files["fixed"], files["model"], out, ALL_PATCHES),
     }
     for stage, call in calls.items():
@@ -80,7 +80,7 @@ def test_mind_descriptors_are_counted_on_each_stage_grid():
     mind = engine.config_from_options(**FEW, similarity="mind")
     for stage, grid_voxels in (("coarse", 48 * 48 * 24), ("fine", 96 * 96 * 48)):
         extra = engine.estimate_memory(stage, shape, mind)["images"] - engine.estimate_memory(stage, shape,
-                                                                                             CONFIG)["images"]
+                                                                                              CONFIG)["images"]
         assert 316 * grid_voxels <= extra < 400 * grid_voxels
     assert engine.estimate_memory("distill", shape, mind) == engine.estimate_memory("distill", shape, CONFIG)
 

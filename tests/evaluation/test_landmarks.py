@@ -36,7 +36,7 @@ def test_tre_composes_the_affine_after_the_displacement(tmp_path):
     moving = (pre @ np.c_[moved, np.ones(10)].T)[:3].T
     lps = np.array([-1.0, -1.0, 1.0])
     fixed_csv, moving_csv = _write_points(tmp_path / "f.csv", fixed * lps), _write_points(tmp_path / "m.csv",
-                                                                                            moving * lps)
+                                                                                          moving * lps)
     displacement = io.save_displacement(tmp_path / "d.nii.gz", field.astype(np.float32), grid_affine)
     transform = io.save_itk_affine(tmp_path / "a.txt", pre)
     _, summary = evaluate_landmarks(fixed_csv, moving_csv, displacement, tmp_path / "t.csv", tmp_path / "t.json",

@@ -246,7 +246,7 @@ def test_a_cut_short_cached_result_is_recomputed_not_failed_on(cohort, tmp_path,
 
 
 def test_a_diverging_stage_is_retried_then_fails_its_patient_naming_it_and_the_rerun_finishes(pair_cohort,
-                                                                                             tmp_path):
+                                                                                              tmp_path):
     """1500 coarse iterations at the default step diverge on this tiny grid (the loss leaps about tenfold
     after some 600): each patient's stage goes back once to its last good weights with a tenth of the
     step, diverges again, and fails its patient naming the stage; with fewer iterations the rerun
@@ -400,14 +400,14 @@ def test_a_job_is_taken_as_running_while_the_controller_does_not_answer(tmp_path
     ("slurmstepd-vm: error: *** JOB 895 ON vm CANCELLED AT 2026-12-04T19:53:26 ***\n",
      "was cancelled (scancel, or an administrator)"),
     ("Traceback (most recent call last):\n", "ended without a result: cancelled, or out of time or memory? "
-                                            "(its log: LOG)"),
+     "(its log: LOG)"),
 ])
 def test_what_ended_a_slurm_job_is_read_from_its_log(tmp_path, log, says):
     (tmp_path / "slurm-895.out").write_text(log)
     assert slurm_job_end(895, tmp_path / "slurm-895.out") == "its SLURM job 895 " + says.replace(
         "LOG", str(tmp_path / "slurm-895.out"))
     assert slurm_job_end(895, tmp_path / "gone.out").endswith("cancelled, or out of time or memory? (its log: "
-                                                               f"{tmp_path / 'gone.out'})")
+                                                              f"{tmp_path / 'gone.out'})")
 
 
 def test_a_study_waits_for_a_restarting_slurm_controller(slurm, pair_cohort, tmp_path):

@@ -355,7 +355,7 @@ def _entry_points(entry: str, files: dict, out: Path) -> list[Callable[[], objec
     """The calls that meet a bad input of kind ``entry`` in a real run."""
     if entry == "coarse":
         return [lambda: pipeline.run_coarse(files["moving"], files["fixed"], out, CONFIG,
-                                         fixed_mask=files["fixed_mask"])]
+                                            fixed_mask=files["fixed_mask"])]
     if entry == "labels":  # a study checks them in SelectPatient, `inrlddmm register` in load_pair
         labels = {"moving_labels": files["moving_labels"], "fixed_labels": files["fixed_labels"]}
         return [lambda: pipeline.check_labels(files["moving"], files["fixed"], **labels),
@@ -366,7 +366,7 @@ def _entry_points(entry: str, files: dict, out: Path) -> list[Callable[[], objec
         return [lambda: pipeline.run_distill(files["model"], files["coarse_displacement"], files["fixed"], out, CONFIG)]
     if entry == "warp":
         return [lambda: pipeline.apply_warp(files["moving_labels"], files["coarse_displacement"], files["fixed"],
-                                         out / "warped_labels.nii.gz", interpolation="label")]
+                                            out / "warped_labels.nii.gz", interpolation="label")]
     if entry == "manifest":
         return [lambda: io.read_manifest(files["manifest"])]
     if entry == "dice":
@@ -544,7 +544,7 @@ def test_a_stage_killed_while_writing_leaves_no_partial_result_and_a_rerun_write
     assert kept is not None  # what was finished before the kill is whole
 
     outputs = pipeline.run_coarse(phantom_patient["moving"], phantom_patient["fixed"], out,
-                               engine.config_from_options(coarse_iterations=2, n_patches=4, patch_size=8))
+                                  engine.config_from_options(coarse_iterations=2, n_patches=4, patch_size=8))
     field, _ = io.load_displacement(outputs["displacement"])
     assert outputs["displacement"] == result and field.shape == (16, 14, 8, 3) and np.isfinite(field).all()
 

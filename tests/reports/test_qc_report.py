@@ -61,7 +61,7 @@ def test_trajectory_starts_at_the_moving_image_and_ends_at_the_warped_one(regist
     _, pair, result, files = registered
     stride = engine.config_from_options(**REGISTERED_OPTIONS).field_stride
     outputs = pipeline.run_trajectory(files["model"], files["moving"], files["fixed"], tmp_path, n_times=4,
-                                   field_stride=stride, title="p")
+                                      field_stride=stride, title="p")
     frames = np.asarray(nib.load(outputs["trajectory"]).dataobj)
     assert frames.shape == (*PHANTOM_SHAPE, 4)
     assert nib.load(outputs["trajectory"]).header.get_zooms()[3] == pytest.approx(1 / 3)
@@ -219,7 +219,7 @@ def test_dice_before_is_the_labels_through_the_headers_in_the_mask(tmp_path):
     data = manifest.parent / "p01"
     (tmp_path / "out" / "p01").mkdir(parents=True)
     io.write_csv(tmp_path / "out" / "p01" / "dice.csv", [{"label": k, "name": v, "dice": 0.99, "missing": ""}
-                                                          for k, v in LABELS.items()])
+                                                         for k, v in LABELS.items()])
     rows = [{"patient": "p01", "status": "ok", **{v: 0.99 for v in LABELS.values()}}]
     found = study_report.dice_before(manifest, tmp_path / "out", rows)
     moving, _ = io.load_labels(data / "ct_labels.nii.gz")

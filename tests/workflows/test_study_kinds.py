@@ -84,9 +84,9 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
                                       engine.ModelConfig(), 0)
     model = io.save_checkpoint(tmp_path / "previous.pt", start, shape=fixed_shape, affine=fixed_affine)
     files = {column: name for column, name in (("moving", "ct.nii.gz"), ("fixed", "cbct.nii.gz"),
-                                                ("moving_labels", "ct_labels.nii.gz"),
-                                                ("fixed_labels", "cbct_labels.nii.gz"),
-                                                ("fixed_mask", "cbct_fov.nii.gz"))}
+                                               ("moving_labels", "ct_labels.nii.gz"),
+                                               ("fixed_labels", "cbct_labels.nii.gz"),
+                                               ("fixed_mask", "cbct_fov.nii.gz"))}
     manifest = _manifest(cohort / "course.tsv", [
         {"patient": "warm", **{c: f"p01/{n}" for c, n in files.items()}, "init_model": str(model)},
         {"patient": "cold", **{c: f"p02/{n}" for c, n in files.items()}, "init_model": ""}])
