@@ -76,8 +76,12 @@ class StageConfig:
     (about the one mean of all the iteration's cells): where there is no
     anatomy to match, the field need only be smooth.  On the brains the
     rough field in the air around the head was a third of SDlogJ, where
-    SyN's field fades to the identity.  None, or no mask: the regularity
-    patches lie anywhere at ``jacobian_weight``.
+    SyN's field fades to the identity.  The defaults hold it there four
+    times as stiff (12) as over the anatomy (3, where 4 was the default
+    without it): a lower SDlogJ on both brains with a higher brain-pair
+    Dice.  None, or no mask: the regularity patches lie anywhere at
+    ``jacobian_weight`` (lung-ct and the phantom have no mask and differ
+    by the weight 3 alone).  Figures: docs/decisions.md ("Regularity").
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
@@ -116,10 +120,10 @@ class StageConfig:
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
-    jacobian_weight: float = 4.0
+    jacobian_weight: float = 3.0
     jacobian_scale: float = 0.1
     regularity_patches: int = 24
-    outside_jacobian_weight: float | None = None
+    outside_jacobian_weight: float | None = 12.0
     convergence_window: int = 0
     convergence_threshold: float = 0.0
     patch_stride: int | tuple[int, int, int] | None = None
