@@ -138,8 +138,8 @@ def test_with_a_mask_the_regularity_patches_lie_outside_it_at_the_outside_weight
     draw, spread = optimise.random_patch_corners, optimise.log_jacobian_spread
     monkeypatch.setattr(optimise, "random_patch_corners",
                         lambda *a, **k: draws.append(k.get("candidates")) or draw(*a, **k))
-    monkeypatch.setattr(optimise, "log_jacobian_spread",
-                        lambda det, scale, **k: spreads.append((det.shape, k.get("weights"))) or spread(det, scale, **k))
+    monkeypatch.setattr(optimise, "log_jacobian_spread", lambda det, scale, **k: (
+        spreads.append((det.shape, k.get("weights"))) or spread(det, scale, **k)))
 
     def run(outside_weight, fixed_mask):
         draws.clear(), spreads.clear()
