@@ -38,9 +38,9 @@ ENCODINGS = ("fourier", "siren", "none")
 _OPTIONS = {
     "n_steps": int, "width": int, "depth": int, "encoding": str, "similarity": str, "mind_distance_mm": float,
     "mind_radius_mm": float, "mi_weight": float, "reg_weight": float, "jacobian_weight": float,
-    "jacobian_scale": float, "coarse_factor": int, "coarse_iterations": int, "distill_iterations": int,
-    "fine_iterations": int, "warm_iterations": int, "warm_learning_rate": float, "warm_regularity_patches": int,
-    "convergence_window": int, "convergence_threshold": float, "seed": int,
+    "outside_jacobian_weight": float, "jacobian_scale": float, "coarse_factor": int, "coarse_iterations": int,
+    "distill_iterations": int, "fine_iterations": int, "warm_iterations": int, "warm_learning_rate": float,
+    "warm_regularity_patches": int, "convergence_window": int, "convergence_threshold": float, "seed": int,
 }
 
 

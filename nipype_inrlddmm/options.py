@@ -23,6 +23,9 @@ HELP = {
     "jacobian_weight": "weight of the spread of log det J of the displacement on the patch lattices (SDlogJ "
                        "squared for deviations under jacobian_scale, linear beyond): smooth, fold-free fields; "
                        "0 turns it off",
+    "outside_jacobian_weight": "with a fixed mask, the weight of that spread on the patches drawn outside it for the "
+                              "penalties alone, where the field need only be smooth (none: jacobian_weight, with "
+                              "those patches drawn anywhere)",
     "jacobian_scale": "deviation of log det J from its mean past which the Jacobian penalty grows linearly rather "
                       "than by its square, so large anatomical volume changes stay affordable",
     "coarse_factor": "block size by which both images are averaged for the coarse stage, at least 2; by default, "

@@ -19,8 +19,8 @@ _MODEL = DEFAULTS.model
 #: StageConfig fields exposed by the image-matching stages (coarse, fine) and by the distillation.
 IMAGE_STAGE_FIELDS = ("iterations", "learning_rate", "similarity", "lncc_window", "mind_distance_mm", "mind_radius_mm",
                       "mi_weight", "n_patches", "sampling_fraction", "patch_size", "patch_stride", "reg_weight",
-                      "jacobian_weight", "jacobian_scale", "regularity_patches", "convergence_window",
-                      "convergence_threshold")
+                      "jacobian_weight", "outside_jacobian_weight", "jacobian_scale", "regularity_patches",
+                      "convergence_window", "convergence_threshold")
 DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "convergence_window",
                   "convergence_threshold")
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
@@ -186,6 +186,9 @@ class ImageStageInputSpec(OptimisationInputSpec):
     sampling_fraction = sampling_fraction_trait(DEFAULTS.coarse.sampling_fraction)
     jacobian_weight = traits.Range(low=0.0, value=DEFAULTS.coarse.jacobian_weight, usedefault=True,
                                    desc=HELP["jacobian_weight"])
+    outside_jacobian_weight = traits.Either(None, traits.Range(low=0.0),
+                                            default=DEFAULTS.coarse.outside_jacobian_weight, usedefault=True,
+                                            desc=HELP["outside_jacobian_weight"])
     jacobian_scale = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.jacobian_scale, usedefault=True,
                                   desc=HELP["jacobian_scale"])
     regularity_patches = traits.Range(low=0, value=DEFAULTS.coarse.regularity_patches, usedefault=True,
