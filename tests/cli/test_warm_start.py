@@ -171,18 +171,20 @@ def test_a_model_that_records_no_moving_image_is_taken_with_a_warning(course, fi
 @pytest.mark.parametrize("given, drawn", [(None, 24), ("3", 3), ("0", 0)], ids=["default", "given", "none"])
 def test_the_warm_stage_draws_the_warm_regularity_patches(course, first, tmp_path, monkeypatch, given, drawn):
     """Patches for the penalties alone as the fine stage draws them by default (24 at 48 image patches), as
-    many as --warm-regularity-patches asks otherwise, scaled alike."""
+    many as --warm-regularity-patches asks otherwise, scaled alike: each iteration draws the image patches,
+    then those (outside the fixed mask, with the default outside_jacobian_weight)."""
     from nipype_inrlddmm.engine import optimise
 
     counts, draw = [], optimise.random_patch_corners
 
     def counted(shape, n, *args, candidates=None, **kwargs):
-        counts.append((n, candidates is None))
+        counts.append(n)
         return draw(shape, n, *args, candidates=candidates, **kwargs)
     monkeypatch.setattr(optimise, "random_patch_corners", counted)
     extra = ["--warm-regularity-patches", given] if given else []
     assert _register(course, 2, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "2",
                      *extra) == 0
-    anywhere = [n for n, unmasked in counts if unmasked]
-    assert len(counts) == 2 + len(anywhere) and len(anywhere) == (2 if drawn else 0)
-    assert all(n == max(1, round(drawn * counts[0][0] / 48)) for n in anywhere)
+    assert len(counts) == 2 * (2 if drawn else 1)
+    if drawn:
+        image, regularity = counts[0::2], counts[1::2]
+        assert all(n == max(1, round(drawn * image[0] / 48)) for n in regularity)

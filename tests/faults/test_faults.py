@@ -247,11 +247,13 @@ def test_a_cut_short_cached_result_is_recomputed_not_failed_on(cohort, tmp_path,
 
 def test_a_diverging_stage_is_retried_then_fails_its_patient_naming_it_and_the_rerun_finishes(pair_cohort,
                                                                                               tmp_path):
-    """1500 coarse iterations at the default step diverge on this tiny grid (the loss leaps about tenfold
-    after some 600): each patient's stage goes back once to its last good weights with a tenth of the
-    step, diverges again, and fails its patient naming the stage; with fewer iterations the rerun
-    finishes."""
-    rows = run_study(study_wf(pair_cohort, tmp_path, **{**FEW, "coarse_iterations": 1500}))
+    """1500 coarse iterations at the default step diverge on this tiny grid with the Jacobian penalty of
+    weight 4 over the whole grid (the loss leaps about tenfold after some 600; at the defaults, weight 3
+    and a heavier one outside the mask, it does not diverge): each patient's stage goes back once to its last
+    good weights with a tenth of the step, diverges again, and fails its patient naming the stage; with
+    fewer iterations the rerun finishes."""
+    diverging = {"coarse_iterations": 1500, "jacobian_weight": 4.0, "outside_jacobian_weight": None}
+    rows = run_study(study_wf(pair_cohort, tmp_path, **{**FEW, **diverging}))
     assert [row["status"] for row in rows] == ["failed", "failed"], rows
     assert all(re.fullmatch(r"coarse: \S*DivergenceError: the coarse stage diverged at iteration \d+ \(loss \S+\), "
                             r"again after restarting at iteration \d+ from its last good weights with a tenth of "
