@@ -128,6 +128,17 @@ def run_fine(moving, fixed, init_model, out_dir, config: engine.RegistrationConf
         "log": io.write_csv(Path(out_dir) / FINE_OUTPUTS["log"], result.log)}
 
 
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in ("linear", "nearest", "label"):
+        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+
+
+def _check_labels_for(interpolation: str, in_file, data: np.ndarray) -> None:
+    """Refuse, naming ``in_file``, an image that is not a label map under a label interpolation."""
+    if interpolation != "linear" and not np.array_equal(data, np.round(data)):
+        raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
+
+
 def apply_warp(in_file, displacement, reference, out_file, *, interpolation="linear") -> Path:
     """Resample a moving-space image onto the reference grid through a displacement field.
 
@@ -136,15 +147,13 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
     out; ``"label"`` blends each label's indicator, as ANTs' GenericLabel).
     The displacement must lie on the reference grid.
     """
-    if interpolation not in ("linear", "nearest", "label"):
-        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    _check_interpolation(interpolation)
     data, affine = io.load_volume(in_file, what="image to warp")
     field, field_affine = io.load_displacement(displacement)
     ref_shape, ref_affine = _reference_grid(reference)
     io.require_grid(displacement, field.shape[:3], field_affine, ref_shape, ref_affine,
                     what="displacement", reference=f"the reference {reference}")
-    if interpolation != "linear" and not np.array_equal(data, np.round(data)):
-        raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
+    _check_labels_for(interpolation, in_file, data)
     return io.save_image(out_file, warp_array(data, affine, field, field_affine, interpolation=interpolation),
                          ref_affine)
 
@@ -177,11 +186,9 @@ def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, int
     saves it.  ``in_file`` must lie on the fixed grid the checkpoint was
     fitted on.  ``interpolation`` as :func:`apply_warp`.
     """
-    if interpolation not in ("linear", "nearest", "label"):
-        raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    _check_interpolation(interpolation)
     data, affine = io.load_volume(in_file, what="image to warp")
-    if interpolation != "linear" and not np.array_equal(data, np.round(data)):
-        raise io.InputError(in_file, f"'{interpolation}' interpolation is for label maps; this one is not integer")
+    _check_labels_for(interpolation, in_file, data)
     mismatch = io.grid_mismatch(data.shape, affine, *io.checkpoint_grid(velocity_checkpoint))
     if mismatch:
         raise io.InputError(in_file, f"the image to carry back is not on the fixed grid that {velocity_checkpoint} "
@@ -190,9 +197,8 @@ def apply_inverse_warp(in_file, velocity_checkpoint, reference, out_file, *, int
     ref_shape, ref_affine = _reference_grid(reference)
     inverse = engine.dense_displacement(velocity, ref_shape, as_tensor(ref_affine), velocity.config.n_steps,
                                         stride=field_stride, backward=True)
-    out = engine.warp(as_tensor(data), as_tensor(affine), inverse, as_tensor(ref_affine),
-                      interpolation=interpolation).numpy()
-    return io.save_image(out_file, out if interpolation == "linear" else out.astype(np.int32), ref_affine)
+    return io.save_image(out_file, warp_array(data, affine, inverse.numpy(), ref_affine, interpolation=interpolation),
+                         ref_affine)
 
 
 def trajectory_frames(velocity, moving: np.ndarray, moving_affine: np.ndarray, fixed_shape, fixed_affine: np.ndarray,
