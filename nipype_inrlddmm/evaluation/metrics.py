@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 
 def dice(warped: np.ndarray, fixed: np.ndarray, label: int) -> float:
@@ -66,13 +67,15 @@ def _hd95_masks(a: np.ndarray, b: np.ndarray, spacing) -> float:
     if not a.any() or not b.any():
         return float("nan")
     # Distances between the two surfaces never leave their joint bounding box: crop to it (plus one
-    # voxel, so the crop edge is background as the volume's outside is) to spare whole-volume EDTs.
+    # voxel, so the crop edge is background as the volume's outside is) before finding the surfaces.
     nonzero = np.nonzero(a | b)
     box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in nonzero)
-    a, b = a[box], b[box]
-    surface_a, surface_b = _surface(a), _surface(b)
-    to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
-    to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)[surface_b]
+    points_a, points_b = (np.argwhere(_surface(mask[box])) * np.asarray(spacing, np.float64) for mask in (a, b))
+    # Each surface voxel's distance to the other surface's nearest: what a Euclidean distance transform of
+    # the other surface holds there, from a k-d tree of the surface points alone rather than a transform
+    # of every voxel of the box: on whole-brain label maps the evaluation takes about two thirds of the time.
+    to_b = cKDTree(points_b).query(points_a, workers=-1)[0]
+    to_a = cKDTree(points_a).query(points_b, workers=-1)[0]
     return float(np.percentile(np.concatenate([to_b, to_a]), 95))
 
 

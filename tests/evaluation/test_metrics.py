@@ -1,7 +1,8 @@
-"""Evaluation metrics: the vectorised Dice against its per-label definition."""
+"""Evaluation metrics: the vectorised Dice and the k-d tree HD95 against their definitions."""
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from nipype_inrlddmm.evaluation import metrics
 
@@ -53,3 +54,23 @@ def test_label_overlap_rows_equal_the_per_label_definitions():
         assert row["voxels_fixed"] == int((masked_fixed == label).sum())
     assert [row["missing"] for row in rows] == ["warped", "", "", "both"]
     assert 0 < rows[1]["dice"] < 1 and rows[1]["hd95_mm"] > 0
+
+
+def _hd95_by_distance_transforms(a, b, spacing):
+    """HD95 by its definition on the voxel grid: each surface voxel's Euclidean distance transform value of the
+    other surface, over every voxel of the volume."""
+    surface_a, surface_b = metrics._surface(a), metrics._surface(b)
+    to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
+    to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)[surface_b]
+    return np.percentile(np.concatenate([to_b, to_a]), 95)
+
+
+def test_hd95_equals_the_distance_transforms_on_anisotropic_voxels():
+    rng = np.random.default_rng(3)
+    spacing = [0.8, 1.3, 2.5]
+    shape = (34, 28, 18)
+    a = ndimage.binary_dilation(rng.random(shape) < 0.01, iterations=3)
+    b = np.roll(a, (2, -1, 1), axis=(0, 1, 2)) | (rng.random(shape) < 0.002)
+    np.testing.assert_allclose(metrics.hd95(a.astype(int), b.astype(int), 1, spacing),
+                               _hd95_by_distance_transforms(a, b, spacing), rtol=1e-12)
+
