@@ -16,7 +16,7 @@ import torch
 
 from .flow import dense_displacement
 from .grid import (
-    apply_affine, block_grid, bounding_box, downsample, matching_factors, sample, sample_labels, spacing, world_grid,
+    apply_affine, block_grid, bounding_box, downsample, labels_at_indices, matching_factors, sample, spacing, world_grid,
 )
 from .memory import check_memory
 from .sampling import checked_stride
@@ -297,7 +297,7 @@ def warp(
     elif interpolation == "nearest":
         out = sample(source, volume_affine, points, mode="nearest")
     elif interpolation == "label":
-        out = sample_labels(source, volume_affine, points)
+        out = labels_at_indices(source, ijk)
     else:
         raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
     if interpolation != "linear":
