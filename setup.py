@@ -63,7 +63,9 @@ setup(
     ],
     extras_require={
         "tests": ["pytest>=7", "hypothesis>=6", "nitransforms>=23", "rt-utils>=1.2"],
-        "benchmarks": ["antspyx>=0.4"],
+        # ANTs SyN (accuracy.py, end_to_end.py) and FireANTs, the GPU peer (gpu.py); FireANTs needs torch, which
+        # is installed first as above, so pip keeps the one present.
+        "benchmarks": ["antspyx>=0.4", "fireants>=1.5"],
         # `make docs`: Sphinx with the furo theme, Markdown pages through myst-parser; the interface
         # reference and workflow graphs come from nipype.sphinxext (Graphviz's dot for the graphs).
         "docs": ["sphinx>=8", "furo>=2024.8.6", "myst-parser>=4"],
