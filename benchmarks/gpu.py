@@ -38,16 +38,17 @@ lung-ct the landmarks' TRE through each field
 ``affine.txt``, FireANTs' field holding its own).
 
 Our three stages: each stage's seconds from ``log.csv`` (the last row's
-``seconds``) and their float32 FLOP rate, estimated as
-``3 x mlp_flops x points x n_steps x iterations / seconds`` per stage, where
-``mlp_flops`` is one point's forward pass through the network's linear
-layers (2 FLOPs a multiply-add: ``2 (in w + (depth - 1) w^2 + 3 w)``),
-``3 x`` counts the backward pass's two products per layer (input and weight
-gradients), ``points`` the points the stage integrates per iteration
-(:func:`stage_points`) and ``iterations`` the rows it logged.  Sines,
-encodings, sampling and the similarity are not counted: the rate is a lower
-bound of the work done, set beside the device's float32 matmul rate measured
-here (:func:`matmul_rate`, torch's default precision, no TF32).
+``seconds``) and their float32 FLOP rate, estimated per stage as
+``3 x mlp_flops x points x n_steps x iterations / seconds``: ``mlp_flops``
+is one point's forward pass through the network's linear layers
+(``speed.py``'s count, 2 FLOPs a multiply-add: ``2 (4 w + (depth - 1) w^2
++ 3 w)`` for the SIREN of width ``w``), ``3 x`` adds the backward pass's two
+products per layer (input and weight gradients), ``points`` are the points
+the stage integrates per iteration (:func:`stage_points`) and
+``iterations`` the rows it logged.  Sines, sampling and the similarity are
+not counted: the rate is a lower bound of the work done, set beside the
+device's float32 matmul rate measured here (:func:`matmul_rate`, torch's
+default precision, no TF32).
 
 ``--fast`` runs a few iterations of everything (a check of the script, not
 a measurement).  FireANTs that does not run (not installed, or not on this
@@ -73,6 +74,7 @@ import torch
 
 from cases import SETS, Case, cases
 from end_to_end import Inputs, score, user_inputs, write_results
+from speed import mlp_flops_per_point_step
 
 from nipype_inrlddmm import __version__, engine, io
 from nipype_inrlddmm.engine.grid import block_grid, spacing
@@ -105,10 +107,9 @@ cli.run()
 PHASES = ("read", "pre-align", "dense field and warp", "labels", "evaluation", "QC", "write")
 
 
-def mlp_flops(model: engine.ModelConfig) -> int:
-    """FLOPs of one point's forward pass through the velocity network's linear layers (2 per multiply-add)."""
-    inputs = 2 * model.n_frequencies + 4 if model.encoding == "fourier" else 4
-    return 2 * (inputs * model.width + (model.depth - 1) * model.width ** 2 + model.width * 3)
+def mlp_flops(model: engine.ModelConfig) -> float:
+    """FLOPs of one network evaluation at one point: :func:`speed.mlp_flops_per_point_step` of this architecture."""
+    return mlp_flops_per_point_step(engine.VelocityField(torch.zeros(3), torch.ones(3), model))
 
 
 def stage_points(fixed_shape, fixed_affine: np.ndarray, config: engine.RegistrationConfig) -> dict[str, int]:
