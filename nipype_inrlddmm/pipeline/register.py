@@ -145,8 +145,9 @@ def register_files(
         if evaluate:
             with clock("labels"):
                 say("carrying the labels")
+                on_device = engine.resolve_device(device)  # the registration's: labels carried where it ran
                 warped_labels = warp_array(pair.moving_labels, moving_affine, result.displacement, fixed_affine,
-                                           interpolation="label")
+                                           interpolation="label", device=on_device)
                 writes["warped_labels"] = writer.submit(io.save_image, out_dir / REGISTER_OUTPUTS["warped_labels"],
                                                         warped_labels, fixed_affine)
                 before = qc.labels_before(pair.moving_labels, moving_affine, pair.fixed.shape, fixed_affine)

@@ -159,11 +159,15 @@ def apply_warp(in_file, displacement, reference, out_file, *, interpolation="lin
 
 
 def warp_array(data: np.ndarray, affine: np.ndarray, displacement: np.ndarray, field_affine: np.ndarray, *,
-               interpolation: str = "linear") -> np.ndarray:
+               interpolation: str = "linear", device="cpu") -> np.ndarray:
     """``data`` (on the grid of ``affine``) resampled through ``displacement`` (``(X, Y, Z, 3)`` mm RAS on the
-    grid of ``field_affine``): float32 for ``"linear"``, int32 label ids for ``"nearest"`` and ``"label"``."""
-    out = engine.warp(as_tensor(data), as_tensor(affine), as_tensor(displacement), as_tensor(field_affine),
-                      interpolation=interpolation).numpy()
+    grid of ``field_affine``): float32 for ``"linear"``, int32 label ids for ``"nearest"`` and ``"label"``.
+
+    Resampled on ``device``, the result brought back to the host: a registration's own device, so that
+    one on a GPU does not carry its labels over the whole fixed grid on the CPU.
+    """
+    out = engine.warp(*(as_tensor(a, device) for a in (data, affine, displacement, field_affine)),
+                      interpolation=interpolation).cpu().numpy()
     return out if interpolation == "linear" else out.astype(np.int32)
 
 
