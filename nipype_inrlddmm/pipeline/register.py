@@ -150,7 +150,8 @@ def register_files(
                                            interpolation="label", device=on_device)
                 writes["warped_labels"] = writer.submit(io.save_image, out_dir / REGISTER_OUTPUTS["warped_labels"],
                                                         warped_labels, fixed_affine)
-                before = qc.labels_before(pair.moving_labels, moving_affine, pair.fixed.shape, fixed_affine)
+                before = qc.labels_before(pair.moving_labels, moving_affine, pair.fixed.shape, fixed_affine,
+                                          device=on_device)
         with clock("evaluation"):
             say("evaluating: Dice, HD95, det J")
             jacobian = metrics.jacobian_determinant(result.displacement, fixed_affine)

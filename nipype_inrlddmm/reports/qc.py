@@ -119,16 +119,19 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where((rows[:, None] + columns[None, :]) % 2 == 0, a, b)
 
 
-def _before(moving, moving_affine, shape, affine, *, labels=False) -> np.ndarray:
-    """The moving image (or labels) on the grid of ``shape`` and ``affine`` without any deformation: 'before'."""
+def _before(moving, moving_affine, shape, affine, *, labels=False, device="cpu") -> np.ndarray:
+    """The moving image (or labels) on the grid of ``shape`` and ``affine`` without any deformation: 'before'.
+
+    Resampled on ``device``, the result brought back to the host.
+    """
     import torch
 
     from ..api import as_tensor
     from ..engine import warp
 
-    zero = torch.zeros((*shape, 3))
-    out = warp(as_tensor(moving), as_tensor(moving_affine), zero, as_tensor(affine),
-               interpolation="label" if labels else "linear")
+    zero = torch.zeros((*shape, 3), device=device)
+    out = warp(as_tensor(moving, device), as_tensor(moving_affine, device), zero, as_tensor(affine, device),
+               interpolation="label" if labels else "linear").cpu()
     return out.numpy().astype(np.int32) if labels else out.numpy()
 
 
@@ -143,11 +146,14 @@ def _moving_cut(moving, moving_affine, fixed_shape, fixed_affine, axis: int, ind
     return _cut(_before(moving, moving_affine, shape, slice_affine), axis, 0)
 
 
-def labels_before(labels, moving_affine, fixed_shape, fixed_affine) -> np.ndarray:
-    """The moving labels on the whole fixed grid, undeformed: the Dice before; as they are on a shared grid."""
+def labels_before(labels, moving_affine, fixed_shape, fixed_affine, *, device="cpu") -> np.ndarray:
+    """The moving labels on the whole fixed grid, undeformed: the Dice before; as they are on a shared grid.
+
+    Resampled on ``device`` (a registration's own, as its warped labels are), brought back to the host.
+    """
     if io.grid_mismatch(labels.shape, moving_affine, fixed_shape, fixed_affine) is None:
         return labels
-    return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True)
+    return _before(labels, moving_affine, fixed_shape, fixed_affine, labels=True, device=device)
 
 
 def render_slice(image: np.ndarray, aspect: float, size: tuple[int, int], *, cmap: str = "gray",
