@@ -9,7 +9,9 @@ from conftest import PHANTOM_SHAPE
 
 from nipype_inrlddmm import cli, engine, register
 from nipype_inrlddmm.phantom import make_pair
+from nipype_inrlddmm.pipeline import warp_array
 from nipype_inrlddmm.pipeline.outputs import FINE_OUTPUTS, REGISTER_OUTPUTS
+from nipype_inrlddmm.reports import qc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here (torch.cuda.is_available() is False)")
@@ -38,6 +40,20 @@ def test_stages_run_on_the_device_they_are_given():
     result = engine.register_volumes(*tensors, engine.config_from_options(**FEW))
     assert result.displacement.device.type == "cuda" and result.warped.device.type == "cuda"
     assert next(result.velocity.parameters()).device.type == "cuda"
+
+
+def test_labels_carried_on_cuda_are_the_cpus():
+    pair = make_pair(PHANTOM_SHAPE, seed=3)
+    field = np.random.default_rng(0).normal(scale=2.0, size=(*PHANTOM_SHAPE, 3)).astype(np.float32)
+    shifted = pair.affine.copy()
+    shifted[:3, 3] += pair.affine[:3, :3] @ [0.4, -0.3, 0.45]  # another grid, by parts of a voxel
+    for carry in (lambda device: warp_array(pair.ct_labels, pair.affine, field, pair.affine, interpolation="label",
+                                            device=device),
+                  lambda device: qc.labels_before(pair.ct_labels, pair.affine, PHANTOM_SHAPE, shifted, device=device)):
+        on = {device: carry(device) for device in ("cpu", "cuda")}
+        assert len(np.unique(on["cpu"])) > 2  # several labels, many boundaries to vote on
+        # Rounding may move a point across a cell's edge: a few boundary voxels may differ, no more.
+        assert (on["cuda"] != on["cpu"]).mean() <= 1e-3
 
 
 def test_register_command_on_cuda_writes_every_output(phantom_patient, tmp_path):
