@@ -74,3 +74,15 @@ def test_hd95_equals_the_distance_transforms_on_anisotropic_voxels():
     np.testing.assert_allclose(metrics.hd95(a.astype(int), b.astype(int), 1, spacing),
                                _hd95_by_distance_transforms(a, b, spacing), rtol=1e-12)
 
+
+@pytest.mark.parametrize("linear", [[[0.9, 0.3, 0.0], [-0.2, 1.1, 0.4], [0.1, 0.0, 2.5]], np.diag([-1.0, 1.2, 2.5])[[0, 2, 1]]],
+                         ids=["oblique", "reflected"])
+def test_jacobian_determinant_of_an_affine_displacement_is_exact_on_any_grid(linear):
+    """u(x) = M x + t: det J = det(I + M) at every voxel, the grid's edges too, whatever the grid's axes."""
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, (-20.0, 5.0, 12.0)
+    matrix = np.array([[0.1, -0.2, 0.05], [0.3, 0.0, -0.1], [0.02, 0.15, -0.25]])
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in (9, 8, 7)), indexing="ij"), axis=-1)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    det = metrics.jacobian_determinant(world @ matrix.T + 4.0, affine)
+    np.testing.assert_allclose(det, np.linalg.det(np.eye(3) + matrix), rtol=1e-10)
