@@ -75,8 +75,8 @@ def test_hd95_equals_the_distance_transforms_on_anisotropic_voxels():
                                _hd95_by_distance_transforms(a, b, spacing), rtol=1e-12)
 
 
-@pytest.mark.parametrize("linear", [[[0.9, 0.3, 0.0], [-0.2, 1.1, 0.4], [0.1, 0.0, 2.5]], np.diag([-1.0, 1.2, 2.5])[[0, 2, 1]]],
-                         ids=["oblique", "reflected"])
+@pytest.mark.parametrize("linear", [[[0.9, 0.3, 0.0], [-0.2, 1.1, 0.4], [0.1, 0.0, 2.5]],
+                                    np.diag([-1.0, 1.2, 2.5])[[0, 2, 1]]], ids=["oblique", "reflected"])
 def test_jacobian_determinant_of_an_affine_displacement_is_exact_on_any_grid(linear):
     """u(x) = M x + t: det J = det(I + M) at every voxel, the grid's edges too, whatever the grid's axes."""
     affine = np.eye(4)
