@@ -278,9 +278,9 @@ def _mean(rows: list[dict]) -> dict:
     return {"set": rows[0]["set"], "seed": "mean", "ours": {k: average(k, "ours") for k in keys}, "fireants": theirs}
 
 
-def run_case(case: Case, scratch: Path, *, device: str, seed: int, fast: bool, threads, env) -> dict:
-    """Both methods on one set with one seed, each into its own folder, then scored."""
-    inputs = user_inputs(case, scratch)
+def run_case(case: Case, inputs: Inputs, scratch: Path, *, device: str, seed: int, fast: bool, threads, env) -> dict:
+    """Both methods on one set (its files as :func:`end_to_end.user_inputs` wrote them) with one seed, each into
+    its own folder under ``scratch``, then scored."""
     options = FAST_OPTIONS if fast else {}
     folders = {method: scratch / case.name / f"seed{seed}" / method for method in ("ours", "fireants")}
     for folder in folders.values():
@@ -317,8 +317,9 @@ def main(argv=None) -> str:
     results, report = [], header
     with tempfile.TemporaryDirectory() as scratch:
         for case in cases(args.sets, Path(scratch)):
+            inputs = user_inputs(case, Path(scratch))
             for seed in args.seeds:
-                results.append(run_case(case, Path(scratch), device=args.device, seed=seed, fast=args.fast,
+                results.append(run_case(case, inputs, Path(scratch), device=args.device, seed=seed, fast=args.fast,
                                         threads=args.threads, env=env))
                 print(f"<!-- {json.dumps(results[-1])} -->", flush=True)
                 report = header + "\n" + tables(results, matmul)
