@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .adam import CosineAdam
-from .grid import apply_affine, bounding_box, downsample
+from .grid import apply_affine, bounding_box, downsample, grid_coordinates, sample_grid
 from .grid import sample as sample_volume
 from .similarity import ncc
 
@@ -248,6 +248,7 @@ def affine_register(
         if len(candidates) == 0:
             raise ValueError("the fixed mask is empty: no voxel to compare")
         values = level_fixed.reshape(-1)
+        to_moving_grid = grid_coordinates(level_moving.shape, level_moving_affine.to(dtype))
 
         optimiser = CosineAdam(parameters, config.learning_rate, config.learning_rate / 20, iterations)
         for _ in range(iterations):
@@ -257,13 +258,13 @@ def affine_register(
             else:
                 flat = candidates
             ijk = torch.stack(torch.unravel_index(flat, level_fixed.shape), dim=-1)
-            batch_points, batch_values = apply_affine(level_affine, ijk.to(dtype)), values[flat]
             optimiser.zero_grad()
-            # Zero padding: moving content that leaves the field of view stops
-            # matching instead of being replaced by stretched edge voxels.
-            warped = sample_volume(level_moving, level_moving_affine, apply_affine(matrix(), batch_points),
-                                   padding_mode="zeros")
-            loss = ncc(warped, batch_values.to(warped.dtype))
+            # Fixed voxel -> fixed world -> moving world -> the moving grid's sampling coordinates, composed
+            # as 4 x 4 matrices: one product per point rather than three.  Zero padding: moving content that
+            # leaves the field of view stops matching instead of being replaced by stretched edge voxels.
+            to_moving = to_moving_grid @ matrix() @ level_affine
+            warped = sample_grid(level_moving, apply_affine(to_moving, ijk.to(dtype)), padding_mode="zeros")
+            loss = ncc(warped, values[flat].to(warped.dtype))
             loss.backward()
             optimiser.step()
     with torch.no_grad():
