@@ -16,7 +16,8 @@ import torch
 
 from .flow import dense_displacement
 from .grid import (
-    apply_affine, block_grid, bounding_box, downsample, labels_at_indices, matching_factors, sample, spacing, world_grid,
+    apply_affine, block_grid, bounding_box, downsample, labels_at_indices, matching_factors, sample, spacing,
+    world_grid,
 )
 from .memory import check_memory
 from .sampling import checked_stride
