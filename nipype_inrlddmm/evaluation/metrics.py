@@ -23,8 +23,17 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
+#: Label ids up to this are looked up in a table of every id (a label map's usual case), others by bisection.
+_TABLE_IDS = 1 << 16
+
+
 def _positions(values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
     """Each value's position among the sorted label ids ``ranked``, or ``len(ranked)`` for any other value."""
+    if np.issubdtype(values.dtype, np.integer) and values.size and 0 <= values.min() and values.max() < _TABLE_IDS:
+        table = np.full(int(values.max()) + 1, len(ranked), np.intp)
+        listed = (ranked >= 0) & (ranked < len(table))
+        table[ranked[listed]] = np.flatnonzero(listed)
+        return table[values]
     position = np.searchsorted(ranked, values).clip(max=len(ranked) - 1)
     return np.where(ranked[position] == values, position, len(ranked))
 
