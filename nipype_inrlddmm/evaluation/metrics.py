@@ -27,7 +27,7 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
 _TABLE_IDS = 1 << 16
 
 
-def _positions(values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+def label_positions(values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
     """Each value's position among the sorted label ids ``ranked``, or ``len(ranked)`` for any other value."""
     if np.issubdtype(values.dtype, np.integer) and values.size and 0 <= values.min() and values.max() < _TABLE_IDS:
         table = np.full(int(values.max()) + 1, len(ranked), np.intp)
@@ -52,7 +52,7 @@ def dice_scores(warped: np.ndarray, fixed: np.ndarray, labels, mask: np.ndarray 
         warped, fixed = warped[mask], fixed[mask]
     # Any voxel order will do if both maps share it: NIfTI maps are read in Fortran order, and C order would copy.
     layout = "F" if warped.flags.f_contiguous and fixed.flags.f_contiguous else "C"
-    warped_rank, fixed_rank = (_positions(values.ravel(order=layout), ranked) for values in (warped, fixed))
+    warped_rank, fixed_rank = (label_positions(values.ravel(order=layout), ranked) for values in (warped, fixed))
     size = len(ranked) + 1
     both = np.bincount(warped_rank[warped_rank == fixed_rank], minlength=size)[:-1]
     total = np.bincount(warped_rank, minlength=size)[:-1] + np.bincount(fixed_rank, minlength=size)[:-1]
@@ -90,7 +90,7 @@ def _hd95_masks(a: np.ndarray, b: np.ndarray, spacing) -> float:
 
 def _label_boxes(labels_map: np.ndarray, ranked: np.ndarray) -> list:
     """The bounding box (slices) of each of the sorted label ids ``ranked`` in ``labels_map``; None if absent."""
-    position = _positions(labels_map, ranked)
+    position = label_positions(labels_map, ranked)
     # find_objects numbers objects from 1; 0 (and any label not asked for) is background.
     return ndimage.find_objects(np.where(position < len(ranked), position + 1, 0), max_label=len(ranked))
 

@@ -102,3 +102,16 @@ def test_the_figure_draws_the_dice_it_is_given_and_counts_those_it_is_not(tmp_pa
     np.testing.assert_array_equal(figure("given.png", dice_before=before, dice_after=after), counted)
     np.testing.assert_array_equal(figure("part.png", dice_before={1: before[1]}, dice_after={2: after[2]}), counted)
     assert np.any(figure("other.png", dice_after={1: 0.0, 2: 0.0}) != counted)
+
+
+def test_each_labels_slice_is_its_centre_of_mass_along_the_axis():
+    """The per-label rows cut each label through its centroid: the centre of mass by its definition."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    labels = np.where(rng.random((14, 12, 30)) < 0.3, rng.choice([3, 70, 5], size=(14, 12, 30)), 0).astype(np.int32)
+    labels[:, :, :10] = np.where(labels[:, :, :10] == 70, 0, labels[:, :, :10])  # 70 sits higher than the others
+    ids = [70, 3, 5]
+    for axis in range(3):
+        expected = [centre[axis] for centre in ndimage.center_of_mass(np.ones(labels.shape), labels, ids)]
+        np.testing.assert_allclose(qc._centroid_slices(labels, ids, axis), expected, rtol=1e-12)
