@@ -112,19 +112,22 @@ def mlp_flops(model: engine.ModelConfig) -> float:
     return mlp_flops_per_point_step(engine.VelocityField(torch.zeros(3), torch.ones(3), model))
 
 
-def stage_points(fixed_shape, fixed_affine: np.ndarray, config: engine.RegistrationConfig) -> dict[str, int]:
+def stage_points(fixed_shape, fixed_affine: np.ndarray, config: engine.RegistrationConfig, *,
+                 masked: bool) -> dict[str, int]:
     """Points each stage integrates per iteration on the fixed grid ``(shape, (4, 4) affine)``, as it draws them.
 
     The image stages: the flow lattice of every image and regularity patch
     on their block-averaged grid
-    (:meth:`~nipype_inrlddmm.engine.StageConfig.flow_points`); the
-    distillation: its random voxels of the fine stage's grid.
+    (:meth:`~nipype_inrlddmm.engine.StageConfig.flow_points`; regularity
+    patches only with a fixed mask, ``masked``); the distillation: its
+    random voxels of the fine stage's grid.
     """
     affine = torch.as_tensor(fixed_affine, dtype=torch.float32)
     grids = {stage: block_grid(fixed_shape, affine, engine.stage_factors(factor, affine, stage, fixed_shape))
              for stage, factor in (("coarse", config.coarse_factor), ("fine", config.fine_factor))}
     return {stage: (config.distill.points(grids["fine"][0]) if stage == "distill" else
-                    getattr(config, stage).flow_points(grids[stage][0], spacing(grids[stage][1]).tolist()))
+                    getattr(config, stage).flow_points(grids[stage][0], spacing(grids[stage][1]).tolist(),
+                                                       masked=masked))
             for stage in STAGES}
 
 
@@ -290,7 +293,8 @@ def run_case(case: Case, inputs: Inputs, scratch: Path, *, device: str, seed: in
     theirs = run_fireants(case, inputs, folders["fireants"], device=device, seed=seed, fast=fast, env=env)
     config = engine.config_from_options(**options)
     header, fixed_shape = io.open_volume(inputs.fixed, "fixed image")
-    points = stage_points(fixed_shape, np.asarray(header.affine, np.float64), config)
+    points = stage_points(fixed_shape, np.asarray(header.affine, np.float64), config,
+                          masked=inputs.fixed_mask is not None)
     scored_ours = dict(evaluate(case, ours), wall=ours["wall"], timings=ours["timings"],
                        stages=stage_rates(ours["log"], points, config.model), points=points)
     scored_theirs = theirs if "error" in theirs else dict(evaluate(case, theirs), wall=theirs["wall"])

@@ -37,9 +37,9 @@ HELP = {
                        "(register: --init-model; study: the manifest's init_model column), the only stage then",
     "warm_learning_rate": "learning rate of that warm-started fine stage (a third of the fine stage's: the network "
                           "already holds a whole field, which the full rate would scatter)",
-    "warm_regularity_patches": "patches drawn anywhere for the smoothness penalties alone at each iteration of that "
-                               "warm-started fine stage, at 48 image patches, as the fine stage's (0: two thirds of "
-                               "the work per iteration, less accurate on some days)",
+    "warm_regularity_patches": "with a fixed mask, patches drawn outside it for the smoothness penalties alone at "
+                               "each iteration of that warm-started fine stage, at 48 image patches, as the fine "
+                               "stage's (0: two thirds of the work per iteration, less accurate on some days)",
     "convergence_window": "iterations over which the loss trend is fitted to stop a stage early, as ANTs' "
                           "convergence window; 0 runs every iteration",
     "convergence_threshold": "stop a stage once its loss fell by less than this fraction of its magnitude over the "

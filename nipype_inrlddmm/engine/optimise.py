@@ -64,24 +64,26 @@ class StageConfig:
     squared for deviations under ``jacobian_scale``, linear beyond, so the
     field stays smooth and does not fold, while the few large volume changes
     anatomy asks for remain affordable; a uniform volume change is free.
-    The image patches lie where the mask allows, so ``regularity_patches``
-    more (at ``n_patches`` image patches; proportionally fewer with fewer,
-    :meth:`regularity_patch_count`) are drawn anywhere in the grid, for the
-    penalties alone (velocity and Jacobian): a SIREN's sine features span
-    the whole image, and a field left unconstrained away from the anatomy is
-    rough there.  With a ``fixed_mask`` (the head of an MR, where the image
-    patches are drawn) and an ``outside_jacobian_weight``, the regularity
-    patches are drawn outside the mask instead, and their part of the spread
-    weighs ``outside_jacobian_weight`` rather than ``jacobian_weight``
-    (about the one mean of all the iteration's cells): where there is no
-    anatomy to match, the field need only be smooth.  On the brains the
-    rough field in the air around the head was a third of SDlogJ, where
-    SyN's field fades to the identity.  The defaults hold it there four
-    times as stiff (12) as over the anatomy (3, where 4 was the default
-    without it): a lower SDlogJ on both brains with a higher brain-pair
-    Dice.  None, or no mask: the regularity patches lie anywhere at
-    ``jacobian_weight`` (lung-ct and the phantom have no mask and differ
-    by the weight 3 alone).  Figures: docs/decisions.md ("Regularity").
+    With a ``fixed_mask`` the image patches lie where the mask allows, so
+    ``regularity_patches`` more (at ``n_patches`` image patches;
+    proportionally fewer with fewer, :meth:`regularity_patch_count`) are
+    drawn for the penalties alone (velocity and Jacobian): a SIREN's sine
+    features span the whole image, and a field left unconstrained away from
+    the anatomy is rough there.  With an ``outside_jacobian_weight`` they
+    are drawn outside the mask (the head of an MR, where the image patches
+    are drawn), and their part of the spread weighs
+    ``outside_jacobian_weight`` rather than ``jacobian_weight`` (about the
+    one mean of all the iteration's cells): where there is no anatomy to
+    match, the field need only be smooth.  On the brains the rough field in
+    the air around the head was a third of SDlogJ, where SyN's field fades
+    to the identity.  The defaults hold it there four times as stiff (12) as
+    over the anatomy (3, where 4 was the default without it): a lower
+    SDlogJ on both brains with a higher brain-pair Dice.  With a mask but
+    no outside weight they lie anywhere at ``jacobian_weight``.  Without a
+    mask none are drawn: the image patches lie anywhere and carry the
+    penalties over the whole grid themselves (on lung-ct and the phantom
+    the same Dice, TRE and SDlogJ in 0.77 and 0.88 x the time).  Figures:
+    docs/decisions.md ("Regularity").
 
     ``mi_weight`` adds that much of a Mattes mutual information
     (:func:`~.similarity.mutual_information`, over all the iteration's patch
@@ -166,17 +168,17 @@ class StageConfig:
             return most
         return min(most, max(1, round(self.sampling_fraction * math.prod(grid) / unit_voxels)))
 
-    def regularity_patch_count(self, grid) -> int:
+    def regularity_patch_count(self, grid, *, masked: bool = True) -> int:
         """Regularity patches drawn per iteration on ``grid``: ``regularity_patches`` at ``n_patches``
         image patches, as many fewer as :meth:`patches` draws fewer (at least 1, unless 0), so a small
-        grid is not regularised many times over."""
-        if not self.regularity_patches:
+        grid is not regularised many times over; none when the stage has no fixed mask (``masked``)."""
+        if not self.regularity_patches or not masked:
             return 0
         return max(1, round(self.regularity_patches * self.patches(grid) / self.n_patches))
 
-    def flow_points(self, grid, voxel_mm=None) -> int:
+    def flow_points(self, grid, voxel_mm=None, *, masked: bool = True) -> int:
         """Points the network integrates per image-matching iteration on ``grid``: every patch's lattice,
-        the regularity patches' included.
+        the regularity patches' included (none without a fixed mask: ``masked`` False).
 
         ``voxel_mm`` : the grid's voxel size per axis, for an automatic
         ``patch_stride``; without it, the automatic stride's smallest
@@ -187,7 +189,7 @@ class StageConfig:
         else:
             strides = lattice_strides(self.patch_stride, voxel_mm)
         lattice = math.prod(lattice_shape(patch_shape(grid, self.patch_size), strides))
-        return (self.patches(grid) + self.regularity_patch_count(grid)) * lattice
+        return (self.patches(grid) + self.regularity_patch_count(grid, masked=masked)) * lattice
 
 
 def relative_decrease(losses, window: int) -> float:
@@ -357,12 +359,12 @@ def fit_images(
     patch_grid = apply_affine(voxel_to_moving, voxel_indices(edge, device=device, dtype=dtype))
     knot_spacing = [(n - 1) / max(q - 1, 1) for n, q in zip(edge, lattice.shape[:3])]
 
-    n_patches, n_regularity = config.patches(fixed.shape), config.regularity_patch_count(fixed.shape)
+    masked = fixed_mask is not None and not bool(fixed_mask.all())
+    n_patches, n_regularity = config.patches(fixed.shape), config.regularity_patch_count(fixed.shape, masked=masked)
     # With a mask and an outside weight, the regularity patches are drawn outside the mask (where no image
     # patch is centred) and their Jacobian spread weighs outside_jacobian_weight, not jacobian_weight.
     outside, patch_weights = None, None
-    if (n_regularity and config.jacobian_weight and config.outside_jacobian_weight is not None
-            and fixed_mask is not None and not bool(fixed_mask.all())):
+    if n_regularity and config.jacobian_weight and config.outside_jacobian_weight is not None:
         outside = torch.nonzero(~fixed_mask).cpu()
         patch_weights = torch.ones(n_patches + n_regularity, 1, 1, 1, dtype=dtype, device=device)
         patch_weights[n_patches:] = config.outside_jacobian_weight / config.jacobian_weight

@@ -192,8 +192,9 @@ class ImageStageInputSpec(OptimisationInputSpec):
     jacobian_scale = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.coarse.jacobian_scale, usedefault=True,
                                   desc=HELP["jacobian_scale"])
     regularity_patches = traits.Range(low=0, value=DEFAULTS.coarse.regularity_patches, usedefault=True,
-                                      desc="patches drawn anywhere in the grid, ignoring the mask, at each iteration "
-                                      "for the penalties alone, so the field stays smooth away from the anatomy")
+                                      desc="with a fixed mask, patches drawn outside it at each iteration for the "
+                                      "penalties alone, so the field stays smooth away from the anatomy (none "
+                                      "without a mask: the image patches cover the grid)")
     patch_size = traits.Range(low=1, value=DEFAULTS.coarse.patch_size, usedefault=True,
                               desc="patch edge in voxels")
 

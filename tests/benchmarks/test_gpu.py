@@ -32,7 +32,7 @@ def test_stage_points_are_the_points_the_stages_integrate(monkeypatch):
     monkeypatch.setattr(optimise, "integrate", counting)
     tensors = [torch.as_tensor(np.asarray(a, np.float32)) for a in (pair.ct, pair.affine, pair.cbct, pair.affine)]
     engine.register_volumes(*tensors, config)
-    points = gpu.stage_points(pair.cbct.shape, pair.affine, config)
+    points = gpu.stage_points(pair.cbct.shape, pair.affine, config, masked=False)
     assert seen == [points[stage] for stage in gpu.STAGES for _ in range(ITERATIONS[stage])]
     assert len(set(points.values())) == 3  # three different counts: the comparison tells the stages apart
 

@@ -132,11 +132,14 @@ def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(
     monkeypatch.setattr(optimise, "integrate", counting)
     affine = torch.diag(torch.tensor([1.366, 1.366, 2.5, 1.0]))
     volume = torch.rand(30, 30, 20, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(volume.shape, dtype=torch.bool)
+    mask[5:25, 5:25, 3:17] = True
     for stride, lattice in ((None, 5 * 5 * 7), (2, 7 * 7 * 7)):
         config = engine.StageConfig(iterations=1, n_patches=3, patch_stride=stride)
-        velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
-        optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
-        assert counts.pop() == (3 + config.regularity_patches) * lattice
+        for fixed_mask, regularity in ((mask, config.regularity_patches), (None, 0)):  # none without a mask
+            velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+            optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4, fixed_mask=fixed_mask)
+            assert counts.pop() == (3 + regularity) * lattice
 
 
 def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(monkeypatch):
@@ -160,10 +163,15 @@ def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(m
     affine = torch.eye(4)
     volume = torch.rand(*grid, generator=torch.Generator().manual_seed(0))
     config = engine.StageConfig(iterations=1, sampling_fraction=0.5)
-    velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
-    optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4)
-    # then the regularity patches, anywhere: as many fewer as the image patches (24 at 48, 2 at 5)
-    assert drawn == [5, round(config.regularity_patches * 5 / config.n_patches)] == [5, 2]
+    mask = torch.zeros(grid, dtype=torch.bool)
+    mask[:20] = True
+    for fixed_mask in (mask, None):
+        velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+        optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4, fixed_mask=fixed_mask)
+    # with a mask, then the regularity patches: as many fewer as the image patches (24 at 48, 2 at 5); none
+    # without one
+    assert drawn == [5, round(config.regularity_patches * 5 / config.n_patches), 5] == [5, 2, 5]
+    assert config.regularity_patch_count(grid, masked=False) == 0
     assert engine.StageConfig(n_patches=48, sampling_fraction=1e-6).regularity_patch_count(grid) == 1
     assert engine.StageConfig(regularity_patches=0).regularity_patch_count(grid) == 0
     # a distillation draws points the same way: a fraction of the grid, at most batch_points

@@ -155,7 +155,7 @@ def test_with_a_mask_the_regularity_patches_lie_outside_it_at_the_outside_weight
     assert shape[1] == 6 and weights.flatten().tolist() == [1.0] * 4 + [4.0] * 2
     (image, regularity), [(_, weights)] = run(None, mask)  # no outside weight: anywhere, one weight
     assert regularity is None and weights is None
-    (image, regularity), [(_, weights)] = run(8.0, None)  # no mask: anywhere, one weight
-    assert image is None and regularity is None and weights is None
+    (image,), [(shape, weights)] = run(8.0, None)  # no mask: image patches anywhere, no regularity patches
+    assert image is None and weights is None and shape[1] == 4
     with pytest.raises(ValueError, match="outside_jacobian_weight"):
         engine.StageConfig(outside_jacobian_weight=-1.0)
