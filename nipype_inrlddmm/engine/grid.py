@@ -209,7 +209,8 @@ def labels_at_indices(labels: torch.Tensor, ijk: torch.Tensor, *, chunk_size: in
         chosen = flat[cell]
         boundary = (~uniform[cell]).nonzero().squeeze(1)
         if len(boundary):
-            low, fraction = low[boundary].long(), position[boundary] - low[boundary]
+            low = low[boundary]
+            fraction, low = position[boundary] - low, low.long()
             index = torch.minimum(low[:, None] + corners, shape - 1)  # (N, 8, 3)
             votes = flat[(index * strides).sum(dim=-1)]  # (N, 8)
             weights = torch.where(corners.bool(), fraction[:, None], 1 - fraction[:, None]).prod(dim=-1)  # (N, 8)

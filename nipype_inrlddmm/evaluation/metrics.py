@@ -29,8 +29,9 @@ _TABLE_IDS = 1 << 16
 
 def label_positions(values: np.ndarray, ranked: np.ndarray) -> np.ndarray:
     """Each value's position among the sorted label ids ``ranked``, or ``len(ranked)`` for any other value."""
-    if np.issubdtype(values.dtype, np.integer) and values.size and 0 <= values.min() and values.max() < _TABLE_IDS:
-        table = np.full(int(values.max()) + 1, len(ranked), np.intp)
+    largest = int(values.max()) if np.issubdtype(values.dtype, np.integer) and values.size else _TABLE_IDS
+    if largest < _TABLE_IDS and values.min() >= 0:
+        table = np.full(largest + 1, len(ranked), np.intp)
         listed = (ranked >= 0) & (ranked < len(table))
         table[ranked[listed]] = np.flatnonzero(listed)
         return table[values]
