@@ -102,14 +102,20 @@ def _timed(command: list[str], env: dict) -> float:
     return seconds
 
 
+def register_arguments(case: Case, inputs: Inputs, out: Path) -> list[str]:
+    """``inrlddmm register``'s arguments for a case as a user passes them: both label maps, every output into
+    ``out``, the phases' seconds in ``out/timings.json``, the set's pre-alignment and fixed mask."""
+    arguments = ["register", "--moving", str(inputs.moving), "--fixed", str(inputs.fixed),
+                 "--moving-labels", str(case.moving_labels), "--fixed-labels", str(case.fixed_labels),
+                 "--label-names", str(inputs.label_names), "--out-dir", str(out),
+                 "--quiet", "--timings", str(out / "timings.json")]
+    arguments += ["--affine", case.affine] if case.affine else []
+    return arguments + (["--fixed-mask", str(inputs.fixed_mask)] if inputs.fixed_mask else [])
+
+
 def run_ours(case: Case, inputs: Inputs, out: Path, threads: int, env: dict) -> dict:
-    command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"), "register",
-               "--moving", str(inputs.moving), "--fixed", str(inputs.fixed),
-               "--moving-labels", str(case.moving_labels), "--fixed-labels", str(case.fixed_labels),
-               "--label-names", str(inputs.label_names), "--out-dir", str(out), "--num-threads", str(threads),
-               "--quiet", "--timings", str(out / "timings.json")]
-    command += ["--affine", case.affine] if case.affine else []
-    command += ["--fixed-mask", str(inputs.fixed_mask)] if inputs.fixed_mask else []
+    command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"),
+               *register_arguments(case, inputs, out), "--num-threads", str(threads)]
     seconds = _timed(command, env)
     field, affine = io.load_displacement(out / "displacement.nii.gz")
     return {"wall": seconds, "timings": json.loads((out / "timings.json").read_text()),

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from cases import SETS, Case, cases
-from end_to_end import Inputs, score, user_inputs, write_results
+from end_to_end import Inputs, register_arguments, score, user_inputs, write_results
 from speed import mlp_flops_per_point_step
 
 from nipype_inrlddmm import __version__, engine, io
@@ -181,13 +181,8 @@ def _peak_memory(path: Path) -> float | None:
 
 def run_ours(case: Case, inputs: Inputs, out: Path, *, device: str, seed: int, options: dict, threads, env) -> dict:
     """``inrlddmm register`` (through :data:`OURS_WORKER`) into ``out``: wall seconds, phases, log, peak memory."""
-    command = [sys.executable, "-c", OURS_WORKER, str(out / "memory.json"), "register",
-               "--moving", str(inputs.moving), "--fixed", str(inputs.fixed),
-               "--moving-labels", str(case.moving_labels), "--fixed-labels", str(case.fixed_labels),
-               "--label-names", str(inputs.label_names), "--out-dir", str(out), "--device", device,
-               "--seed", str(seed), "--quiet", "--timings", str(out / "timings.json"), *_options_flags(options)]
-    command += ["--affine", case.affine] if case.affine else []
-    command += ["--fixed-mask", str(inputs.fixed_mask)] if inputs.fixed_mask else []
+    command = [sys.executable, "-c", OURS_WORKER, str(out / "memory.json"), *register_arguments(case, inputs, out),
+               "--device", device, "--seed", str(seed), *_options_flags(options)]
     command += ["--num-threads", str(threads)] if threads else []
     seconds, error = _run(command, env)
     if error:
