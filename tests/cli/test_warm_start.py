@@ -78,15 +78,24 @@ def test_the_warm_learning_rate_is_the_one_given(course, first, tmp_path):
     assert _largest_change(start, io.load_checkpoint(tmp_path / "default" / "model.pt")) > 1e-4
 
 
-def test_a_warm_start_of_the_same_pair_keeps_its_dice_with_fewer_iterations(course, first, tmp_path):
-    assert _register(course, 1, tmp_path, "--init-model", str(first / "model.pt"), "--warm-iterations", "5") == 0
-    assert len(_stages(tmp_path)) == 5 < len(_stages(first))
-    assert _mean_dice(tmp_path) >= _mean_dice(first)
+def test_a_warm_start_of_the_same_pair_continues_its_field(course, first, tmp_path):
+    """Only the fine stage runs, from where the model's registration ended: with no iteration it gives that
+    registration's labels, and with five it matches them better than a registration from scratch whose fine
+    stage has the same five.  (On this 48 x 40 x 20 toy the Dice of a short registration swings by a few
+    hundredths with its iteration count, so five more iterations are not compared with the model's own.)"""
+    warm, again, cold = tmp_path / "warm", tmp_path / "again", tmp_path / "cold"
+    assert _register(course, 1, again, "--init-model", str(first / "model.pt"), "--warm-iterations", "0") == 0
+    assert _mean_dice(again) == _mean_dice(first)
+    assert _register(course, 1, warm, "--init-model", str(first / "model.pt"), "--warm-iterations", "5") == 0
+    assert _stages(warm) == ["fine"] * 5 and len(_stages(first)) > 5
+    assert _register(course, 1, cold, "--fine-iterations", "5") == 0
+    assert _mean_dice(warm) > _mean_dice(cold)
 
 
 def test_a_model_of_another_grid_is_refused_naming_the_file_and_both_grids(course, tmp_path, capsys):
     smaller = grid_affine(SHAPE, (200.0, 160.0, 240.0))  # a narrower field of view: the CBCT reaches beyond it
-    velocity = engine.new_velocity_field(SHAPE, torch.as_tensor(smaller, dtype=torch.float32), engine.ModelConfig(), 0)
+    velocity = engine.new_velocity_field(SHAPE, torch.as_tensor(smaller, dtype=torch.float32),
+                                         engine.ModelConfig(width=96), 0)
     model = io.save_checkpoint(tmp_path / "narrow.pt", velocity, shape=SHAPE, affine=smaller)
     out = tmp_path / "out"
     capsys.readouterr()
