@@ -141,7 +141,8 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
             budget = config.coarse.iterations + config.distill.iterations + config.fine.iterations
             config = engine.config_from_options(**dict(options, fine_iterations=budget))
             args = args[:4] + (config,)
-            initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, config.model, config.seed)
+            model = engine.sized_config(config, fixed.shape, fixed_affine_t).model
+            initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, model, config.seed)
         else:
             raise ValueError(variant)
         start = time.perf_counter()

@@ -288,10 +288,11 @@ def run_case(case: Case, inputs: Inputs, scratch: Path, *, device: str, seed: in
     theirs = run_fireants(case, inputs, folders["fireants"], device=device, seed=seed, fast=fast, env=env)
     config = engine.config_from_options(**options)
     header, fixed_shape = io.open_volume(inputs.fixed, "fixed image")
+    sized = engine.sized_config(config, fixed_shape, torch.as_tensor(header.affine, dtype=torch.float32))
     points = stage_points(fixed_shape, np.asarray(header.affine, np.float64), config,
                           masked=inputs.fixed_mask is not None)
     scored_ours = dict(evaluate(case, ours), wall=ours["wall"], timings=ours["timings"],
-                       stages=stage_rates(ours["log"], points, config.model), points=points)
+                       stages=stage_rates(ours["log"], points, sized.model), points=points)
     scored_theirs = theirs if "error" in theirs else dict(evaluate(case, theirs), wall=theirs["wall"])
     return {"set": case.name, "seed": seed, "ours": scored_ours, "fireants": scored_theirs}
 

@@ -131,7 +131,7 @@ def main():
 
     pair = make_pair(tuple(args.shape), seed=0)
     affine = torch.tensor(pair.affine, dtype=torch.float32)
-    config = engine.RegistrationConfig()
+    config = engine.sized_config(engine.RegistrationConfig(), pair.cbct.shape, affine)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     result = engine.register_volumes(torch.tensor(pair.ct), affine, torch.tensor(pair.cbct), affine, config,

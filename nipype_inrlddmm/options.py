@@ -10,7 +10,8 @@ from the engine's configuration where each is shown.
 
 HELP = {
     "n_steps": "Euler steps of the flow over t in [0, 1]",
-    "width": "hidden units per layer of the velocity MLP",
+    "width": "hidden units per layer of the velocity MLP; when not given, 96 if the fine stage's grid has at most "
+             "64^3 voxels, 128 if more",
     "depth": "hidden layers of the velocity MLP (the paper uses 3)",
     "encoding": "input encoding of the velocity MLP: fourier (random Fourier features), siren or none",
     "similarity": "image dissimilarity: lncc (CT->CBCT, MR), ncc, mse, mi (Mattes mutual information) or mind "

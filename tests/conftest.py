@@ -56,8 +56,9 @@ def phantom_patient(tmp_path_factory) -> dict[str, Path]:
     assert (data == 5).any()
     io.save_image(folder / "cbct_labels.nii.gz", np.where(data == 5, 0, data).astype(np.uint8), labels.affine)
     affine = labels.affine
-    velocity = engine.new_velocity_field(PHANTOM_SHAPE, torch.tensor(affine, dtype=torch.float32),
-                                         engine.config_from_options().model, seed=0)
+    affine_t = torch.tensor(affine, dtype=torch.float32)
+    model = engine.sized_config(engine.config_from_options(), PHANTOM_SHAPE, affine_t).model
+    velocity = engine.new_velocity_field(PHANTOM_SHAPE, affine_t, model, seed=0)
     coarse_shape = tuple(-(-n // 2) for n in PHANTOM_SHAPE)
     coarse_affine = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     coarse_affine[:3, 3] += affine[:3, :3] @ [0.5, 0.5, 0.5]

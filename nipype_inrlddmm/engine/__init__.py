@@ -16,6 +16,7 @@ from .stages import (
     option_values,
     register_volumes,
     resolve_device,
+    sized_config,
     stage_factors,
     warm_config,
     warm_start_mismatch,
@@ -30,5 +31,6 @@ __all__ = [
     "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
     "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",
     "new_velocity_field", "option_values", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
-    "resolve_device", "sample", "stage_factors", "warm_config", "warm_start_mismatch", "warp", "world_grid",
+    "resolve_device", "sample", "sized_config", "stage_factors", "warm_config", "warm_start_mismatch", "warp",
+    "world_grid",
 ]

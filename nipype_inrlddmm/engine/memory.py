@@ -107,7 +107,8 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         raise ValueError(f"stage must be 'coarse', 'distill' or 'fine', got {stage!r}")
     fixed_voxels = math.prod(int(n) for n in fixed_shape)
     moving_voxels = math.prod(int(n) for n in (moving_shape or fixed_shape))
-    model = config.model
+    # An automatic width sized to the fixed grid, which the fine grid never exceeds: at most the real one.
+    model = config.model.sized(fixed_voxels)
     chunk = min(_DENSE_CHUNK, fixed_voxels) * (3 * model.width + 20) * 4
     if stage == "coarse":
         grid = _training_grid("coarse", fixed_shape, config)
@@ -172,7 +173,8 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
                   f"{stage_config.regularity_patch_count(grid)} regularity patches, "
                   f"{lattice}")
         culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
-        advice = (f"lower {batch} of the {stage} stage, or the network's width ({config.model.width}) or "
+        width = config.model.sized(math.prod(int(n) for n in fixed_shape)).width
+        advice = (f"lower {batch} of the {stage} stage, or the network's width ({width}) or "
                   f"n_steps ({config.model.n_steps})")
     else:
         culprit = f"the dense field and warp on the {shape} fixed grid ({_gb(parts['field'])})"

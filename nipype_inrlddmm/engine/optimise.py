@@ -76,9 +76,9 @@ class StageConfig:
     one mean of all the iteration's cells): where there is no anatomy to
     match, the field need only be smooth.  On the brains the rough field in
     the air around the head was a third of SDlogJ, where SyN's field fades
-    to the identity.  The defaults hold it there four times as stiff (12) as
-    over the anatomy (3, where 4 was the default without it): a lower
-    SDlogJ on both brains with a higher brain-pair Dice.  With a mask but
+    to the identity.  The defaults hold it there (12) 2.7 times as stiff as
+    over the anatomy (4.5): a lower SDlogJ on both brains with a higher
+    brain-pair Dice.  With a mask but
     no outside weight they lie anywhere at ``jacobian_weight``.  Without a
     mask none are drawn: the image patches lie anywhere and carry the
     penalties over the whole grid themselves (on lung-ct and the phantom
@@ -94,7 +94,9 @@ class StageConfig:
     that intensity classes overlap.  It raised Dice on the inter-subject
     brains and the lung CT, and lowered it slightly on CT -> CBCT, whose
     cupping no global intensity mapping describes (hence ``mi_weight=0`` in
-    that study script).
+    that study script).  It also bought more Dice per unit of SDlogJ than a
+    softer Jacobian penalty did, hence a weight of 0.85 with a stiffer
+    penalty (4.5) (docs/decisions.md, "Regularity").
 
     Points per iteration were the strongest lever measured, and the network,
     not the image sampling, is most of an iteration's work: a lattice about
@@ -116,13 +118,13 @@ class StageConfig:
     lncc_window: int = 5
     mind_distance_mm: float = 1.5
     mind_radius_mm: float = 1.5
-    mi_weight: float = 0.5
+    mi_weight: float = 0.85
     n_patches: int = 48
     sampling_fraction: float | None = None
     patch_size: int = 12
     batch_points: int = 8192
     reg_weight: float = 1e-4
-    jacobian_weight: float = 3.0
+    jacobian_weight: float = 4.5
     jacobian_scale: float = 0.1
     regularity_patches: int = 24
     outside_jacobian_weight: float | None = 12.0

@@ -51,8 +51,8 @@ class RegistrationConfig:
     coarse_factor: tuple[int, int, int] | int | None = None
     fine_factor: tuple[int, int, int] | int | None = None
     # Iterations lean on the fine stage (100 / 50 / 225): at the same budget that beat a longer coarse
-    # stage on every set, and 225 fine iterations keep the 96-unit network within SyN's time on a 2-core
-    # CPU at the same Dice as 300.  The coarse stage's flow lattice is 3 voxels apart (5^3 points a patch,
+    # stage on every set, and 225 fine iterations keep the network within SyN's time on a 2-core CPU
+    # at the same Dice as 300.  The coarse stage's flow lattice is 3 voxels apart (5^3 points a patch,
     # 9 mm at 3 mm voxels): as accurate as stride 2 for a third of the network points.  The coarse patches
     # cover a third of the coarse grid per iteration, at most 48: smaller grids draw fewer, not several
     # times their volume in patches.  Figures: docs/decisions.md ("Stages", "Points per iteration").
@@ -67,9 +67,11 @@ class RegistrationConfig:
     # The fine stage's velocity penalty is 2e-4 (1e-4 elsewhere): the same mean Dice and TRE, with every
     # seed under 0.1 % folding before the Jacobian penalty.  Its patches cover a tenth of its grid per
     # iteration, at most 48 (sampling_fraction), as ANTs samples a fraction of the image: the cost follows
-    # the image up to the brains' 48, never past it.  Figures: docs/decisions.md.
+    # the image up to the brains' 48, never past it.  Its correlation windows span 11 of a patch's 12
+    # voxels (5 in the coarse stage, at 3 mm): the same Dice with a smoother field.  Figures:
+    # docs/decisions.md.
     fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4,
-                                                                  sampling_fraction=0.1))
+                                                                  lncc_window=11, sampling_fraction=0.1))
     field_stride: int | tuple[int, int, int] | None = None
     # A warm start (register_volumes with an initial field) runs the fine stage alone, this many iterations
     # from a third of its learning rate: the network holds a whole field already, which the full rate
@@ -187,6 +189,14 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     return tuple(int(f) for f in factors)
 
 
+def sized_config(config: RegistrationConfig, fixed_shape, fixed_affine: torch.Tensor) -> RegistrationConfig:
+    """``config`` with its network sized to the fine stage's grid on this fixed image
+    (:meth:`~.velocity.ModelConfig.sized`: an automatic width is set, a given one kept)."""
+    fine_shape, _ = block_grid(fixed_shape, fixed_affine, stage_factors(config.fine_factor, fixed_affine, "fine",
+                                                                        fixed_shape))
+    return replace(config, model=config.model.sized(math.prod(fine_shape)))
+
+
 def _stage_images(moving, moving_affine, fixed, fixed_affine, fixed_mask, factors):
     """Fixed image (and mask) block-averaged by ``factors``, the moving image to the same resolution."""
     stage_fixed, stage_fixed_affine = downsample(fixed, fixed_affine, factors)
@@ -203,10 +213,13 @@ def coarse_stage(
 ) -> StageResult:
     """Algorithm 1 on block-averaged images; the result is S1 on the coarse fixed grid.
 
-    The fixed image is averaged by ``coarse_factor``; the moving image by
-    the factors that bring it closest to the same physical resolution, so a
-    fine CT and a coarse CBCT are compared at one scale.
+    The network is created here, for the whole registration: an automatic
+    width is sized to the fine stage's grid (:func:`sized_config`).  The
+    fixed image is averaged by ``coarse_factor``; the moving image by the
+    factors that bring it closest to the same physical resolution, so a fine
+    CT and a coarse CBCT are compared at one scale.
     """
+    config = sized_config(config, fixed.shape, fixed_affine)
     factors = stage_factors(config.coarse_factor, fixed_affine, "coarse", fixed.shape)
     coarse_moving, coarse_moving_affine, coarse_fixed, coarse_fixed_affine, coarse_mask = _stage_images(
         moving, moving_affine, fixed, fixed_affine, fixed_mask, factors)
@@ -224,14 +237,15 @@ def distill_stage(coarse: StageResult, fixed_shape, fixed_affine, config: Regist
                   progress=False) -> StageResult:
     """Fit the network at the fine stage's resolution to the trilinearly upsampled S1.
 
-    Starts from the coarse weights (one MLP throughout, as Algorithm 2) and
-    returns a copy; ``coarse.velocity`` is left untouched.  Points are drawn
-    on the fixed grid block-averaged by ``fine_factor``.  The fine stage
+    Starts from the coarse weights and architecture (one MLP throughout, as
+    Algorithm 2; ``config.model`` is ignored) and returns a copy;
+    ``coarse.velocity`` is left untouched.  Points are drawn on the fixed
+    grid block-averaged by ``fine_factor``.  The fine stage
     needs only the weights: the result's displacement is None (the field
     would cost about 2 s on a 1 mm brain; :func:`dense_displacement` gives
     it when wanted).
     """
-    velocity = new_velocity_field(fixed_shape, fixed_affine, config.model, config.seed)
+    velocity = new_velocity_field(fixed_shape, fixed_affine, coarse.velocity.config, config.seed)
     velocity.load_state_dict(coarse.velocity.state_dict())
     fine_shape, fine_affine = block_grid(fixed_shape, fixed_affine,
                                          stage_factors(config.fine_factor, fixed_affine, "fine", fixed_shape))
@@ -246,12 +260,14 @@ def fine_stage(
     initial: VelocityField, moving, moving_affine, fixed, fixed_affine, config: RegistrationConfig,
     *, fixed_mask=None, progress=False,
 ) -> StageResult:
-    """Algorithm 1 at the fine resolution, from a copy of ``initial``'s weights.
+    """Algorithm 1 at the fine resolution, from a copy of ``initial``'s weights and architecture
+    (``config.model`` is ignored).
 
     The images are block-averaged by ``fine_factor`` (none for voxels of
     1.5 mm and more by default); the displacement is integrated on the full
     fixed grid.
     """
+    config = replace(config, model=initial.config)
     velocity = new_velocity_field(fixed.shape, fixed_affine, config.model, config.seed)
     velocity.load_state_dict(initial.state_dict())
     factors = stage_factors(config.fine_factor, fixed_affine, "fine", fixed.shape)
@@ -390,6 +406,8 @@ def register_volumes(
         if mismatch:
             raise ValueError(f"cannot start from this initial velocity network: {mismatch}")
         config = replace(warm_config(config), model=initial.config)
+    else:
+        config = sized_config(config, fixed.shape, fixed_affine)
     stages = ("coarse", "distill", "fine") if initial is None else ("fine",)
     for stage in stages:
         check_memory(stage, fixed.shape, config, moving_shape=moving.shape, device=fixed.device,

@@ -1,21 +1,23 @@
 """The velocity network f(x, y, z, t) -> (vx, vy, vz) of INR-LDDMM.
 
 A SIREN (sine activations, Sitzmann et al. 2020) by default: three hidden
-layers of 96 units at omega_0 = 22.5, on positions normalised by the fixed
+layers at omega_0 = 22.5, 96 units wide on small grids and 128 on large ones
+(:meth:`ModelConfig.sized`), on positions normalised by the fixed
 image's bounding box and the time, with a linear output in mm per unit time
 that starts at zero (an untrained field is the identity).  Random Fourier
 features and a plain MLP on raw coordinates are the alternatives
 (``encoding``).  Why these: the sine layers fitted inter-subject anatomy
-best; a higher omega_0 or a wider layer fits finer detail until the field
-folds; four Euler steps are as accurate as six for two thirds of the work
-(``python benchmarks/encodings.py`` and ``benchmarks/accuracy.py``; the
+best; a higher omega_0 fits finer detail until the field folds, and a
+wider layer, once the Jacobian penalty held the field smooth, matched the
+large grids' anatomy better; four Euler steps are as accurate as six for
+two thirds of the work (``python benchmarks/encodings.py`` and ``benchmarks/accuracy.py``; the
 figures are on the decisions page, docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -34,9 +36,11 @@ class ModelConfig:
     ``depth`` counts hidden layers (the paper's MLP has three).  ``sigma`` is
     the standard deviation of the Fourier frequencies in cycles per image
     half-extent; ``n_steps`` the number of Euler steps over t in [0, 1].
+    ``width`` None is automatic: set from the fine stage's grid by
+    :meth:`sized` before a network is built.
     """
 
-    width: int = 96
+    width: int | None = None
     depth: int = 3
     encoding: str = "siren"
     n_frequencies: int = 32
@@ -50,8 +54,28 @@ class ModelConfig:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
-        if self.width < 1 or self.depth < 1 or self.n_steps < 1:
-            raise ValueError("width, depth and n_steps must be positive")
+        if self.width is not None and self.width < 1 or self.depth < 1 or self.n_steps < 1:
+            raise ValueError("width (unless None, automatic), depth and n_steps must be positive")
+
+    def sized(self, fine_voxels: int) -> ModelConfig:
+        """This architecture for a fine stage on a grid of ``fine_voxels``: an automatic width becomes
+        :data:`SMALL_GRID_WIDTH` units up to :data:`SMALL_GRID_VOXELS` voxels, :data:`LARGE_GRID_WIDTH`
+        above; a given width stays.
+
+        A field over more voxels holds more detail to represent.  On the
+        1 mm brains (fine grids of 0.9-1.1 M voxels) and the lung CT (0.6 M)
+        128 units matched labels better at the same smoothness; on the
+        phantoms' 0.17 M voxels they cost a third more time for the same
+        Dice (docs/decisions.md, "Regularity").
+        """
+        if self.width is not None:
+            return self
+        return replace(self, width=SMALL_GRID_WIDTH if fine_voxels <= SMALL_GRID_VOXELS else LARGE_GRID_WIDTH)
+
+
+#: The automatic width (:meth:`ModelConfig.sized`): hidden units on fine grids of at most / over
+#: ``SMALL_GRID_VOXELS`` voxels.
+SMALL_GRID_WIDTH, LARGE_GRID_WIDTH, SMALL_GRID_VOXELS = 96, 128, 64 ** 3
 
 
 class SineLinear(nn.Linear):
@@ -97,7 +121,8 @@ class VelocityField(nn.Module):
     center, half_extent : ``(3,)`` tensors (mm) of the fixed image's bounding
         box; inputs are normalised by them so the same network describes the
         field at any resolution of that image.
-    config : :class:`ModelConfig`.
+    config : :class:`ModelConfig` with a width (an automatic one set by
+        :meth:`ModelConfig.sized`).
 
     ``forward(points, t)`` takes ``(N, 3)`` world points (mm, RAS) and a
     float time ``t`` in [0, 1] and returns ``(N, 3)`` velocities in mm per
@@ -108,8 +133,11 @@ class VelocityField(nn.Module):
     to float rounding.
     """
 
-    def __init__(self, center: torch.Tensor, half_extent: torch.Tensor, config: ModelConfig = ModelConfig()):
+    def __init__(self, center: torch.Tensor, half_extent: torch.Tensor, config: ModelConfig):
         super().__init__()
+        if config.width is None:
+            raise ValueError("the network's width is automatic (None): size the configuration to the fine grid "
+                             "first (ModelConfig.sized)")
         self.config = config
         self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32).clone())
         self.register_buffer("half_extent", torch.as_tensor(half_extent, dtype=torch.float32).clone())

@@ -85,6 +85,12 @@ def reg_weight_trait(default):
                         desc=HELP["reg_weight"])
 
 
+def lncc_window_trait(default):
+    """The ``lncc_window`` input of an image-matching stage, whose default differs by stage."""
+    return traits.Range(low=1, value=default, usedefault=True,
+                        desc="edge of the LNCC window, in voxels (at most the patch edge: windows lie inside patches)")
+
+
 def sampling_fraction_trait(default):
     """The ``sampling_fraction`` input of an image-matching stage, whose default differs by stage."""
     return traits.Either(None, traits.Range(low=0.0, high=1.0, exclude_low=True), default=default, usedefault=True,
@@ -171,8 +177,7 @@ class ImageStageInputSpec(OptimisationInputSpec):
                              "(body, lungs, CBCT field of view)")
     similarity = traits.Enum(*enum_values(DEFAULTS.coarse.similarity, SIMILARITIES), usedefault=True,
                              desc=HELP["similarity"])
-    lncc_window = traits.Range(low=1, value=DEFAULTS.coarse.lncc_window, usedefault=True,
-                               desc="edge of the LNCC window, in voxels")
+    lncc_window = lncc_window_trait(DEFAULTS.coarse.lncc_window)
     mind_distance_mm = traits.Range(low=0.0, value=DEFAULTS.coarse.mind_distance_mm, exclude_low=True,
                                     usedefault=True,
                                     desc=HELP["mind_distance_mm"])
@@ -202,7 +207,7 @@ class ImageStageInputSpec(OptimisationInputSpec):
 class ModelInputSpec(BaseInterfaceInputSpec):
     """The velocity-network architecture: chosen by the coarse stage, then read from checkpoints."""
 
-    width = traits.Range(low=1, value=_MODEL.width, usedefault=True, desc=HELP["width"])
+    width = traits.Either(None, traits.Range(low=1), default=_MODEL.width, usedefault=True, desc=HELP["width"])
     depth = traits.Range(low=1, value=_MODEL.depth, usedefault=True, desc=HELP["depth"])
     encoding = traits.Enum(*enum_values(_MODEL.encoding, ENCODINGS), usedefault=True,
                            desc=HELP["encoding"])

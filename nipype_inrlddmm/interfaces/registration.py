@@ -18,6 +18,7 @@ from .base import (
     ImageStageInputSpec,
     ModelInputSpec,
     OptimisationInputSpec,
+    lncc_window_trait,
     optional,
     patch_stride_trait,
     per_axis_trait,
@@ -138,6 +139,7 @@ class _FineINRInputSpec(ImageStageInputSpec, DenseFieldInputSpec):
     learning_rate = traits.Range(low=0.0, exclude_low=True, value=DEFAULTS.fine.learning_rate, usedefault=True,
                                  desc="Adam learning rate at the start (cosine decay to a tenth)")
     reg_weight = reg_weight_trait(DEFAULTS.fine.reg_weight)
+    lncc_window = lncc_window_trait(DEFAULTS.fine.lncc_window)
     sampling_fraction = sampling_fraction_trait(DEFAULTS.fine.sampling_fraction)
     patch_stride = patch_stride_trait(DEFAULTS.fine.patch_stride)
 

@@ -109,7 +109,7 @@ def set_slurm_resources(workflow: Workflow, *, sbatch_args: str | None = None,
     >>> from nipype_inrlddmm.workflows import init_registration_wf
     >>> wf = set_slurm_resources(init_registration_wf(num_threads=2), sbatch_args="--partition=cpu")
     >>> wf.get_node("coarse").plugin_args["sbatch_args"]
-    '-c 2 --mem=1024M --time=4:00:00 --partition=cpu'
+    '-c 2 --mem=1096M --time=4:00:00 --partition=cpu'
     """
     for node in _all_nodes(workflow):
         current = dict(node.plugin_args or {})

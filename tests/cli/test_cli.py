@@ -149,7 +149,8 @@ def test_mr_to_ultrasound_with_4d_labels_and_a_centred_start(real_data, tmp_path
     pair = ["--moving", str(d / "mr_images" / "case000003.nii.gz"),
             "--fixed", str(d / "us_images" / "case000003.nii.gz"),
             "--moving-labels", str(d / "mr_labels" / "case000003.nii.gz"),
-            "--fixed-labels", str(d / "us_labels" / "case000003.nii.gz"), "--affine", "rigid", "--init", "geometry"]
+            "--fixed-labels", str(d / "us_labels" / "case000003.nii.gz"), "--affine", "rigid", "--init", "geometry",
+            "--similarity", "mind", "--mi-weight", "0"]  # across modalities, as docs/usage.md says
     assert cli.main(["register", *pair, "--out-dir", str(tmp_path / "all"), *FEW]) == 0
     rows = list(csv.DictReader(open(tmp_path / "all" / "dice.csv")))
     assert [(row["label"], row["name"]) for row in rows] == [("1", "volume 0"), ("2", "volume 1"), ("3", "volume 2")]
@@ -223,7 +224,14 @@ def test_help_shows_every_default_and_the_choices():
     config = config_from_options()
     flat = " ".join(out.split())
     assert f"iterations of the fine stage (default: {config.fine.iterations})" in flat
-    assert f"--width WIDTH hidden units per layer of the velocity MLP (default: {config.model.width})" in flat
+    # The automatic width's rule, spelt out in the help, is the engine's.
+    from nipype_inrlddmm.engine.velocity import LARGE_GRID_WIDTH, SMALL_GRID_VOXELS, SMALL_GRID_WIDTH
+
+    assert config.model.width is None
+    side = round(SMALL_GRID_VOXELS ** (1 / 3))
+    assert (f"--width WIDTH hidden units per layer of the velocity MLP; when not given, {SMALL_GRID_WIDTH} if the "
+            f"fine stage's grid has at most {side}^3 voxels, {LARGE_GRID_WIDTH} if more (default: sized to the grid)"
+            in flat)
     assert "{lncc,ncc,mse,mi,mind}" in out and "{fourier,siren,none}" in out
     assert "(default: sized to the grid)" in flat
 

@@ -40,7 +40,7 @@ def test_a_stage_does_not_import_torch_dynamo():
         "import sys, torch\n"
         "from nipype_inrlddmm import engine\n"
         "volume = torch.rand(24, 24, 24)\n"
-        "velocity = engine.new_velocity_field(volume.shape, torch.eye(4), engine.ModelConfig(), seed=0)\n"
+        "velocity = engine.new_velocity_field(volume.shape, torch.eye(4), engine.ModelConfig(width=96), seed=0)\n"
         "engine.fit_images(velocity, volume, torch.eye(4), volume, torch.eye(4), engine.StageConfig(iterations=2),"
         " n_steps=2)\n"
         "print('torch._dynamo' in sys.modules)\n"

@@ -52,7 +52,8 @@ def test_dense_field_with_stride_interpolates_the_full_field():
     affine = torch.tensor(oblique_affine(), dtype=torch.float32)
     # A field that varies over tens of voxels, as registration fields do.
     shape = (40, 36, 24)
-    velocity = engine.new_velocity_field(shape, affine, engine.ModelConfig(encoding="fourier", sigma=0.5), seed=1)
+    model = engine.ModelConfig(width=96, encoding="fourier", sigma=0.5)
+    velocity = engine.new_velocity_field(shape, affine, model, seed=1)
     torch.nn.init.normal_(velocity.output.weight, std=0.1, generator=torch.Generator().manual_seed(0))
     full = engine.dense_displacement(velocity, shape, affine, 4)
     strided = engine.dense_displacement(velocity, shape, affine, 4, stride=3)
@@ -65,7 +66,8 @@ def test_dense_field_stride_none_is_the_training_lattice_spacing_per_axis():
     # lung-ct's voxels: the automatic stride is 3 x 3 x 2 voxels, as the fine stage's lattice on that grid.
     affine = torch.diag(torch.tensor([1.366, 1.366, 2.5, 1.0]))
     shape = (31, 25, 13)
-    velocity = engine.new_velocity_field(shape, affine, engine.ModelConfig(encoding="fourier", sigma=0.5), seed=1)
+    model = engine.ModelConfig(width=96, encoding="fourier", sigma=0.5)
+    velocity = engine.new_velocity_field(shape, affine, model, seed=1)
     torch.nn.init.normal_(velocity.output.weight, std=0.1, generator=torch.Generator().manual_seed(0))
     automatic = engine.dense_displacement(velocity, shape, affine, 4, stride=None)
     torch.testing.assert_close(automatic, engine.dense_displacement(velocity, shape, affine, 4, stride=(3, 3, 2)))
@@ -137,7 +139,7 @@ def test_an_image_stage_integrates_the_flow_on_the_lattice_its_voxel_size_gives(
     for stride, lattice in ((None, 5 * 5 * 7), (2, 7 * 7 * 7)):
         config = engine.StageConfig(iterations=1, n_patches=3, patch_stride=stride)
         for fixed_mask, regularity in ((mask, config.regularity_patches), (None, 0)):  # none without a mask
-            velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+            velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(width=96), seed=0)
             optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4, fixed_mask=fixed_mask)
             assert counts.pop() == (3 + regularity) * lattice
 
@@ -166,7 +168,7 @@ def test_a_sampling_fraction_draws_the_patches_that_cover_it_at_most_n_patches(m
     mask = torch.zeros(grid, dtype=torch.bool)
     mask[:20] = True
     for fixed_mask in (mask, None):
-        velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(), seed=0)
+        velocity = engine.new_velocity_field(volume.shape, affine, engine.ModelConfig(width=96), seed=0)
         optimise.fit_images(velocity, volume, affine, volume, affine, config, n_steps=4, fixed_mask=fixed_mask)
     # with a mask, then the regularity patches: as many fewer as the image patches (24 at 48, 2 at 5); none
     # without one

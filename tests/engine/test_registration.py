@@ -106,6 +106,20 @@ def test_a_block_averaged_fine_stage_still_gives_the_field_on_every_fixed_voxel(
                                      result.model.config.n_steps)
     np.testing.assert_allclose(result.displacement, full.numpy(), atol=1e-5)
     assert np.abs(result.displacement).max() > 0.05
+    assert result.model.config.width == 96  # a 24^3 fine grid: the automatic width's smaller network
+
+
+def test_the_automatic_width_follows_the_fine_grid_and_a_given_width_stays():
+    """128 units where the fine stage's grid has more than 64^3 voxels, 96 up to that; the fine grid, not the
+    fixed one, decides: a 1 mm grid is averaged in 2 mm blocks."""
+    auto = engine.RegistrationConfig()
+    one_mm = torch.eye(4)
+    assert engine.sized_config(auto, (160, 192, 224), one_mm).model.width == 128
+    assert engine.sized_config(auto, (130, 128, 128), one_mm).model.width == 128  # 65 x 64 x 64 at 2 mm
+    assert engine.sized_config(auto, (128, 128, 128), one_mm).model.width == 96  # 64^3 at 2 mm
+    assert engine.sized_config(engine.config_from_options(width=40), (160, 192, 224), one_mm).model.width == 40
+    with pytest.raises(ValueError, match="automatic"):
+        engine.VelocityField(torch.zeros(3), torch.ones(3), auto.model)
 
 
 def test_distillation_alone_reproduces_a_coarse_field_at_fine_resolution(phantom):
@@ -116,7 +130,7 @@ def test_distillation_alone_reproduces_a_coarse_field_at_fine_resolution(phantom
     coarse = torch.stack([engine.downsample(truth[..., c], affine, (2, 2, 2))[0] for c in range(3)], dim=-1)
     coarse_affine = engine.downsample(truth[..., 0], affine, (2, 2, 2))[1]
     config = engine.RegistrationConfig()
-    untrained = engine.new_velocity_field(pair.ct.shape, affine, config.model, seed=0)
+    untrained = engine.new_velocity_field(pair.ct.shape, affine, config.model.sized(pair.ct.size), seed=0)
     given = engine.StageResult(untrained, coarse, coarse_affine, log=[])
 
     distilled = engine.distill_stage(given, pair.ct.shape, affine, config)
@@ -177,7 +191,7 @@ def _fit_small_phantom(**settings) -> list[dict]:
     affine = torch.tensor(pair.affine, dtype=torch.float32)
     moving = engine.normalise_intensity(torch.tensor(pair.ct))
     fixed = engine.normalise_intensity(torch.tensor(pair.cbct))
-    velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+    velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(width=96), seed=0)
     config = engine.StageConfig(**{"n_patches": 4, "patch_size": 8, **settings})
     return engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2,
                              generator=torch.Generator().manual_seed(0))

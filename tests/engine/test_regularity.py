@@ -81,7 +81,7 @@ def test_the_penalty_enters_the_image_loss_with_its_weight(monkeypatch):
     moving, fixed = (engine.normalise_intensity(torch.tensor(v, dtype=torch.float32)) for v in (pair.ct, pair.cbct))
 
     def first_row(weight):
-        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(width=96), seed=0)
         torch.nn.init.normal_(velocity.output.weight, std=0.05, generator=torch.Generator().manual_seed(1))
         config = engine.StageConfig(iterations=1, jacobian_weight=weight)
         return engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=4,
@@ -143,7 +143,7 @@ def test_with_a_mask_the_regularity_patches_lie_outside_it_at_the_outside_weight
 
     def run(outside_weight, fixed_mask):
         draws.clear(), spreads.clear()
-        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(), seed=0)
+        velocity = engine.new_velocity_field(fixed.shape, affine, engine.ModelConfig(width=96), seed=0)
         config = engine.StageConfig(iterations=1, n_patches=4, patch_size=8, regularity_patches=2,
                                     jacobian_weight=2.0, outside_jacobian_weight=outside_weight)
         engine.fit_images(velocity, moving, affine, fixed, affine, config, n_steps=2, fixed_mask=fixed_mask,

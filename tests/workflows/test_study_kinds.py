@@ -84,7 +84,7 @@ def test_a_row_with_a_model_starts_from_it_and_one_without_registers_from_scratc
     fixed_shape, fixed_affine = io.load_volume(cohort / "p01" / "cbct.nii.gz")[0].shape, \
         io.load_volume(cohort / "p01" / "cbct.nii.gz")[1]
     start = engine.new_velocity_field(fixed_shape, torch.as_tensor(fixed_affine, dtype=torch.float32),
-                                      engine.ModelConfig(), 0)
+                                      engine.ModelConfig(width=96), 0)
     model = io.save_checkpoint(tmp_path / "previous.pt", start, shape=fixed_shape, affine=fixed_affine)
     files = {column: name for column, name in (("moving", "ct.nii.gz"), ("fixed", "cbct.nii.gz"),
                                                ("moving_labels", "ct_labels.nii.gz"),
