@@ -62,6 +62,12 @@ def _training_bytes(points: int, model) -> float:
     return points * model.n_steps * per_point_step * 4 * _TRAIN_FACTOR
 
 
+def _model(config, fixed_shape):
+    """``config.model``, an automatic width sized as if the fine grid were the fixed grid, which it never
+    exceeds: at most the width the registration gets."""
+    return config.model.sized(math.prod(int(n) for n in fixed_shape))
+
+
 def _subgrid_points(shape, stride) -> int:
     """Points of the dense field's integration sub-grid; for stride None (set by the voxel size), the
     automatic stride's smallest, so the count is an upper bound."""
@@ -107,8 +113,7 @@ def estimate_memory(stage: str, fixed_shape, config, *, moving_shape=None) -> di
         raise ValueError(f"stage must be 'coarse', 'distill' or 'fine', got {stage!r}")
     fixed_voxels = math.prod(int(n) for n in fixed_shape)
     moving_voxels = math.prod(int(n) for n in (moving_shape or fixed_shape))
-    # An automatic width sized to the fixed grid, which the fine grid never exceeds: at most the real one.
-    model = config.model.sized(fixed_voxels)
+    model = _model(config, fixed_shape)
     chunk = min(_DENSE_CHUNK, fixed_voxels) * (3 * model.width + 20) * 4
     if stage == "coarse":
         grid = _training_grid("coarse", fixed_shape, config)
@@ -173,7 +178,7 @@ def check_memory(stage: str, fixed_shape, config, *, moving_shape=None, device="
                   f"{stage_config.regularity_patch_count(grid)} regularity patches, "
                   f"{lattice}")
         culprit = f"the training batch ({points}, x {config.model.n_steps} steps, {_gb(parts['training'])})"
-        width = config.model.sized(math.prod(int(n) for n in fixed_shape)).width
+        width = _model(config, fixed_shape).width
         advice = (f"lower {batch} of the {stage} stage, or the network's width ({width}) or "
                   f"n_steps ({config.model.n_steps})")
     else:

@@ -189,11 +189,16 @@ def stage_factors(factor, fixed_affine: torch.Tensor, stage: str, shape) -> tupl
     return tuple(int(f) for f in factors)
 
 
+def fine_grid(config: RegistrationConfig, fixed_shape, fixed_affine: torch.Tensor):
+    """``(shape, (4, 4) affine)`` of the grid the distillation and the fine stage work on: the fixed grid in
+    blocks of ``fine_factor`` (:func:`stage_factors`)."""
+    return block_grid(fixed_shape, fixed_affine, stage_factors(config.fine_factor, fixed_affine, "fine", fixed_shape))
+
+
 def sized_config(config: RegistrationConfig, fixed_shape, fixed_affine: torch.Tensor) -> RegistrationConfig:
     """``config`` with its network sized to the fine stage's grid on this fixed image
     (:meth:`~.velocity.ModelConfig.sized`: an automatic width is set, a given one kept)."""
-    fine_shape, _ = block_grid(fixed_shape, fixed_affine, stage_factors(config.fine_factor, fixed_affine, "fine",
-                                                                        fixed_shape))
+    fine_shape, _ = fine_grid(config, fixed_shape, fixed_affine)
     return replace(config, model=config.model.sized(math.prod(fine_shape)))
 
 
@@ -247,8 +252,7 @@ def distill_stage(coarse: StageResult, fixed_shape, fixed_affine, config: Regist
     """
     velocity = new_velocity_field(fixed_shape, fixed_affine, coarse.velocity.config, config.seed)
     velocity.load_state_dict(coarse.velocity.state_dict())
-    fine_shape, fine_affine = block_grid(fixed_shape, fixed_affine,
-                                         stage_factors(config.fine_factor, fixed_affine, "fine", fixed_shape))
+    fine_shape, fine_affine = fine_grid(config, fixed_shape, fixed_affine)
     log = fit_field(
         velocity, coarse.displacement, coarse.affine, fine_shape, fine_affine, config.distill,
         n_steps=config.model.n_steps, generator=_generator(config.seed + 2), progress=progress,
