@@ -130,7 +130,8 @@ def test_distillation_alone_reproduces_a_coarse_field_at_fine_resolution(phantom
     coarse = torch.stack([engine.downsample(truth[..., c], affine, (2, 2, 2))[0] for c in range(3)], dim=-1)
     coarse_affine = engine.downsample(truth[..., 0], affine, (2, 2, 2))[1]
     config = engine.RegistrationConfig()
-    untrained = engine.new_velocity_field(pair.ct.shape, affine, config.model.sized(pair.ct.size), seed=0)
+    model = engine.sized_config(config, pair.ct.shape, affine).model  # as the coarse stage sizes it
+    untrained = engine.new_velocity_field(pair.ct.shape, affine, model, seed=0)
     given = engine.StageResult(untrained, coarse, coarse_affine, log=[])
 
     distilled = engine.distill_stage(given, pair.ct.shape, affine, config)
