@@ -15,6 +15,7 @@ from .stages import (
     normalise_intensity,
     option_values,
     register_volumes,
+    resample,
     resolve_device,
     sized_config,
     stage_factors,
@@ -26,11 +27,11 @@ from .optimise import DivergenceError, StageConfig, fit_field, fit_images, relat
 from .velocity import ModelConfig, VelocityField
 
 __all__ = [
-    "DivergenceError", "InsufficientMemoryError", "check_memory", "estimate_memory", "ModelConfig",
-    "RegistrationConfig", "RegistrationResult", "StageConfig", "StageResult", "VelocityField", "apply_affine",
-    "block_grid", "coarse_stage", "config_from_options", "dense_displacement", "dense_path", "distill_stage",
-    "downsample", "fine_stage", "fit_field", "fit_images", "integrate", "integrate_backward", "relative_decrease",
-    "new_velocity_field", "option_values", "path_at_times", "normalise_intensity", "register_volumes", "resample_field",
-    "resolve_device", "sample", "sized_config", "stage_factors", "warm_config", "warm_start_mismatch", "warp",
-    "world_grid",
+    "apply_affine", "block_grid", "check_memory", "coarse_stage", "config_from_options", "dense_displacement",
+    "dense_path", "distill_stage", "DivergenceError", "downsample", "estimate_memory", "fine_stage", "fit_field",
+    "fit_images", "InsufficientMemoryError", "integrate", "integrate_backward", "ModelConfig", "new_velocity_field",
+    "normalise_intensity", "option_values", "path_at_times", "register_volumes", "RegistrationConfig",
+    "RegistrationResult", "relative_decrease", "resample", "resample_field", "resolve_device", "sample",
+    "sized_config", "stage_factors", "StageConfig", "StageResult", "VelocityField", "warm_config",
+    "warm_start_mismatch", "warp", "world_grid",
 ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .adam import CosineAdam
-from .grid import apply_affine, bounding_box, downsample, grid_coordinates, sample_grid
+from .grid import apply_affine, bounding_box, downsample, grid_coordinates, sample_grid, unravel
 from .grid import sample as sample_volume
 from .similarity import ncc
 
@@ -139,7 +139,7 @@ def matching(moving, moving_affine, fixed, fixed_affine, matrix, *, fixed_mask=N
     if len(candidates) > max_points:
         generator = torch.Generator().manual_seed(seed)
         candidates = candidates[torch.randperm(len(candidates), generator=generator)[:max_points].to(fixed.device)]
-    ijk = torch.stack(torch.unravel_index(candidates, fixed.shape), dim=-1).to(fixed_affine.dtype)
+    ijk = unravel(candidates, fixed.shape).to(fixed_affine.dtype)
     points = apply_affine(matrix.to(fixed_affine.dtype), apply_affine(fixed_affine, ijk))
     with torch.no_grad():
         warped = sample_volume(moving, moving_affine.to(fixed_affine.dtype), points, padding_mode="zeros")
@@ -257,7 +257,7 @@ def affine_register(
                 flat = candidates[torch.randint(len(candidates), (config.max_points,), generator=generator).to(device)]
             else:
                 flat = candidates
-            ijk = torch.stack(torch.unravel_index(flat, level_fixed.shape), dim=-1)
+            ijk = unravel(flat, level_fixed.shape)
             optimiser.zero_grad()
             # Fixed voxel -> fixed world -> moving world -> the moving grid's sampling coordinates, composed
             # as 4 x 4 matrices: one product per point rather than three.  Zero padding: moving content that

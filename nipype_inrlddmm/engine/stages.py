@@ -16,8 +16,8 @@ import torch
 
 from .flow import dense_displacement
 from .grid import (
-    apply_affine, block_grid, bounding_box, downsample, labels_at_indices, matching_factors, sample, spacing,
-    world_grid,
+    apply_affine, block_grid, bounding_box, downsample, grid_coordinates, labels_at_indices, matching_factors,
+    sample_grid, spacing, world_grid,
 )
 from .memory import check_memory
 from .sampling import checked_stride
@@ -308,19 +308,36 @@ def warp(
         ANTs' GenericLabel: no mixed label at boundaries) for label maps.
     fill_value : value where ``x + d(x)`` falls outside ``volume``.
     """
-    points = world_grid(displacement.shape[:3], fixed_affine) + displacement
-    ijk = apply_affine(torch.linalg.inv(volume_affine), points)
-    size = torch.tensor(volume.shape, dtype=ijk.dtype, device=ijk.device)
-    inside = ((ijk >= -0.5) & (ijk <= size - 0.5)).all(dim=-1)
-    source = volume.to(points.dtype)
-    if interpolation == "linear":
-        out = sample(source, volume_affine, points)
-    elif interpolation == "nearest":
-        out = sample(source, volume_affine, points, mode="nearest")
-    elif interpolation == "label":
-        out = labels_at_indices(source, ijk)
-    else:
+    return _read_at(volume, volume_affine, displacement.shape[:3], fixed_affine, displacement,
+                    interpolation=interpolation, fill_value=fill_value)
+
+
+def resample(volume: torch.Tensor, volume_affine: torch.Tensor, shape, affine: torch.Tensor, *,
+             interpolation: str = "linear", fill_value: float = 0.0) -> torch.Tensor:
+    """``volume`` on the grid of ``shape`` and ``affine`` through the headers alone: :func:`warp` without a field."""
+    return _read_at(volume, volume_affine, shape, affine, None, interpolation=interpolation, fill_value=fill_value)
+
+
+def _read_at(volume, volume_affine, shape, affine, displacement, *, interpolation, fill_value) -> torch.Tensor:
+    """``volume`` at every voxel ``x`` of the grid of ``shape`` and ``affine``, moved by ``displacement`` (or not)."""
+    if interpolation not in ("linear", "nearest", "label"):
         raise ValueError(f"interpolation must be 'linear', 'nearest' or 'label', got {interpolation!r}")
+    # Where each x + d(x) lies in the volume, in one pass: the grid through the composed affine plus the
+    # displacement through its linear part; voxel indices for the labels, grid_sample's coordinates else.
+    to_target = (torch.linalg.inv(volume_affine) if interpolation == "label"
+                 else grid_coordinates(volume.shape, volume_affine))
+    target = world_grid(shape, to_target @ affine)
+    if displacement is not None:
+        target = target + displacement @ to_target[:3, :3].T
+    # The volume's extent, half a voxel beyond its edge voxels' centres, in the same coordinates.
+    size = torch.tensor(volume.shape, dtype=target.dtype, device=target.device)
+    extent = apply_affine(to_target @ volume_affine, torch.stack([torch.full_like(size, -0.5), size - 0.5]))
+    inside = ((target >= extent.amin(dim=0)) & (target <= extent.amax(dim=0))).all(dim=-1)
+    source = volume.to(target.dtype)
+    if interpolation == "label":
+        out = labels_at_indices(source, target)
+    else:
+        out = sample_grid(source, target, mode="bilinear" if interpolation == "linear" else "nearest")
     if interpolation != "linear":
         out = out.to(volume.dtype)
     return out.masked_fill(~inside, fill_value)

@@ -123,14 +123,11 @@ def _before(moving, moving_affine, shape, affine, *, labels=False, device="cpu")
 
     Resampled on ``device``, the result brought back to the host.
     """
-    import torch
-
     from ..api import as_tensor
-    from ..engine import warp
+    from ..engine import resample
 
-    zero = torch.zeros((*shape, 3), device=device)
-    out = warp(as_tensor(moving, device), as_tensor(moving_affine, device), zero, as_tensor(affine, device),
-               interpolation="label" if labels else "linear").cpu()
+    out = resample(as_tensor(moving, device), as_tensor(moving_affine, device), shape, as_tensor(affine, device),
+                   interpolation="label" if labels else "linear").cpu()
     return out.numpy().astype(np.int32) if labels else out.numpy()
 
 

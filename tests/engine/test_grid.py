@@ -196,6 +196,45 @@ def test_patches_are_gathered_from_their_corners_inside_the_grid():
         torch.testing.assert_close(patch, volume[x:x + 12, y:y + 12, z:z + 9], rtol=0, atol=0)
 
 
+def test_world_grid_is_the_affine_of_every_voxel_index():
+    affine = oblique_affine()
+    ijk = np.stack(np.meshgrid(*map(np.arange, (7, 5, 4)), indexing="ij"), axis=-1)
+    np.testing.assert_allclose(engine.world_grid((7, 5, 4), torch.tensor(affine)).numpy(),
+                               ijk @ affine[:3, :3].T + affine[:3, 3], atol=1e-12)
+
+
+def test_warp_reads_the_volume_at_x_plus_d_and_fills_outside_it():
+    """On oblique grids of different spacings: trilinear as scipy's map_coordinates at the moving voxel
+    index of x + d(x), and ``fill_value`` where that lies over half a voxel beyond the volume."""
+    rng = np.random.default_rng(1)
+    volume = rng.standard_normal((14, 12, 10)).astype(np.float32)
+    moving_affine = oblique_affine((1.5, 2.0, 2.5), 0.3, (-20, 10, 5))
+    fixed_affine = oblique_affine((2.0, 1.8, 2.2), -0.2, (-14, 12, 9))
+    displacement = rng.normal(0, 3.0, (9, 10, 8, 3))
+    ijk = np.stack(np.meshgrid(*map(np.arange, (9, 10, 8)), indexing="ij"), axis=-1)
+    points = ijk @ fixed_affine[:3, :3].T + fixed_affine[:3, 3] + displacement
+    index = (points - moving_affine[:3, 3]) @ np.linalg.inv(moving_affine[:3, :3]).T
+    inside = ((index >= -0.5) & (index <= np.array(volume.shape) - 0.5)).all(axis=-1)
+    expected = ndimage.map_coordinates(volume.astype(np.float64), index.reshape(-1, 3).T, order=1, mode="nearest")
+    expected = np.where(inside, expected.reshape(inside.shape), -7.0)
+    got = engine.warp(*(torch.tensor(a, dtype=torch.float32) for a in (volume, moving_affine, displacement,
+                                                                       fixed_affine)), fill_value=-7.0)
+    assert 0.2 < inside.mean() < 0.95  # both kinds of voxel are tested
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "label"])
+def test_resample_is_the_warp_of_a_zero_field(interpolation):
+    rng = np.random.default_rng(2)
+    volume = torch.tensor(ndimage.zoom(rng.integers(0, 4, (5, 4, 4)), 3, order=0), dtype=torch.float32)
+    moving_affine, fixed_affine = (torch.tensor(oblique_affine(*a), dtype=torch.float32)
+                                   for a in (((1.5, 2.0, 2.5), 0.3, (-20, 10, 5)), ((2.0, 1.8, 2.2), -0.2, (-14, 12, 9))))
+    warped = engine.warp(volume, moving_affine, torch.zeros(9, 10, 8, 3), fixed_affine, interpolation=interpolation)
+    resampled = engine.resample(volume, moving_affine, (9, 10, 8), fixed_affine, interpolation=interpolation)
+    assert len(resampled.unique()) > 2
+    torch.testing.assert_close(resampled, warped, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("interpolation", ["nearest", "label"])
 def test_label_warp_keeps_only_existing_labels(interpolation):
     labels = torch.zeros(10, 10, 10)
