@@ -148,21 +148,33 @@ def label_overlap(
     return rows
 
 
-def jacobian_determinant(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """det of d(x + u(x))/dx at every voxel, by central differences, ``(X, Y, Z)``."""
+def jacobian_determinant(displacement: np.ndarray, affine: np.ndarray, *, planes: int = 4) -> np.ndarray:
+    """det of d(x + u(x))/dx at every voxel, by central differences, ``(X, Y, Z)``.
+
+    Computed ``planes`` planes of the first axis at a time (each with its
+    neighbours, so the differences are those of the whole volume): the two
+    dozen whole-volume temporaries of the determinant then stay in the cache,
+    three times as fast on a brain's 1 mm grid.
+    """
     import torch  # the metrics need no torch otherwise; its threads make this several times faster than NumPy
 
     # With G = du/d(i, j, k) (per voxel index) and L the affine's linear part (dx/d(i, j, k)), the Jacobian is
     # I + G L^-1 = (L + G) L^-1, so det J = det(L + G) / det(L): oblique and anisotropic grids without a
-    # matrix product per voxel; the determinant by cofactors on whole volumes, several times faster than a
-    # batched LU of (X, Y, Z, 3, 3) matrices.
+    # matrix product per voxel; the determinant by cofactors, several times faster than a batched LU of
+    # (X, Y, Z, 3, 3) matrices.
     field = torch.from_numpy(np.ascontiguousarray(displacement))  # in its own precision, float32 or float64
     linear = np.asarray(affine, np.float64)[:3, :3]
-    gradients = torch.gradient(field, dim=(0, 1, 2))  # d(u_x, u_y, u_z)/di, /dj, /dk: three (X, Y, Z, 3)
-    (a, d, g), (b, e, h), (c, f, i) = [[gradient[..., component] + linear[component, axis] for component in range(3)]
-                                       for axis, gradient in enumerate(gradients)]  # columns of L + G
-    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-    return det.div_(float(np.linalg.det(linear))).numpy()
+    out = torch.empty(field.shape[:3], dtype=field.dtype)
+    for start in range(0, len(field), planes):
+        stop = min(start + planes, len(field))
+        below, above = max(start - 1, 0), min(stop + 1, len(field))
+        kept = slice(start - below, stop - below)
+        gradients = torch.gradient(field[below:above], dim=(0, 1, 2))  # d(u_x, u_y, u_z)/di, /dj, /dk
+        (a, d, g), (b, e, h), (c, f, i) = [[gradient[kept, ..., component] + linear[component, axis]
+                                            for component in range(3)]
+                                           for axis, gradient in enumerate(gradients)]  # columns of L + G
+        out[start:stop] = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return out.div_(float(np.linalg.det(linear))).numpy()
 
 
 def jacobian_summary(displacement: np.ndarray, affine: np.ndarray, border: int = 2) -> dict:
