@@ -227,8 +227,8 @@ def test_warp_reads_the_volume_at_x_plus_d_and_fills_outside_it():
 def test_resample_is_the_warp_of_a_zero_field(interpolation):
     rng = np.random.default_rng(2)
     volume = torch.tensor(ndimage.zoom(rng.integers(0, 4, (5, 4, 4)), 3, order=0), dtype=torch.float32)
-    moving_affine, fixed_affine = (torch.tensor(oblique_affine(*a), dtype=torch.float32)
-                                   for a in (((1.5, 2.0, 2.5), 0.3, (-20, 10, 5)), ((2.0, 1.8, 2.2), -0.2, (-14, 12, 9))))
+    grids = (((1.5, 2.0, 2.5), 0.3, (-20, 10, 5)), ((2.0, 1.8, 2.2), -0.2, (-14, 12, 9)))
+    moving_affine, fixed_affine = (torch.tensor(oblique_affine(*grid), dtype=torch.float32) for grid in grids)
     warped = engine.warp(volume, moving_affine, torch.zeros(9, 10, 8, 3), fixed_affine, interpolation=interpolation)
     resampled = engine.resample(volume, moving_affine, (9, 10, 8), fixed_affine, interpolation=interpolation)
     assert len(resampled.unique()) > 2
