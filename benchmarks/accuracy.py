@@ -16,7 +16,8 @@ Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 Methods: ``inr-lddmm`` is the package's pipeline with its defaults (affine
 pre-alignment -> coarse -> distillation -> fine); ``ants-syn`` is antspyx's
 ``registration(type_of_transform="SyN")`` (affine + SyN, its defaults; the
-``benchmarks`` extra); the ablations change one thing of ``inr-lddmm``:
+``benchmarks`` extra), given on the brains the head mask in which ours
+draws its patches, as ``antsRegistration -x``; the ablations change one thing of ``inr-lddmm``:
 ``no-distill`` (the fine stage starts from the coarse weights directly),
 ``no-coarse`` (the fine stage alone, from a fresh network, with the coarse
 and distillation iterations added to it so the budget is the same) and
@@ -190,7 +191,11 @@ def run_syn(case: Case) -> dict:
         return image
 
     moving, fixed = read(case.moving), read(case.fixed)
-    return {"ants": ants, "fixed": fixed, "registration": ants.registration(fixed, moving, "SyN")}
+    mask = None
+    if case.head:  # where ours samples its patches, the head, is SyN's fixed mask too (antsRegistration -x)
+        head = engine.normalise_intensity(_t(fixed.numpy())).numpy() > HEAD_THRESHOLD
+        mask = fixed.new_image_like(head.astype(np.float32))
+    return {"ants": ants, "fixed": fixed, "registration": ants.registration(fixed, moving, "SyN", mask=mask)}
 
 
 def evaluate_syn(case: Case, out: dict) -> dict:
