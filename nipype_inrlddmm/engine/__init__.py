@@ -1,4 +1,5 @@
-"""Pure-PyTorch INR-LDDMM: tensors in, tensors out; no files, no Nipype."""
+"""INR-LDDMM in PyTorch (and scipy's distance transform for the velocity's window): tensors in, tensors out;
+no files, no Nipype."""
 
 from .flow import dense_displacement, dense_path, integrate, integrate_backward, path_at_times, resample_field
 from .grid import apply_affine, block_grid, downsample, sample, world_grid

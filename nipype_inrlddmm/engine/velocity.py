@@ -24,6 +24,7 @@ from torch import nn
 
 from ..kernels import sine, siren
 from ..kernels.sine import sine_linear
+from .grid import apply_affine, grid_coordinates, sample_grid
 
 ENCODINGS = ("fourier", "siren", "none")
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -123,6 +124,11 @@ class VelocityField(nn.Module):
         field at any resolution of that image.
     config : :class:`ModelConfig` with a width (an automatic one set by
         :meth:`ModelConfig.sized`).
+    window : optional ``((x, y, z) values, (4, 4) voxel -> world affine)``
+        (:func:`~.window.mask_window`): the velocity is the network's output
+        times the window, read trilinearly (the nearest edge value beyond
+        its grid), so the flow is the identity where the window is 0.  Kept
+        with the weights (buffers ``window``, ``window_affine``).
 
     ``forward(points, t)`` takes ``(N, 3)`` world points (mm, RAS) and a
     float time ``t`` in [0, 1] and returns ``(N, 3)`` velocities in mm per
@@ -133,7 +139,8 @@ class VelocityField(nn.Module):
     to float rounding.
     """
 
-    def __init__(self, center: torch.Tensor, half_extent: torch.Tensor, config: ModelConfig):
+    def __init__(self, center: torch.Tensor, half_extent: torch.Tensor, config: ModelConfig, *,
+                 window: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if config.width is None:
             raise ValueError("the network's width is automatic (None): size the configuration to the fine grid "
@@ -143,6 +150,17 @@ class VelocityField(nn.Module):
         self.register_buffer("half_extent", torch.as_tensor(half_extent, dtype=torch.float32).clone())
         # One scalar length keeps the output isotropic in mm.
         self.register_buffer("scale", self.half_extent.mean().reshape(()))
+        values, affine = (None, None) if window is None else window
+        if values is not None and (values.dim() != 3 or min(values.shape) < 2):
+            raise ValueError(f"the window must be a volume of at least 2 voxels per axis, got {tuple(values.shape)}")
+        # None registers no state-dict entry: a field without a window saves what it always did.
+        self.register_buffer("window", None if values is None else values.detach().float().contiguous().clone())
+        self.register_buffer("window_affine", None if affine is None else affine.detach().double().clone())
+        # World mm -> the window's grid_sample coordinates (the layers' path) and voxel indices (the fused flow's).
+        self.register_buffer("_window_to_grid", None if affine is None else
+                             grid_coordinates(values.shape, self.window_affine), persistent=False)
+        self.register_buffer("_window_to_voxel", None if affine is None else torch.linalg.inv(self.window_affine),
+                             persistent=False)
 
         if config.encoding == "fourier":
             self.register_buffer("frequencies", torch.randn(4, config.n_frequencies) * config.sigma)
@@ -172,6 +190,17 @@ class VelocityField(nn.Module):
         phase = (2.0 * math.pi) * (q @ self.frequencies)
         return torch.cat([torch.sin(phase), torch.cos(phase), q], dim=1)
 
+    @property
+    def window_grid(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(values, affine)`` of the window, the ``window`` argument that rebuilds this field; None without one."""
+        return None if self.window is None else (self.window, self.window_affine)
+
+    def window_at(self, points: torch.Tensor) -> torch.Tensor:
+        """The window at ``(N, 3)`` world points (mm), ``(N,)``; ones without a window."""
+        if self.window is None:
+            return points.new_ones(points.shape[0])
+        return sample_grid(self.window, apply_affine(self._window_to_grid.to(points.dtype), points))
+
     def fused(self, points: torch.Tensor) -> bool:
         """Whether these points go through the fused kernels (:mod:`.siren`)."""
         return self.config.encoding == "siren" and siren.applies(points, self.config.width)
@@ -183,12 +212,15 @@ class VelocityField(nn.Module):
 
     def forward(self, points: torch.Tensor, t: float) -> torch.Tensor:
         if self.fused(points):
-            return siren.siren_velocity(points, t, **self._fused_arguments())
-        return self.output(self.hidden(self.encode(points, t))) * self.scale
+            velocity = siren.siren_velocity(points, t, **self._fused_arguments())
+        else:
+            velocity = self.output(self.hidden(self.encode(points, t))) * self.scale
+        return velocity if self.window is None else velocity * self.window_at(points)[:, None]
 
     def fused_flow(self, points: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~.flow.integrate` of this field in one autograd node; only where :meth:`fused`."""
-        return siren.siren_flow(points, n_steps, **self._fused_arguments())
+        window = None if self.window is None else (self.window, self._window_to_voxel[:3])
+        return siren.siren_flow(points, n_steps, window=window, **self._fused_arguments())
 
     def hyperparameters(self) -> dict:
         """Everything needed, with the state dict, to rebuild this network."""

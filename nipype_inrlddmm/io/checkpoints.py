@@ -103,7 +103,8 @@ def load_checkpoint(path, *, shape=None, affine=None) -> VelocityField:
                 raise InputError(path, f"checkpoint was fitted on another fixed-image grid ({mismatch}: "
                                  "checkpoint vs this image)")
         state = payload["state_dict"]
-        velocity = VelocityField(state["center"], state["half_extent"], ModelConfig(**payload["model"]))
+        window = (state["window"], state["window_affine"]) if "window" in state else None
+        velocity = VelocityField(state["center"], state["half_extent"], ModelConfig(**payload["model"]), window=window)
         velocity.load_state_dict(state)
     except InputError:
         raise

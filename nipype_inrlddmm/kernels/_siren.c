@@ -13,7 +13,9 @@
  * and cosines again tile by tile, which costs less than writing and reading both.  forward() and
  * backward() evaluate the network once; flow_forward() and flow_backward() take each tile through
  * every Euler step of flow.integrate (the positions, velocities and kinetic energy too), so a
- * training iteration makes one call each way.
+ * training iteration makes one call each way.  A flow may be windowed (v = w f, w read trilinearly
+ * from a volume; engine/window.py says why): the window costs a few dozen flops a point and step
+ * beside the network's tens of thousands.
  *
  * The network (velocity.py's VelocityField, SIREN encoding): with q = (p - center) / half_extent
  * and tau = 2 t - 1, h_0 = sin(omega0 (W_0 [q, tau] + b_0)), h_l = sin(omega0 (W_l h_{l-1} + b_l)),
@@ -70,6 +72,15 @@ typedef struct {
     float center[3], half_extent[3];
     float tau, omega0, scale;
 } net_t;
+
+/* A flow's window (siren.py): v(p, t) = w(p) f(p, t), with w read trilinearly from a volume of shape
+ * (X, Y, Z), C-contiguous, at least 2 voxels along each axis; to_voxel is the world -> voxel map's
+ * 3 x 4 rows.  Points beyond the volume read its nearest edge (grid_sample's border padding). */
+typedef struct {
+    const float *values;
+    int shape[3];
+    float to_voxel[12];
+} window_t;
 
 static Py_ssize_t
 fan_in(const net_t *s, int l, int first)
@@ -583,6 +594,44 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
 }
 
 /* The kernels' weights of each Euler step: they differ in layer 0's bias, where the time is. */
+/* The window at a point p (world mm) into *value and, where gradient is not NULL, its gradient in
+ * world mm (zero along a voxel axis on which p lies beyond the volume, as the border is constant). */
+static void
+window_at(const window_t *w, const float *p, float *value, float *gradient)
+{
+    int corner[3];
+    float frac[3], inside[3];
+    for (int a = 0; a < 3; a++) {
+        const float *row = w->to_voxel + 4 * a;
+        const int n = w->shape[a];
+        float x = row[0] * p[0] + row[1] * p[1] + row[2] * p[2] + row[3];
+        inside[a] = x > 0.0f && x < n - 1 ? 1.0f : 0.0f;
+        x = x < 0.0f ? 0.0f : x > n - 1 ? (float)(n - 1) : x;
+        int i = (int)x;
+        i = i > n - 2 ? n - 2 : i;
+        corner[a] = i;
+        frac[a] = x - i;
+    }
+    const Py_ssize_t sy = w->shape[2], sx = (Py_ssize_t)w->shape[1] * sy;
+    const float *c = w->values + corner[0] * sx + corner[1] * sy + corner[2];
+    const float fx = frac[0], fy = frac[1], fz = frac[2];
+#define LERP(a, b, f) ((a) + (f) * ((b) - (a)))
+    /* Along z at the four (x, y) corners, then y, then x. */
+    const float c00 = LERP(c[0], c[1], fz), c01 = LERP(c[sy], c[sy + 1], fz);
+    const float c10 = LERP(c[sx], c[sx + 1], fz), c11 = LERP(c[sx + sy], c[sx + sy + 1], fz);
+    const float c0 = LERP(c00, c01, fy), c1 = LERP(c10, c11, fy);
+    *value = LERP(c0, c1, fx);
+    if (gradient) {
+        const float d0 = LERP(c[1] - c[0], c[sy + 1] - c[sy], fy);
+        const float d1 = LERP(c[sx + 1] - c[sx], c[sx + sy + 1] - c[sx + sy], fy);
+        const float voxel[3] = {(c1 - c0) * inside[0], LERP(c01 - c00, c11 - c10, fx) * inside[1],
+                                LERP(d0, d1, fx) * inside[2]};
+        for (int b = 0; b < 3; b++)
+            gradient[b] = w->to_voxel[b] * voxel[0] + w->to_voxel[4 + b] * voxel[1] + w->to_voxel[8 + b] * voxel[2];
+    }
+#undef LERP
+}
+
 static float *
 fold_steps(const net_t *s, int n_steps, const float *params)
 {
@@ -598,10 +647,11 @@ fold_steps(const net_t *s, int n_steps, const float *params)
 /* The Euler flow p <- p + v(p, t_i) dt, i = 0 .. n_steps - 1, of every tile of points through all its
  * steps while it is in cache: the displacement, the sum over steps and points of |v|^2 into
  * kinetic, and where z is not NULL what the backward pass needs: each step's pre-activations
- * (n_steps, depth, n, width), positions and velocities (n_steps, n, 3). */
+ * (n_steps, depth, n, width), positions and network outputs (n_steps, n, 3).  With a window (not
+ * NULL) v = w f, f the network's output. */
 static int
-run_flow_forward(const net_t *s, int n_steps, const float *points, const float *params, float *displacement,
-                 double *kinetic, float *z, float *positions, float *velocities)
+run_flow_forward(const net_t *s, int n_steps, const float *points, const float *params, const window_t *window,
+                 float *displacement, double *kinetic, float *z, float *positions, float *velocities)
 {
 #if HAVE_KERNELS
     const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, step_z = (Py_ssize_t)s->depth * s->n * s->width;
@@ -629,6 +679,13 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
                 forward_tile(s, p, packed + step * packed_size(s), v, z ? z + step * step_z : NULL, i0, rows, scratch);
                 if (velocities)
                     memcpy(velocities + (step * s->n + i0) * IN, v, rows * IN * sizeof(float));
+                if (window)
+                    for (int r = 0; r < rows; r++) {
+                        float w;
+                        window_at(window, p + r * IN, &w, NULL);
+                        for (int k = 0; k < IN; k++)
+                            v[r * IN + k] *= w;
+                    }
                 for (int j = 0; j < rows * IN; j++) {
                     sum += (double)v[j] * v[j];
                     p[j] = p[j] + v[j] * dt;
@@ -658,11 +715,13 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
 /* Back through run_flow_forward: from the gradients of the displacement (g_displacement) and of
  * kinetic, the mean over steps and points of |v|^2 (g_kinetic), each tile through all its steps in
  * reverse.  The weight gradients of every step add into its partition's sums (partial:
- * workspace_size() floats); the points' gradient into g_points (or not, where NULL). */
+ * workspace_size() floats); the points' gradient into g_points (or not, where NULL).  With a window,
+ * each step's v = w f passes w times its gradient to the network and adds grad w (f . dL/dv) to the
+ * point's. */
 static int
-run_flow_backward(const net_t *s, int n_steps, const float *params, const float *z, const float *positions,
-                  const float *velocities, const float *g_displacement, float g_kinetic, float *grad, float *g_points,
-                  float *partial)
+run_flow_backward(const net_t *s, int n_steps, const float *params, const window_t *window, const float *z,
+                  const float *positions, const float *velocities, const float *g_displacement, float g_kinetic,
+                  float *grad, float *g_points, float *partial)
 {
 #if HAVE_KERNELS
     const Py_ssize_t tiles = (s->n + TILE - 1) / TILE, size = params_size(s, IN);
@@ -675,7 +734,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
     int failed = !packed || !kernel_grad;
 #pragma omp parallel reduction(| : failed) if (parts > 1 && !failed)
     {
-        float *scratch = failed ? NULL : scratch_alloc((4 * (Py_ssize_t)s->width + 5 * IN) * TILE + s->width);
+        float *scratch = failed ? NULL : scratch_alloc((4 * (Py_ssize_t)s->width + 6 * IN) * TILE + s->width);
         if (!scratch)
             failed = 1;
 #pragma omp for schedule(static)
@@ -688,12 +747,26 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
                 const Py_ssize_t i0 = t * TILE;
                 const int rows = tile_rows(s, i0);
                 float *gp = scratch + (4 * (Py_ssize_t)s->width + 2 * IN) * TILE, *gv = gp + TILE * IN,
-                      *g_in = gv + TILE * IN, *step_bias0 = g_in + TILE * IN;
+                      *g_in = gv + TILE * IN, *g_window = g_in + TILE * IN, *step_bias0 = g_window + TILE * IN;
                 memcpy(gp, g_displacement + i0 * IN, rows * IN * sizeof(float));
                 for (int step = n_steps - 1; step >= 0; step--) {
                     const float *v = velocities + (step * s->n + i0) * IN;
-                    for (int j = 0; j < rows * IN; j++)
-                        gv[j] = gp[j] * dt + v[j] * kinetic_scale;
+                    if (window)
+                        for (int r = 0; r < rows; r++) {
+                            float w, gradient[IN], dot = 0.0f;
+                            window_at(window, positions + (step * s->n + i0 + r) * IN, &w, gradient);
+                            for (int k = 0; k < IN; k++) {
+                                const int j = r * IN + k;
+                                const float g_full = gp[j] * dt + w * v[j] * kinetic_scale;
+                                dot += v[j] * g_full;
+                                gv[j] = w * g_full;
+                            }
+                            for (int k = 0; k < IN; k++)
+                                g_window[r * IN + k] = gradient[k] * dot;
+                        }
+                    else
+                        for (int j = 0; j < rows * IN; j++)
+                            gv[j] = gp[j] * dt + v[j] * kinetic_scale;
                     /* Next come this tile's earlier step, or the next tile's last one. */
                     const float *next = step > 0 ? z + (step - 1) * step_z : t + 1 < last ? z + (n_steps - 1) * step_z
                                                                                           : NULL;
@@ -710,7 +783,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const float 
                     }
                     if (input)
                         for (int j = 0; j < rows * IN; j++)
-                            gp[j] += g_in[j];
+                            gp[j] += window ? g_in[j] + g_window[j] : g_in[j];
                 }
                 if (g_points)
                     for (int j = 0; j < rows * IN; j++)
@@ -835,6 +908,63 @@ data(const buffer_arg *arg)
 
 #define COUNT(args) ((int)(sizeof(args) / sizeof((args)[0])))
 
+/* A flow's window argument: None (no window), or (values, (X, Y, Z), to_voxel) with values a
+ * C-contiguous float32 buffer of X Y Z values, each at least 2, and to_voxel 12 floats.  Returns 1
+ * with *window set (NULL for None; values viewed through view, to be released) or 0 with an
+ * exception set and nothing held. */
+static int
+take_window(PyObject *object, window_t *storage, const window_t **window, Py_buffer *view)
+{
+    view->obj = NULL;
+    *window = NULL;
+    if (object == Py_None)
+        return 1;
+    PyObject *values;
+    float *m = storage->to_voxel;
+    if (!PyArg_ParseTuple(object, "O(iii)(ffffffffffff)", &values, &storage->shape[0], &storage->shape[1],
+                          &storage->shape[2], &m[0], &m[1], &m[2], &m[3], &m[4], &m[5], &m[6], &m[7], &m[8], &m[9],
+                          &m[10], &m[11]))
+        return 0;
+    if (storage->shape[0] < 2 || storage->shape[1] < 2 || storage->shape[2] < 2) {
+        PyErr_SetString(PyExc_ValueError, "window: need at least 2 voxels along each axis");
+        return 0;
+    }
+    if (PyObject_GetBuffer(values, view, PyBUF_C_CONTIGUOUS))
+        return 0;
+    const Py_ssize_t floats = (Py_ssize_t)storage->shape[0] * storage->shape[1] * storage->shape[2];
+    if (view->len != floats * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "window: expected %zd float32 values, got a buffer of %zd bytes", floats,
+                     view->len);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return 0;
+    }
+    storage->values = view->buf;
+    *window = storage;
+    return 1;
+}
+
+static void
+release_window(Py_buffer *view)
+{
+    if (view->obj)
+        PyBuffer_Release(view);
+}
+
+/* A flow's take_arguments() and its window's take_window(): 1 with both taken, or 0 with an exception
+ * set and neither held. */
+static int
+take_flow_arguments(const net_t *s, const int *n_steps, PyObject *window_arg, window_t *storage,
+                    const window_t **window, Py_buffer *window_view, buffer_arg *args, int count)
+{
+    if (!take_window(window_arg, storage, window, window_view))
+        return 0;
+    if (take_arguments(s, n_steps, args, count))
+        return 1;
+    release_window(window_view);
+    return 0;
+}
+
 #define NET_FORMAT "(niii)(fff)(fff)fff"
 #define NET_ARGS(s)                                                                                               \
     &(s).n, &(s).width, &(s).depth, &(s).out, &(s).center[0], &(s).center[1], &(s).center[2], &(s).half_extent[0],  \
@@ -900,9 +1030,9 @@ py_flow_forward(PyObject *Py_UNUSED(self), PyObject *args)
 {
     net_t s = {0};
     int n_steps;
-    PyObject *points, *params, *displacement, *z, *positions, *velocities;
-    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOO", FLOW_ARGS(s, n_steps), &points, &params, &displacement, &z,
-                          &positions, &velocities))
+    PyObject *points, *params, *window_arg, *displacement, *z, *positions, *velocities;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOOO", FLOW_ARGS(s, n_steps), &points, &params, &window_arg,
+                          &displacement, &z, &positions, &velocities))
         return NULL;
     buffer_arg buffers[] = {
         {"points", points, POINTS, READS, REQUIRED},
@@ -912,15 +1042,19 @@ py_flow_forward(PyObject *Py_UNUSED(self), PyObject *args)
         {"positions", positions, STEP_POINTS, WRITES, NONE_SKIPS},
         {"velocities", velocities, STEP_POINTS, WRITES, NONE_SKIPS},
     };
-    if (!take_arguments(&s, &n_steps, buffers, COUNT(buffers)))
+    window_t storage;
+    const window_t *window;
+    Py_buffer window_view;
+    if (!take_flow_arguments(&s, &n_steps, window_arg, &storage, &window, &window_view, buffers, COUNT(buffers)))
         return NULL;
     int status;
     double kinetic = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    status = run_flow_forward(&s, n_steps, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]), &kinetic,
+    status = run_flow_forward(&s, n_steps, data(&buffers[0]), data(&buffers[1]), window, data(&buffers[2]), &kinetic,
                               data(&buffers[3]), data(&buffers[4]), data(&buffers[5]));
     Py_END_ALLOW_THREADS
     release_arguments(buffers, COUNT(buffers));
+    release_window(&window_view);
     return status ? PyErr_NoMemory() : PyFloat_FromDouble(kinetic);
 }
 
@@ -930,9 +1064,9 @@ py_flow_backward(PyObject *Py_UNUSED(self), PyObject *args)
     net_t s = {0};
     int n_steps;
     float g_kinetic;
-    PyObject *params, *z, *positions, *velocities, *g_displacement, *grad, *g_points, *workspace;
-    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOfOOO", FLOW_ARGS(s, n_steps), &params, &z, &positions, &velocities,
-                          &g_displacement, &g_kinetic, &grad, &g_points, &workspace))
+    PyObject *params, *window_arg, *z, *positions, *velocities, *g_displacement, *grad, *g_points, *workspace;
+    if (!PyArg_ParseTuple(args, FLOW_FORMAT "OOOOOOfOOO", FLOW_ARGS(s, n_steps), &params, &window_arg, &z,
+                          &positions, &velocities, &g_displacement, &g_kinetic, &grad, &g_points, &workspace))
         return NULL;
     buffer_arg buffers[] = {
         {"params", params, PARAMS, READS, REQUIRED},
@@ -944,15 +1078,19 @@ py_flow_backward(PyObject *Py_UNUSED(self), PyObject *args)
         {"grad of points", g_points, POINTS, WRITES, NONE_SKIPS},
         {"workspace", workspace, WORKSPACE, WRITES, REQUIRED},
     };
-    if (!take_arguments(&s, &n_steps, buffers, COUNT(buffers)))
+    window_t storage;
+    const window_t *window;
+    Py_buffer window_view;
+    if (!take_flow_arguments(&s, &n_steps, window_arg, &storage, &window, &window_view, buffers, COUNT(buffers)))
         return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_flow_backward(&s, n_steps, data(&buffers[0]), data(&buffers[1]), data(&buffers[2]),
+    status = run_flow_backward(&s, n_steps, data(&buffers[0]), window, data(&buffers[1]), data(&buffers[2]),
                                data(&buffers[3]), data(&buffers[4]), g_kinetic, data(&buffers[5]), data(&buffers[6]),
                                data(&buffers[7]));
     Py_END_ALLOW_THREADS
     release_arguments(buffers, COUNT(buffers));
+    release_window(&window_view);
     return status ? PyErr_NoMemory() : Py_NewRef(Py_None);
 }
 
@@ -982,14 +1120,16 @@ static PyMethodDef methods[] = {
      "grad_points, workspace): the gradient of params into grad and that of the points into grad_points (or not, "
      "where None), from forward's z; workspace of workspace_size((n, width, depth, out)) floats."},
     {"flow_forward", py_flow_forward, METH_VARARGS,
-     "flow_forward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, points, params, displacement, "
-     "z, positions, velocities) -> sum over steps and points of |v|^2: the Euler flow's displacement; what its "
-     "backward pass needs into z (n_steps, depth, n, width; 64-byte aligned), positions and velocities (n_steps, n, "
-     "3), or nowhere where they are None."},
+     "flow_forward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, points, params, window, "
+     "displacement, z, positions, velocities) -> sum over steps and points of |v|^2: the Euler flow's displacement; "
+     "what its backward pass needs into z (n_steps, depth, n, width; 64-byte aligned), positions and the network's "
+     "outputs (n_steps, n, 3), or nowhere where they are None.  window: None, or (values, (X, Y, Z), to_voxel) "
+     "that v = w f is windowed by, w read trilinearly from the (X, Y, Z) float32 values at the world -> voxel "
+     "map's 12 floats (3 x 4 rows)."},
     {"flow_backward", py_flow_backward, METH_VARARGS,
-     "flow_backward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, params, z, positions, "
-     "velocities, grad_displacement, grad_kinetic, grad, grad_points, workspace): back through flow_forward, "
-     "whose kinetic output is the mean over steps and points of |v|^2."},
+     "flow_backward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, params, window, z, "
+     "positions, velocities, grad_displacement, grad_kinetic, grad, grad_points, workspace): back through "
+     "flow_forward (the same window), whose kinetic output is the mean over steps and points of |v|^2."},
     {"workspace_size", py_workspace_size, METH_VARARGS,
      "workspace_size((n, width, depth, out)): the float32 values backward's workspace holds."},
     {NULL, NULL, 0, NULL},

@@ -17,7 +17,8 @@ order) and do not depend on the thread count.
 :func:`siren_flow` takes the Euler integration of :func:`~nipype_inrlddmm.engine.flow.integrate`
 through those kernels as one autograd node too: each tile of points goes
 through every Euler step while in cache, forwards and then backwards, so no
-step adds graph nodes, calls or sums of its own.
+step adds graph nodes, calls or sums of its own; the velocity's window
+(:mod:`~nipype_inrlddmm.engine.window`) is applied at each step inside them.
 
 Where the kernels cannot run (no AVX-512F, CUDA, float64, a width that is not
 a multiple of 16, an install without the extension) :func:`applies` says no,
@@ -157,7 +158,7 @@ class _SirenFlow(torch.autograd.Function):
     """:func:`~nipype_inrlddmm.engine.flow.integrate` through the fused network: every Euler step, one autograd node."""
 
     @staticmethod
-    def forward(ctx, save, points, n_steps, fixed, *params):
+    def forward(ctx, save, points, n_steps, fixed, window, *params):
         params_flat = torch.cat([p.reshape(-1) for p in params])
         shapes = [p.shape for p in params]
         n, width, depth, _ = shape = _shape(len(points), shapes)
@@ -166,11 +167,11 @@ class _SirenFlow(torch.autograd.Function):
         saved = [_POOL.take(n_steps, depth, n, width), _POOL.take(n_steps, n, 3), _POOL.take(n_steps, n, 3)] \
             if save else [None] * 3
         squares = _siren.flow_forward(shape, center, half_extent, n_steps, omega0, scale, _array(points),
-                                      _array(params_flat), _array(displacement),
+                                      _array(params_flat), window, _array(displacement),
                                       *(None if t is None else _array(t) for t in saved))
         if save:
             ctx.save_for_backward(params_flat, *saved)
-            ctx.n_steps, ctx.fixed, ctx.shapes = n_steps, fixed, shapes
+            ctx.n_steps, ctx.fixed, ctx.window, ctx.shapes = n_steps, fixed, window, shapes
         return displacement, points.new_tensor(squares / (n_steps * max(n, 1)))
 
     @staticmethod
@@ -182,11 +183,11 @@ class _SirenFlow(torch.autograd.Function):
         grad = torch.empty_like(params_flat)
         grad_points = positions.new_empty(positions.shape[1:]) if ctx.needs_input_grad[1] else None
         workspace = _POOL.take(_siren.workspace_size(shape))
-        _siren.flow_backward(shape, center, half_extent, ctx.n_steps, omega0, scale, _array(params_flat), _array(z),
-                             _array(positions), _array(velocities), _array(grad_displacement.contiguous()),
+        _siren.flow_backward(shape, center, half_extent, ctx.n_steps, omega0, scale, _array(params_flat), ctx.window,
+                             _array(z), _array(positions), _array(velocities), _array(grad_displacement.contiguous()),
                              float(grad_kinetic), _array(grad), None if grad_points is None else _array(grad_points),
                              _array(workspace))
-        return None, grad_points, None, None, *_grads(grad, ctx.shapes)
+        return None, grad_points, None, None, None, *_grads(grad, ctx.shapes)
 
 
 def _inputs(points, layers, output, omega0, center, half_extent, scale):
@@ -220,13 +221,23 @@ def siren_velocity(points: torch.Tensor, t: float, *, layers, output, omega0: fl
 
 
 def siren_flow(points: torch.Tensor, n_steps: int, *, layers, output, omega0: float, center: torch.Tensor,
-               half_extent: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               half_extent: torch.Tensor, scale: float,
+               window: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~nipype_inrlddmm.engine.flow.integrate` of :func:`siren_velocity`'s field: ``(displacement, kinetic)``.
 
     The same Euler steps and kinetic energy (summed in float64), as one
     autograd node and one kernel call each way, no slower than a node per
     step and with no graph to build.  Arguments as :func:`siren_velocity`;
-    ``(N, 3)`` points in, ``(N, 3)`` mm and a scalar mm^2 out.
+    ``(N, 3)`` points in, ``(N, 3)`` mm and a scalar mm^2 out.  ``window``:
+    ``((X, Y, Z) values, (3, 4) world -> voxel rows)``, a field ``w`` read
+    trilinearly (the nearest edge value beyond the grid) that the velocity
+    is multiplied by at every step, as
+    :class:`~nipype_inrlddmm.engine.velocity.VelocityField` does; not
+    differentiated (a fixed buffer).
     """
     save, points, fixed, params = _inputs(points, layers, output, omega0, center, half_extent, scale)
-    return _SirenFlow.apply(save, points, int(n_steps), fixed, *params)
+    if window is not None:
+        values, to_voxel = window
+        values = values.detach().float().contiguous()
+        window = (_array(values), tuple(values.shape), tuple(float(x) for x in to_voxel.reshape(-1).tolist()))
+    return _SirenFlow.apply(save, points, int(n_steps), fixed, window, *params)

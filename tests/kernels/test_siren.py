@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nipype_inrlddmm import engine
+from nipype_inrlddmm.engine import window
 from nipype_inrlddmm.kernels import sine, siren
 from test_sine import EDGES  # zero, the range reduction's edges, the libm hand-over at 8192, non-finite
 
@@ -206,8 +207,10 @@ def test_every_kernel_refuses_each_buffer_of_the_wrong_size_naming_it():
 
         def call(**replaced):
             arguments = [replaced.get(name, buffer) for name, buffer in buffers.items()]
+            if function in (siren._siren.flow_forward, siren._siren.flow_backward):  # no window, after params
+                arguments.insert(list(buffers).index("params") + 1, None)
             if function is siren._siren.flow_backward:  # the kinetic energy's gradient, after the buffers it reads
-                arguments.insert(5, 0.0)
+                arguments.insert(6, 0.0)
             return function(*leading, *arguments)
 
         call()  # every size right: the kernel runs
@@ -217,7 +220,15 @@ def test_every_kernel_refuses_each_buffer_of_the_wrong_size_naming_it():
                 call(**{name: buffer[:-1]})
     with pytest.raises(ValueError, match="n_steps >= 1"):
         siren._siren.flow_forward(shape, *box, 0, *weights, torch.zeros(n * 3).numpy(), torch.zeros(params).numpy(),
-                                  torch.zeros(n * 3).numpy(), None, None, None)
+                                  None, torch.zeros(n * 3).numpy(), None, None, None)
+    flow = (shape, *box, n_steps, *weights, torch.zeros(n * 3).numpy(), torch.zeros(params).numpy())
+    to_voxel = (1.0, 0.0, 0.0, 0.0) * 3
+    with pytest.raises(ValueError, match="window: expected 24 float32 values"):
+        siren._siren.flow_forward(*flow, (torch.zeros(23).numpy(), (2, 3, 4), to_voxel), torch.zeros(n * 3).numpy(),
+                                  None, None, None)
+    with pytest.raises(ValueError, match="window: need at least 2 voxels"):
+        siren._siren.flow_forward(*flow, (torch.zeros(12).numpy(), (1, 3, 4), to_voxel), torch.zeros(n * 3).numpy(),
+                                  None, None, None)
 
 
 @fused_only
@@ -231,3 +242,44 @@ def test_the_flow_node_matches_autograd_through_the_steps():
     stepwise = _flow_and_gradients(velocity, points, stepwise=True)
     for ours, theirs in zip(fused, stepwise):
         torch.testing.assert_close(ours, theirs, atol=1e-6 * theirs.abs().max().item(), rtol=0)
+
+
+def _windowed(velocity, window_values=None):
+    """``velocity`` with a window: a box mask's taper (:func:`~.window.mask_window`), on a grid that the
+    points of :func:`_points` reach past (its border), or the given values on that grid."""
+    affine = torch.tensor([[8.0, 0, 0, -90], [0, 9.0, 0, -100], [0, 0, 7.0, -45], [0, 0, 0, 1]])
+    mask = torch.zeros(24, 23, 14, dtype=torch.bool)
+    mask[8:15, 6:16, 4:10] = True
+    values, window_affine = window.mask_window(mask, affine, 10.0, 40.0)
+    assert 0 < values.mean() < 1
+    windowed = engine.VelocityField(velocity.center, velocity.half_extent, velocity.config,
+                                    window=(values if window_values is None else window_values(values), window_affine))
+    windowed.load_state_dict(velocity.state_dict(), strict=False)
+    return windowed
+
+
+@pytest.mark.parametrize("fused_network, compiled_sincos", PATHS)
+def test_a_windowed_flow_and_its_gradients_match_the_portable_path_in_float64(fused_network, compiled_sincos):
+    # v = w f: the flow carries w's gradient into the points' (the fused kernel's own chain rule), w is
+    # read on both sides of the grid's edge, and the portable path multiplies each step by grid_sample's w.
+    velocity, points = _windowed(_field()), _points(2000)
+    with (mock.patch.object(siren, "FUSED_NETWORK", fused_network),
+          mock.patch.object(sine, "COMPILED_SINCOS", compiled_sincos)):
+        displacement, _ = engine.integrate(velocity, points[:2].clone().requires_grad_(), 4)
+        assert (displacement.grad_fn.name() == "_SirenFlowBackward") == fused_network
+        ours = _flow_and_gradients(velocity, points)
+    reference = _flow_and_gradients(velocity.double(), points.double())
+    unwindowed = _flow_and_gradients(_field().double(), points.double())
+    assert (reference[2] - unwindowed[2]).abs().max() > 0.1 * unwindowed[2].abs().max()  # the window matters
+    for value, expected in zip(ours, reference):
+        torch.testing.assert_close(value.double(), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
+
+
+@fused_only
+def test_a_window_of_ones_changes_nothing_and_a_window_of_zeros_stops_every_point():
+    velocity, points = _field(), _points(700)
+    plain = _flow_and_gradients(velocity, points)
+    for ours, theirs in zip(_flow_and_gradients(_windowed(velocity, torch.ones_like), points), plain):
+        assert torch.equal(ours, theirs)
+    still = _flow_and_gradients(_windowed(velocity, torch.zeros_like), points)
+    assert not still[0].any() and still[1] == 0 and all(not grad.any() for grad in still[3:])
