@@ -1,7 +1,7 @@
 """INR-LDDMM deformable image registration for Nipype.
 
 ``from nipype_inrlddmm import register`` runs the whole coarse-to-fine
-registration on two images; ``nipype_inrlddmm.engine`` holds the pure-PyTorch
+registration on two images; ``nipype_inrlddmm.engine`` holds the PyTorch
 stages.
 """
 

@@ -84,6 +84,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration")
     for name, kind in _OPTIONS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, choices=_CHOICES.get(name), help=HELP[name])
+    group.add_argument("--velocity-window-mm", type=float, nargs=2, metavar=("INNER", "OUTER"),
+                       help=HELP["velocity_window_mm"] + " (default: none, not confined)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto uses CUDA when present (default: auto)")
     group.add_argument("--num-threads", type=int, default=None,
@@ -94,7 +96,10 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _registration_options(args) -> dict:
-    return {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
+    if args.velocity_window_mm is not None:
+        options["velocity_window_mm"] = tuple(args.velocity_window_mm)
+    return options
 
 
 def _print_dice(rows: list[dict], title: str) -> None:

@@ -26,11 +26,11 @@ DISTILL_FIELDS = ("iterations", "learning_rate", "batch_points", "reg_weight", "
 MODEL_FIELDS = tuple(engine.ModelConfig.__dataclass_fields__)
 #: Traits of each optimisation interface that map onto the engine configuration.
 STAGE_TRAITS = {
-    "coarse": IMAGE_STAGE_FIELDS + MODEL_FIELDS + ("coarse_factor", "seed"),
+    "coarse": IMAGE_STAGE_FIELDS + MODEL_FIELDS + ("coarse_factor", "velocity_window_mm", "seed"),
     "distill": DISTILL_FIELDS + ("fine_factor", "field_stride", "seed"),
     "fine": IMAGE_STAGE_FIELDS + ("fine_factor", "field_stride", "seed"),
 }
-_TOP_LEVEL = ("coarse_factor", "fine_factor", "field_stride", "seed")
+_TOP_LEVEL = ("coarse_factor", "fine_factor", "field_stride", "velocity_window_mm", "seed")
 
 
 def stage_inputs(config: engine.RegistrationConfig, stage: str) -> dict:

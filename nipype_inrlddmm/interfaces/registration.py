@@ -38,6 +38,9 @@ class _CoarseINRInputSpec(ImageStageInputSpec, ModelInputSpec):
     coarse_factor = per_axis_trait(
         DEFAULTS.coarse_factor,
         HELP["coarse_factor"] + " (one for all axes, or three; None: the default)")
+    velocity_window_mm = traits.Either(
+        None, traits.Tuple(traits.Range(low=0.0), traits.Range(low=0.0)), default=DEFAULTS.velocity_window_mm,
+        usedefault=True, desc=HELP["velocity_window_mm"] + "; (inner, outer), None: not confined")
 
 
 class _CoarseINROutputSpec(TraitedSpec):
@@ -51,6 +54,9 @@ class CoarseINR(SimpleInterface):
 
     Both images are block-averaged by ``coarse_factor``; the network is
     normalised to the full fixed grid so :class:`DistillINR` can continue it.
+    With a ``fixed_mask`` and a ``velocity_window_mm``, the network's
+    velocity is confined to the anatomy, a window the model file carries on
+    to the later stages.
 
     Examples
     --------

@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_report_renders
 from PIL import Image
 
-from nipype_inrlddmm import cli
+from nipype_inrlddmm import cli, engine
 from nipype_inrlddmm.evaluation import evaluate_files, metrics
 from nipype_inrlddmm.phantom import write_cohort
 
@@ -249,9 +249,20 @@ def test_an_option_reads_the_same_in_the_help_and_in_the_interfaces():
     for interface, stage in ((CoarseINR, "coarse"), (DistillINR, "distill"), (FineINR, "fine")):
         traits = interface().inputs.traits()
         assert traits["iterations"].desc == HELP[f"{stage}_iterations"]
-        shared = [name for name in HELP if name in traits and name != "coarse_factor"]
+        # Two say more in a trait: how to give a value per axis, how to turn the window off.
+        shared = [name for name in HELP if name in traits and name not in ("coarse_factor", "velocity_window_mm")]
         assert shared and all(traits[name].desc == HELP[name] for name in shared), stage
-    assert CoarseINR().inputs.traits()["coarse_factor"].desc.startswith(HELP["coarse_factor"])
+    for name in ("coarse_factor", "velocity_window_mm"):
+        assert CoarseINR().inputs.traits()[name].desc.startswith(HELP[name])
+    assert "".join(HELP["velocity_window_mm"].split()) in squeezed
+
+
+def test_the_velocity_window_is_set_on_the_command_line():
+    parser = cli.build_parser()
+    command = ["register", "--moving", "moving.nii.gz", "--fixed", "fixed.nii.gz", "--out-dir", "out"]
+    assert "velocity_window_mm" not in cli._registration_options(parser.parse_args(command))
+    options = cli._registration_options(parser.parse_args(command + ["--velocity-window-mm", "3", "9"]))
+    assert engine.config_from_options(**options).velocity_window_mm == (3.0, 9.0)
 
 
 def test_help_describes_every_command():

@@ -55,6 +55,34 @@ def test_phantom_registration_recovers_the_known_deformation(phantom):
     assert (forward + back).div(spacing).norm(dim=1).max() < 0.05
 
 
+def test_a_fixed_mask_confines_the_field_to_its_window_and_the_model_keeps_it(tmp_path):
+    """Beyond the window's outer radius from the anatomy (the fixed mask, and the moving image's foreground)
+    every point stays where it is; the saved model carries the window, so its flow (the inverse's too) is
+    the registration's."""
+    pair = make_pair((40, 36, 20), seed=1)
+    box = np.zeros(pair.cbct.shape, bool)
+    box[12:28, 10:26, 5:15] = True
+    moving = np.where(box, pair.ct, pair.ct.min())  # air beyond the box: no anatomy there in either image
+    result = register((moving, pair.affine), (pair.cbct, pair.affine), fixed_mask=(box, pair.affine),
+                      velocity_window_mm=(5.0, 20.0), seed=0, **QUICK)
+    spacing = np.linalg.norm(pair.affine[:3, :3], axis=0)  # 8-12 mm: the window's grid is the fixed grid
+    distance = ndimage.distance_transform_edt(~box, sampling=spacing)
+    # Past 20 mm, and the dense field's interpolation lattice (2 voxels apart) with it.
+    far = distance > 20.0 + 2 * np.sqrt(3) * spacing.max()
+    moved = np.linalg.norm(result.displacement, axis=-1)
+    assert far.sum() > 10000 and moved[far].max() == 0
+    assert moved[box].max() > 1.0  # mm: inside, the registration moved the anatomy
+
+    path = io.save_checkpoint(tmp_path / "model.pt", result.model, shape=pair.cbct.shape, affine=pair.affine)
+    loaded = io.load_checkpoint(path, shape=pair.cbct.shape, affine=pair.affine)
+    affine = torch.tensor(pair.affine, dtype=torch.float32)
+    points = engine.world_grid(pair.cbct.shape, affine).reshape(-1, 3)[::7]
+    with torch.no_grad():
+        assert torch.equal(loaded(points, 0.25), result.model(points, 0.25))
+        back = engine.integrate_backward(loaded, points, result.model.config.n_steps)
+    assert back[torch.from_numpy(far.reshape(-1)[::7])].abs().max() == 0
+
+
 def test_moving_on_another_grid_gives_the_same_result_as_after_resampling():
     """A CT on its own oblique, finer, differently shaped grid == that CT resampled onto the CBCT grid."""
     angle = np.deg2rad(8.0)
