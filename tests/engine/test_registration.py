@@ -81,6 +81,11 @@ def test_a_fixed_mask_confines_the_field_to_its_window_and_the_model_keeps_it(tm
         assert torch.equal(loaded(points, 0.25), result.model(points, 0.25))
         back = engine.integrate_backward(loaded, points, result.model.config.n_steps)
     assert back[torch.from_numpy(far.reshape(-1)[::7])].abs().max() == 0
+    # A warm start from the saved model continues the windowed field, whatever the options say.
+    warm = register((moving, pair.affine), (pair.cbct, pair.affine), fixed_mask=(box, pair.affine), initial=loaded,
+                    warm_iterations=3)
+    assert torch.equal(warm.model.window, loaded.window)
+    assert np.linalg.norm(warm.displacement, axis=-1)[far].max() == 0
 
 
 def test_moving_on_another_grid_gives_the_same_result_as_after_resampling():
