@@ -41,12 +41,20 @@ def test_prostate_study_extracts_the_gland_into_its_work_dir(real_data, tmp_path
     np.testing.assert_allclose(gland.affine, source.affine)
 
 
-def test_brain_study_pre_aligns_with_an_affine(real_data, tmp_path):
+def test_brain_study_pre_aligns_with_an_affine_and_windows_the_velocity_to_the_head(real_data, tmp_path):
     workflow = _script("brain_atlas_study").build_workflow(tmp_path / "out", tmp_path / "work",
                                                            data=real_data / "brain")
     assert workflow.get_node("patients").iterables == ("patient", ["subject"])
-    affine = workflow.get_node("registration").get_node("affine")
-    assert affine.inputs.transform == "affine"
+    registration = workflow.get_node("registration")
+    assert registration.get_node("affine").inputs.transform == "affine"
+    assert registration.get_node("coarse").inputs.velocity_window_mm == (5.0, 25.0)
+    assert registration.get_node("fine").inputs.jacobian_weight == 5.0
+    head = nib.load(tmp_path / "work" / "inputs" / "mni152_head.nii.gz")
+    template = nib.load(real_data / "brain" / "mni152_T1w.nii.gz")
+    inside = np.asarray(head.dataobj) > 0
+    np.testing.assert_allclose(head.affine, template.affine)
+    assert 0.1 < inside.mean() < 0.5 and inside[tuple(n // 2 for n in inside.shape)]  # the head, not the air
+    assert "mni152_head.nii.gz" in (tmp_path / "work" / "inputs" / "manifest.tsv").read_text()
 
 
 def test_scripts_describe_themselves():
