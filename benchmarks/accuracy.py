@@ -143,7 +143,9 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
             config = engine.config_from_options(**dict(options, fine_iterations=budget))
             args = args[:4] + (config,)
             model = engine.sized_config(config, fixed.shape, fixed_affine_t).model
-            initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, model, config.seed)
+            initial = engine.new_velocity_field(fixed.shape, fixed_affine_t, model, config.seed,
+                                                window=engine.velocity_window(config, mask, fixed_affine_t,
+                                                                              moving_t, moving_affine_t))
         else:
             raise ValueError(variant)
         start = time.perf_counter()

@@ -20,6 +20,7 @@ from .stages import (
     resolve_device,
     sized_config,
     stage_factors,
+    velocity_window,
     warm_config,
     warm_start_mismatch,
     warp,
@@ -33,6 +34,6 @@ __all__ = [
     "fit_images", "InsufficientMemoryError", "integrate", "integrate_backward", "ModelConfig", "new_velocity_field",
     "normalise_intensity", "option_values", "path_at_times", "register_volumes", "RegistrationConfig",
     "RegistrationResult", "relative_decrease", "resample", "resample_field", "resolve_device", "sample",
-    "sized_config", "stage_factors", "StageConfig", "StageResult", "VelocityField", "warm_config",
-    "warm_start_mismatch", "warp", "world_grid",
+    "sized_config", "stage_factors", "StageConfig", "StageResult", "VelocityField", "velocity_window",
+    "warm_config", "warm_start_mismatch", "warp", "world_grid",
 ]
