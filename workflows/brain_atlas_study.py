@@ -32,8 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: velocity is windowed to the head (5 mm, tapering to 0 at 25 mm), with a fine stage held a little stiffer:
 #: on this pair a higher Dice at a lower SDlogJ than without (docs/decisions.md, "Regularity").
 SETTINGS = dict(seed=0, similarity="lncc", coarse_factor=3, velocity_window_mm=(5.0, 25.0), fine_jacobian_weight=5.0)
-#: The head: where the template's normalised intensity exceeds this (above the air's noise).
-HEAD_THRESHOLD = 0.05
 
 
 def data_dir() -> Path:
@@ -42,11 +40,12 @@ def data_dir() -> Path:
 
 
 def write_head_mask(template, path) -> Path:
-    """The template's head (normalised intensity above :data:`HEAD_THRESHOLD`) as a mask file, once."""
+    """The template's head as a mask file, once: where it shows anatomy by the rule the velocity's window
+    applies to the moving image (normalised intensity above ``engine.FOREGROUND``)."""
     path = Path(path)
     if not path.is_file():
         data, affine = io.load_volume(template)
-        head = engine.normalise_intensity(torch.from_numpy(data)) > HEAD_THRESHOLD
+        head = engine.normalise_intensity(torch.from_numpy(data)) > engine.FOREGROUND
         io.save_image(path, head.numpy().astype("uint8"), affine)
     return path
 

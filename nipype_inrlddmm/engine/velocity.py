@@ -156,11 +156,6 @@ class VelocityField(nn.Module):
         # None registers no state-dict entry: a field without a window saves what it always did.
         self.register_buffer("window", None if values is None else values.detach().float().contiguous().clone())
         self.register_buffer("window_affine", None if affine is None else affine.detach().double().clone())
-        # World mm -> the window's grid_sample coordinates (the layers' path) and voxel indices (the fused flow's).
-        self.register_buffer("_window_to_grid", None if affine is None else
-                             grid_coordinates(values.shape, self.window_affine), persistent=False)
-        self.register_buffer("_window_to_voxel", None if affine is None else torch.linalg.inv(self.window_affine),
-                             persistent=False)
 
         if config.encoding == "fourier":
             self.register_buffer("frequencies", torch.randn(4, config.n_frequencies) * config.sigma)
@@ -199,7 +194,9 @@ class VelocityField(nn.Module):
         """The window at ``(N, 3)`` world points (mm), ``(N,)``; ones without a window."""
         if self.window is None:
             return points.new_ones(points.shape[0])
-        return sample_grid(self.window, apply_affine(self._window_to_grid.to(points.dtype), points))
+        # The world -> grid map in float64 (the affine's precision), then in the points' dtype.
+        to_grid = grid_coordinates(self.window.shape, self.window_affine).to(points.dtype)
+        return sample_grid(self.window, apply_affine(to_grid, points))
 
     def fused(self, points: torch.Tensor) -> bool:
         """Whether these points go through the fused kernels (:mod:`.siren`)."""
@@ -219,7 +216,7 @@ class VelocityField(nn.Module):
 
     def fused_flow(self, points: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~.flow.integrate` of this field in one autograd node; only where :meth:`fused`."""
-        window = None if self.window is None else (self.window, self._window_to_voxel[:3])
+        window = None if self.window is None else (self.window, torch.linalg.inv(self.window_affine)[:3])
         return siren.siren_flow(points, n_steps, window=window, **self._fused_arguments())
 
     def hyperparameters(self) -> dict:

@@ -593,7 +593,6 @@ run_backward(const net_t *s, const float *points, const float *params, const flo
 #endif
 }
 
-/* The kernels' weights of each Euler step: they differ in layer 0's bias, where the time is. */
 /* The window at a point p (world mm) into *value and, where gradient is not NULL, its gradient in
  * world mm (zero along a voxel axis on which p lies beyond the volume, as the border is constant). */
 static void
@@ -632,6 +631,7 @@ window_at(const window_t *w, const float *p, float *value, float *gradient)
 #undef LERP
 }
 
+/* The kernels' weights of each Euler step: they differ in layer 0's bias, where the time is. */
 static float *
 fold_steps(const net_t *s, int n_steps, const float *params)
 {
