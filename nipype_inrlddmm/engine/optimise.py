@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..kernels import siren
 from .adam import CosineAdam
 from .flow import integrate, resample_field
-from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices
+from .grid import apply_affine, grid_coordinates, sample_grid, spacing, voxel_indices, world_grid
 from .regularity import lattice_jacobian_determinants, log_jacobian_spread
 from .sampling import (
     MIN_AUTOMATIC_STRIDE, checked_stride, gather_patches, interpolate_patches, lattice_shape, lattice_strides,
@@ -76,7 +76,8 @@ class StageConfig:
     one mean of all the iteration's cells): where there is no anatomy to
     match, the field need only be smooth.  On the brains the rough field in
     the air around the head was a third of SDlogJ, where SyN's field fades
-    to the identity.  The defaults hold it there (12) 2.7 times as stiff as
+    to the identity.  Under a velocity window they are drawn only where it
+    lets the field move (:func:`regularity_centres`).  The defaults hold it there (12) 2.7 times as stiff as
     over the anatomy (4.5): a lower SDlogJ on both brains with a higher
     brain-pair Dice.  With a mask but
     no outside weight they lie anywhere at ``jacobian_weight``.  Without a
@@ -367,7 +368,7 @@ def fit_images(
     # patch is centred) and their Jacobian spread weighs outside_jacobian_weight, not jacobian_weight.
     outside, patch_weights = None, None
     if n_regularity and config.jacobian_weight and config.outside_jacobian_weight is not None:
-        outside = torch.nonzero(~fixed_mask).cpu()
+        outside = regularity_centres(velocity, fixed_mask, fixed_affine)
         patch_weights = torch.ones(n_patches + n_regularity, 1, 1, 1, dtype=dtype, device=device)
         patch_weights[n_patches:] = config.outside_jacobian_weight / config.jacobian_weight
 
@@ -396,6 +397,25 @@ def fit_images(
         return loss, terms
 
     return _optimise(velocity, objective, config, stage=stage, progress=progress)
+
+
+def regularity_centres(velocity, fixed_mask: torch.Tensor, fixed_affine: torch.Tensor) -> torch.Tensor:
+    """``(M, 3)`` voxel indices (CPU) of the grid of ``fixed_mask`` at which regularity patches are centred:
+    outside the mask and, where ``velocity`` has a window, where that is above 0.
+
+    Beyond the window's support the flow is the identity, so a patch there
+    measures ``det J = 1`` and regularises nothing: with the brains' 5-25 mm
+    window, 55 % of the air on the atlas's fine grid and 44 % on brain-pair's
+    lay beyond the support.  Where no voxel outside the mask is within the
+    support (a taper narrower than a coarse voxel), the whole outside is
+    kept.
+    """
+    outside = ~fixed_mask
+    if velocity.window is not None:
+        moves = velocity.window_at(world_grid(fixed_mask.shape, fixed_affine).reshape(-1, 3)) > 0
+        if bool((outside & moves.reshape(fixed_mask.shape)).any()):
+            outside = outside & moves.reshape(fixed_mask.shape)
+    return torch.nonzero(outside).cpu()
 
 
 def fit_field(

@@ -89,10 +89,9 @@ class RegistrationConfig:
     warm_iterations: int = 200
     warm_learning_rate: float = 3e-4
     warm_regularity_patches: int = 24
-    # Off by default.  Around a head mask (5, 25) raised the brains' Dice at the same or a lower SDlogJ
-    # (with the fine stage's Jacobian weight at 5), but on CT -> CBCT phantoms, whose field of view
-    # cuts through the body, it bent the air around a moving body: a rougher field than ANTs' at the same
-    # Dice.  Figures: docs/decisions.md ("Regularity").
+    # Off by default.  Around a head mask (5, 25) raised the brains' Dice at a lower SDlogJ, but on CT ->
+    # CBCT phantoms, whose field of view cuts through the body, it bent the air around a body that a setup
+    # shift moves: a rougher field than ANTs' at the same Dice.  Figures: docs/decisions.md ("Regularity").
     velocity_window_mm: tuple[float, float] | None = None
     seed: int = 0
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nipype_inrlddmm import engine
+from nipype_inrlddmm.engine.optimise import regularity_centres
 from nipype_inrlddmm.engine.stages import velocity_window
 from nipype_inrlddmm.engine.window import mask_window, taper
 
@@ -56,3 +57,19 @@ def test_no_window_by_default_without_a_mask_or_with_a_whole_grid_one():
 def test_the_radii_must_grow_from_zero(radii):
     with pytest.raises(ValueError, match="velocity_window_mm"):
         engine.RegistrationConfig(velocity_window_mm=radii)
+
+
+def test_regularity_patches_are_centred_outside_the_mask_where_the_window_lets_the_field_move():
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    mask = torch.zeros(40, 12, 12, dtype=torch.bool)
+    mask[:10] = True
+    model = engine.ModelConfig(width=16, depth=2)
+    window = mask_window(mask, affine, 2.0, 10.0)  # above 0 short of 10 mm: 4 voxels past the mask
+    windowed = engine.new_velocity_field(mask.shape, affine, model, seed=0, window=window)
+    centres = regularity_centres(windowed, mask, affine)
+    assert set(centres[:, 0].tolist()) == set(range(10, 14))
+    # Without a window, or with one too narrow to reach a voxel outside the mask, the whole outside.
+    plain = engine.new_velocity_field(mask.shape, affine, model, seed=0)
+    narrow = engine.new_velocity_field(mask.shape, affine, model, seed=0, window=mask_window(mask, affine, 0.0, 1.0))
+    for velocity in (plain, narrow):
+        assert torch.equal(regularity_centres(velocity, mask, affine), torch.nonzero(~mask))
