@@ -29,10 +29,10 @@ HELP = {
                               "those patches drawn anywhere)",
     "jacobian_scale": "deviation of log det J from its mean past which the Jacobian penalty grows linearly rather "
                       "than by its square, so large anatomical volume changes stay affordable",
-    "velocity_window_mm": "with a fixed mask of the anatomy (a head mask, not a field of view), the velocity is "
-                          "unchanged within the first distance (mm) of it and of the moving image's foreground, "
-                          "tapers to 0 at the second, and the field is the identity beyond, as SyN's fades away "
-                          "from the anatomy (e.g. 5 25)",
+    "velocity_window_mm": "with a fixed mask, the velocity is the network's within the first distance (mm) of "
+                          "the mask and of the moving image's foreground, tapers to the network's bias alone at "
+                          "the second, and the field is one translation beyond, as SyN's fades away from the "
+                          "anatomy (e.g. 5 25)",
     "coarse_factor": "block size by which both images are averaged for the coarse stage, at least 2; by default, "
                      "per axis, the one closest in ratio to 3 mm voxels",
     "coarse_iterations": "Adam iterations of the coarse stage",

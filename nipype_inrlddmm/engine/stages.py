@@ -47,9 +47,9 @@ class RegistrationConfig:
     stage's when it continues a given network (:func:`register_volumes`
     with ``initial``, :func:`warm_config`).  With a fixed mask of the
     anatomy (a head mask), ``velocity_window_mm`` ``(inner, outer)``
-    confines the velocity to it (:mod:`.window`): unchanged within
-    ``inner`` mm, tapering to 0 at ``outer`` mm, where the field is the
-    identity; None (the default) leaves it unconfined.
+    confines the velocity to it (:mod:`.window`): the network's within
+    ``inner`` mm, tapering to its output bias alone at ``outer`` mm, where
+    the field is one translation; None (the default) leaves it unconfined.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -125,9 +125,10 @@ class VelocityField(nn.Module):
     config : :class:`ModelConfig` with a width (an automatic one set by
         :meth:`ModelConfig.sized`).
     window : optional ``((x, y, z) values, (4, 4) voxel -> world affine)``
-        (:func:`~.window.mask_window`): the velocity is the network's output
-        times the window, read trilinearly (the nearest edge value beyond
-        its grid), so the flow is the identity where the window is 0.  Kept
+        (:func:`~.window.mask_window`): the velocity is ``w f + (1 - w) c``,
+        ``f`` the network's output, ``c`` its output layer's bias (in mm) and
+        ``w`` the window read trilinearly (the nearest edge value beyond its
+        grid), so the flow is one translation where the window is 0.  Kept
         with the weights (buffers ``window``, ``window_affine``).
 
     ``forward(points, t)`` takes ``(N, 3)`` world points (mm, RAS) and a
@@ -212,7 +213,13 @@ class VelocityField(nn.Module):
             velocity = siren.siren_velocity(points, t, **self._fused_arguments())
         else:
             velocity = self.output(self.hidden(self.encode(points, t))) * self.scale
-        return velocity if self.window is None else velocity * self.window_at(points)[:, None]
+        if self.window is None:
+            return velocity
+        # Where the window is 0 the velocity is the output layer's bias alone: a translation, which carries
+        # the air around a body that a setup shift moves, rather than holding it still.
+        drift = self.output.bias * self.scale
+        window = self.window_at(points)[:, None]
+        return velocity * window + drift * (1 - window)
 
     def fused_flow(self, points: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~.flow.integrate` of this field in one autograd node; only where :meth:`fused`."""

@@ -1,14 +1,17 @@
-"""The window that confines the velocity to the anatomy: ``v(x, t) = w(x) f(x, t)``.
+"""The window that confines the velocity's detail to the anatomy: ``v(x, t) = w(x) f(x, t) + (1 - w(x)) c``.
 
 A SIREN's sine features span the whole image, so a network fitted where
 the fixed mask holds anatomy also moves the air around it, and a field
-rough there raises SDlogJ with nothing to match.  SyN's field fades to the
-identity away from what its metric sees.  The window does that by
-construction: ``w`` is 1 within ``inner_mm`` of the anatomy (the fixed mask
-and the moving image's foreground, :func:`~.stages.velocity_window`), falls
-along a half cosine (smooth, with zero slope at both ends) to 0 at
-``outer_mm``, and is 0 beyond, where the flow is then the identity.
-Figures: docs/decisions.md ("Regularity").
+rough there raises SDlogJ with nothing to match.  SyN's field fades to
+what its affine stage left away from what its metric sees.  The window does
+that by construction: ``w`` is 1 within ``inner_mm`` of the anatomy (the
+fixed mask and the moving image's foreground,
+:func:`~.stages.velocity_window`), falls along a half cosine (smooth, with
+zero slope at both ends) to 0 at ``outer_mm``, and is 0 beyond, where the
+velocity is ``c``, the network's output bias: one translation.  A
+translation rather than the identity, so that the air follows a body that
+a setup shift moves (a CT -> CBCT pair not pre-aligned) instead of being
+compressed against it.  Figures: docs/decisions.md ("Regularity").
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@
  * and cosines again tile by tile, which costs less than writing and reading both.  forward() and
  * backward() evaluate the network once; flow_forward() and flow_backward() take each tile through
  * every Euler step of flow.integrate (the positions, velocities and kinetic energy too), so a
- * training iteration makes one call each way.  A flow may be windowed (v = w f, w read trilinearly
- * from a volume; engine/window.py says why): the window costs a few dozen flops a point and step
- * beside the network's tens of thousands.
+ * training iteration makes one call each way.  A flow may be windowed (v = w f + (1 - w) c, w read
+ * trilinearly from a volume, c the output layer's bias; engine/window.py says why): the window
+ * costs a few dozen flops a point and step beside the network's tens of thousands.
  *
  * The network (velocity.py's VelocityField, SIREN encoding): with q = (p - center) / half_extent
  * and tau = 2 t - 1, h_0 = sin(omega0 (W_0 [q, tau] + b_0)), h_l = sin(omega0 (W_l h_{l-1} + b_l)),
@@ -73,9 +73,11 @@ typedef struct {
     float tau, omega0, scale;
 } net_t;
 
-/* A flow's window (siren.py): v(p, t) = w(p) f(p, t), with w read trilinearly from a volume of shape
- * (X, Y, Z), C-contiguous, at least 2 voxels along each axis; to_voxel is the world -> voxel map's
- * 3 x 4 rows.  Points beyond the volume read its nearest edge (grid_sample's border padding). */
+/* A flow's window (siren.py): v(p, t) = w(p) f(p, t) + (1 - w(p)) c, c = scale b_o the output layer's bias
+ * (window_drift()), so that the velocity is a translation where w = 0; w read trilinearly from a
+ * volume of shape (X, Y, Z), C-contiguous, at least 2 voxels along each axis; to_voxel is the world ->
+ * voxel map's 3 x 4 rows.  Points beyond the volume read its nearest edge (grid_sample's border
+ * padding). */
 typedef struct {
     const float *values;
     int shape[3];
@@ -119,6 +121,14 @@ static Py_ssize_t
 packed_size(const net_t *s)
 {
     return packed_offset(s, s->depth) + (Py_ssize_t)s->out * s->width + s->out;
+}
+
+/* Where a window leaves the network (w = 0), the velocity is its output layer's bias, scale b_o (mm):
+ * the same in every step's kernel weights (fold()). */
+static const float *
+window_drift(const net_t *s, const float *packed)
+{
+    return packed + packed_offset(s, s->depth) + (Py_ssize_t)s->out * s->width;
 }
 
 /* The kernels' weights from the module's: z_0 = omega0 (W_0 [q, tau] + b_0) = (omega0 W_0[:, :3]) q
@@ -648,7 +658,7 @@ fold_steps(const net_t *s, int n_steps, const float *params)
  * steps while it is in cache: the displacement, the sum over steps and points of |v|^2 into
  * kinetic, and where z is not NULL what the backward pass needs: each step's pre-activations
  * (n_steps, depth, n, width), positions and network outputs (n_steps, n, 3).  With a window (not
- * NULL) v = w f, f the network's output. */
+ * NULL) v = w f + (1 - w) c, f the network's output and c its bias. */
 static int
 run_flow_forward(const net_t *s, int n_steps, const float *points, const float *params, const window_t *window,
                  float *displacement, double *kinetic, float *z, float *positions, float *velocities)
@@ -659,6 +669,7 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
     float *packed = fold_steps(s, n_steps, params);
     double *tile_kinetic = malloc((size_t)(tiles > 0 ? tiles : 1) * sizeof(double));
     int failed = !packed || !tile_kinetic;
+    const float *drift = packed ? window_drift(s, packed) : NULL;
 #pragma omp parallel reduction(| : failed) if (tiles > 1 && !failed)
     {
         float *scratch = failed ? NULL : scratch_alloc((2 * (Py_ssize_t)s->width + 3 * IN) * TILE);
@@ -684,7 +695,7 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
                         float w;
                         window_at(window, p + r * IN, &w, NULL);
                         for (int k = 0; k < IN; k++)
-                            v[r * IN + k] *= w;
+                            v[r * IN + k] = w * v[r * IN + k] + (1.0f - w) * drift[k];
                     }
                 for (int j = 0; j < rows * IN; j++) {
                     sum += (double)v[j] * v[j];
@@ -716,8 +727,8 @@ run_flow_forward(const net_t *s, int n_steps, const float *points, const float *
  * kinetic, the mean over steps and points of |v|^2 (g_kinetic), each tile through all its steps in
  * reverse.  The weight gradients of every step add into its partition's sums (partial:
  * workspace_size() floats); the points' gradient into g_points (or not, where NULL).  With a window,
- * each step's v = w f passes w times its gradient to the network and adds grad w (f . dL/dv) to the
- * point's. */
+ * each step's v = w f + (1 - w) c passes w times its gradient to the network, the rest, (1 - w) dL/dv,
+ * to the output bias c, and adds grad w ((f - c) . dL/dv) to the point's. */
 static int
 run_flow_backward(const net_t *s, int n_steps, const float *params, const window_t *window, const float *z,
                   const float *positions, const float *velocities, const float *g_displacement, float g_kinetic,
@@ -732,6 +743,7 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const window
     const Py_ssize_t part_size = size + s->width;
     float *packed = fold_steps(s, n_steps, params), *kernel_grad = calloc(part_size, sizeof(float));
     int failed = !packed || !kernel_grad;
+    const float *drift = packed ? window_drift(s, packed) : NULL;
 #pragma omp parallel reduction(| : failed) if (parts > 1 && !failed)
     {
         float *scratch = failed ? NULL : scratch_alloc((4 * (Py_ssize_t)s->width + 6 * IN) * TILE + s->width);
@@ -740,7 +752,8 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const window
 #pragma omp for schedule(static)
         for (int part = 0; part < parts; part++) {
             float *sums = partial + part * part_size, *bias0 = sums + (Py_ssize_t)s->width * IN,
-                  *time_grad = sums + size;
+                  *time_grad = sums + size,
+                  *drift_grad = sums + layer_offset(s, s->depth, IN) + (Py_ssize_t)s->out * s->width;
             memset(sums, 0, part_size * sizeof(float));
             const Py_ssize_t last = (part + 1) * tiles / parts;
             for (Py_ssize_t t = part * tiles / parts; scratch && t < last; t++) {
@@ -757,9 +770,12 @@ run_flow_backward(const net_t *s, int n_steps, const float *params, const window
                             window_at(window, positions + (step * s->n + i0 + r) * IN, &w, gradient);
                             for (int k = 0; k < IN; k++) {
                                 const int j = r * IN + k;
-                                const float g_full = gp[j] * dt + w * v[j] * kinetic_scale;
-                                dot += v[j] * g_full;
+                                const float windowed = w * v[j] + (1.0f - w) * drift[k];
+                                const float g_full = gp[j] * dt + windowed * kinetic_scale;
+                                dot += (v[j] - drift[k]) * g_full;
                                 gv[j] = w * g_full;
+                                /* The bias reaches v whole: backward_tile adds the w g_full share. */
+                                drift_grad[k] += (1.0f - w) * g_full;
                             }
                             for (int k = 0; k < IN; k++)
                                 g_window[r * IN + k] = gradient[k] * dot;
@@ -1124,8 +1140,8 @@ static PyMethodDef methods[] = {
      "displacement, z, positions, velocities) -> sum over steps and points of |v|^2: the Euler flow's displacement; "
      "what its backward pass needs into z (n_steps, depth, n, width; 64-byte aligned), positions and the network's "
      "outputs (n_steps, n, 3), or nowhere where they are None.  window: None, or (values, (X, Y, Z), to_voxel) "
-     "that v = w f is windowed by, w read trilinearly from the (X, Y, Z) float32 values at the world -> voxel "
-     "map's 12 floats (3 x 4 rows)."},
+     "that v = w f + (1 - w) c is windowed by (c the output layer's bias), w read trilinearly from the "
+     "(X, Y, Z) float32 values at the world -> voxel map's 12 floats (3 x 4 rows)."},
     {"flow_backward", py_flow_backward, METH_VARARGS,
      "flow_backward((n, width, depth, out), center, half_extent, n_steps, omega0, scale, params, window, z, "
      "positions, velocities, grad_displacement, grad_kinetic, grad, grad_points, workspace): back through "

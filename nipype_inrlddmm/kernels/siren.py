@@ -230,8 +230,8 @@ def siren_flow(points: torch.Tensor, n_steps: int, *, layers, output, omega0: fl
     step and with no graph to build.  Arguments as :func:`siren_velocity`;
     ``(N, 3)`` points in, ``(N, 3)`` mm and a scalar mm^2 out.  ``window``:
     ``((X, Y, Z) values, (3, 4) world -> voxel rows)``, a field ``w`` read
-    trilinearly (the nearest edge value beyond the grid) that the velocity
-    is multiplied by at every step, as
+    trilinearly (the nearest edge value beyond the grid) that blends the
+    velocity with the output bias ``c`` at every step, ``w f + (1 - w) c``, as
     :class:`~nipype_inrlddmm.engine.velocity.VelocityField` does; not
     differentiated (a fixed buffer).
     """

@@ -55,10 +55,10 @@ def test_phantom_registration_recovers_the_known_deformation(phantom):
     assert (forward + back).div(spacing).norm(dim=1).max() < 0.05
 
 
-def test_a_fixed_mask_confines_the_field_to_its_window_and_the_model_keeps_it(tmp_path):
+def test_beyond_the_window_the_field_is_one_translation_and_the_model_keeps_the_window(tmp_path):
     """Beyond the window's outer radius from the anatomy (the fixed mask, and the moving image's foreground)
-    every point stays where it is; the saved model carries the window, so its flow (the inverse's too) is
-    the registration's."""
+    every point moves by the network's output bias alone; the saved model carries the window, so its flow
+    (the inverse's too) is the registration's."""
     pair = make_pair((40, 36, 20), seed=1)
     box = np.zeros(pair.cbct.shape, bool)
     box[12:28, 10:26, 5:15] = True
@@ -69,9 +69,11 @@ def test_a_fixed_mask_confines_the_field_to_its_window_and_the_model_keeps_it(tm
     distance = ndimage.distance_transform_edt(~box, sampling=spacing)
     # Past 20 mm, and the dense field's interpolation lattice (2 voxels apart) with it.
     far = distance > 20.0 + 2 * np.sqrt(3) * spacing.max()
-    moved = np.linalg.norm(result.displacement, axis=-1)
-    assert far.sum() > 10000 and moved[far].max() == 0
-    assert moved[box].max() > 1.0  # mm: inside, the registration moved the anatomy
+    drift = (result.model.output.bias * result.model.scale).detach().numpy()
+    # Up to float32's rounding of positions a few hundred mm from the origin, over 4 Euler steps.
+    rounding = 1e-3
+    assert far.sum() > 10000 and np.abs(result.displacement[far] - drift).max() < rounding
+    assert np.linalg.norm(result.displacement - drift, axis=-1)[box].max() > 1.0  # mm: the anatomy moved
 
     path = io.save_checkpoint(tmp_path / "model.pt", result.model, shape=pair.cbct.shape, affine=pair.affine)
     loaded = io.load_checkpoint(path, shape=pair.cbct.shape, affine=pair.affine)
@@ -80,12 +82,13 @@ def test_a_fixed_mask_confines_the_field_to_its_window_and_the_model_keeps_it(tm
     with torch.no_grad():
         assert torch.equal(loaded(points, 0.25), result.model(points, 0.25))
         back = engine.integrate_backward(loaded, points, result.model.config.n_steps)
-    assert back[torch.from_numpy(far.reshape(-1)[::7])].abs().max() == 0
+    assert (back[torch.from_numpy(far.reshape(-1)[::7])] + torch.from_numpy(drift)).abs().max() < rounding
     # A warm start from the saved model continues the windowed field, whatever the options say.
     warm = register((moving, pair.affine), (pair.cbct, pair.affine), fixed_mask=(box, pair.affine), initial=loaded,
                     warm_iterations=3)
     assert torch.equal(warm.model.window, loaded.window)
-    assert np.linalg.norm(warm.displacement, axis=-1)[far].max() == 0
+    warm_drift = (warm.model.output.bias * warm.model.scale).detach().numpy()
+    assert np.abs(warm.displacement[far] - warm_drift).max() < rounding
 
 
 def test_moving_on_another_grid_gives_the_same_result_as_after_resampling():
