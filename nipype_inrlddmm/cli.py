@@ -84,8 +84,11 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration")
     for name, kind in _OPTIONS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, choices=_CHOICES.get(name), help=HELP[name])
-    group.add_argument("--velocity-window-mm", type=float, nargs=2, metavar=("INNER", "OUTER"),
-                       help=HELP["velocity_window_mm"] + " (default: none, not confined)")
+    window = group.add_mutually_exclusive_group()
+    window.add_argument("--velocity-window-mm", type=float, nargs=2, metavar=("INNER", "OUTER"),
+                        help=HELP["velocity_window_mm"])
+    window.add_argument("--no-velocity-window", action="store_true",
+                        help="leave the velocity unconfined around a fixed mask")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto uses CUDA when present (default: auto)")
     group.add_argument("--num-threads", type=int, default=None,
@@ -99,6 +102,8 @@ def _registration_options(args) -> dict:
     options = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
     if args.velocity_window_mm is not None:
         options["velocity_window_mm"] = tuple(args.velocity_window_mm)
+    if args.no_velocity_window:
+        options["velocity_window_mm"] = None
     return options
 
 

@@ -32,7 +32,7 @@ HELP = {
     "velocity_window_mm": "with a fixed mask, the velocity is the network's within the first distance (mm) of "
                           "the mask and of the moving image's foreground, tapers to the network's bias alone at "
                           "the second, and the field is one translation beyond, as SyN's fades away from the "
-                          "anatomy (e.g. 5 25)",
+                          "anatomy (default 5 25)",
     "coarse_factor": "block size by which both images are averaged for the coarse stage, at least 2; by default, "
                      "per axis, the one closest in ratio to 3 mm voxels",
     "coarse_iterations": "Adam iterations of the coarse stage",

@@ -7,7 +7,7 @@ repository; never copied): a skull-stripped T1 in FreeSurfer's LIA space
 orientation, field of view and position.  ``AffineInit`` first estimates an
 affine by global NCC (as ANTs does before SyN), then the INR stages refine
 it, in a head mask of the template with the velocity windowed to the head
-(the field fades to the identity in the air, as SyN's does); grey and white
+(the field fades to one translation in the air, as SyN's does); grey and white
 matter are scored by Dice::
 
     python workflows/brain_atlas_study.py --out-dir results/brain --work-dir work/brain
@@ -28,10 +28,9 @@ from nipype_inrlddmm import engine, io
 from nipype_inrlddmm.workflows import init_study_wf, run_study
 
 REPO = Path(__file__).resolve().parents[1]
-#: Whole-brain MRI at 1 mm: T1 to T1, so local NCC; a coarser first stage for the larger grid.  The
-#: velocity is windowed to the head (5 mm, tapering to 0 at 25 mm): on this pair a higher Dice at a lower
-#: SDlogJ than without (docs/decisions.md, "Regularity").
-SETTINGS = dict(seed=0, similarity="lncc", coarse_factor=3, velocity_window_mm=(5.0, 25.0))
+#: Whole-brain MRI at 1 mm: T1 to T1, so local NCC; a coarser first stage for the larger grid.  The head
+#: mask (write_head_mask) is where the similarity is measured, and the velocity's window follows it.
+SETTINGS = dict(seed=0, similarity="lncc", coarse_factor=3)
 
 
 def data_dir() -> Path:

@@ -263,6 +263,13 @@ def test_the_velocity_window_is_set_on_the_command_line():
     assert "velocity_window_mm" not in cli._registration_options(parser.parse_args(command))
     options = cli._registration_options(parser.parse_args(command + ["--velocity-window-mm", "3", "9"]))
     assert engine.config_from_options(**options).velocity_window_mm == (3.0, 9.0)
+    options = cli._registration_options(parser.parse_args(command + ["--no-velocity-window"]))
+    assert engine.config_from_options(**options).velocity_window_mm is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(command + ["--no-velocity-window", "--velocity-window-mm", "3", "9"])
+    # The help states the package's default, which the command line leaves to the engine.
+    from nipype_inrlddmm.options import HELP
+    assert "(default %g %g)" % engine.RegistrationConfig().velocity_window_mm in HELP["velocity_window_mm"]
 
 
 def test_help_describes_every_command():

@@ -42,15 +42,15 @@ def test_a_field_of_view_does_not_stop_the_anatomy_the_moving_image_shows_beyond
     assert (joined[48:] == 0).all() and 0 < joined[43].min() < 1
 
 
-def test_no_window_by_default_without_a_mask_or_with_a_whole_grid_one():
+def test_a_window_by_default_only_with_a_mask_that_leaves_some_of_the_grid_out():
     affine = torch.eye(4)
     mask = torch.zeros(8, 8, 8, dtype=torch.bool)
     mask[2:5] = True
-    windowed = engine.RegistrationConfig(velocity_window_mm=(5, 25))
-    assert velocity_window(engine.RegistrationConfig(), mask, affine) is None
-    assert velocity_window(windowed, None, affine) is None
-    assert velocity_window(windowed, torch.ones_like(mask), affine) is None
-    assert velocity_window(windowed, mask, affine) is not None
+    default = engine.RegistrationConfig()
+    assert velocity_window(default, mask, affine) is not None
+    assert velocity_window(default, None, affine) is None
+    assert velocity_window(default, torch.ones_like(mask), affine) is None
+    assert velocity_window(engine.RegistrationConfig(velocity_window_mm=None), mask, affine) is None
 
 
 @pytest.mark.parametrize("radii", [(10.0, 5.0), (5.0, 5.0), (-1.0, 5.0)])
