@@ -77,10 +77,10 @@ class StageConfig:
     match, the field need only be smooth.  On the brains the rough field in
     the air around the head was a third of SDlogJ, where SyN's field fades
     to the identity.  Under a velocity window they are drawn only where it
-    lets the field move (:func:`regularity_centres`).  The defaults hold it there (12) 2.7 times as stiff as
-    over the anatomy (4.5): a lower SDlogJ on both brains with a higher
-    brain-pair Dice.  With a mask but
-    no outside weight they lie anywhere at ``jacobian_weight``.  Without a
+    lets the field move (:func:`regularity_centres`).  The defaults hold
+    the air (12) 2.7 times as stiff as the anatomy (4.5): a lower SDlogJ on
+    both brains with a higher brain-pair Dice.  With a mask but no outside
+    weight they lie anywhere at ``jacobian_weight``.  Without a
     mask none are drawn: the image patches lie anywhere and carry the
     penalties over the whole grid themselves (on lung-ct and the phantom
     the same Dice, TRE and SDlogJ in 0.77 and 0.88 x the time).  Figures:
@@ -403,8 +403,8 @@ def regularity_centres(velocity, fixed_mask: torch.Tensor, fixed_affine: torch.T
     """``(M, 3)`` voxel indices (CPU) of the grid of ``fixed_mask`` at which regularity patches are centred:
     outside the mask and, where ``velocity`` has a window, where that is above 0.
 
-    Beyond the window's support the flow is the identity, so a patch there
-    measures ``det J = 1`` and regularises nothing: with the brains' 5-25 mm
+    Beyond the window's support the flow is one translation, so a patch
+    there measures ``det J = 1`` and regularises nothing: with the brains' 5-25 mm
     window, 55 % of the air on the atlas's fine grid and 44 % on brain-pair's
     lay beyond the support.  Where no voxel outside the mask is within the
     support (a taper narrower than a coarse voxel), the whole outside is

@@ -90,7 +90,7 @@ class RegistrationConfig:
     warm_iterations: int = 200
     warm_learning_rate: float = 3e-4
     warm_regularity_patches: int = 24
-    # Around the brains' head masks 5-25 mm raised both Dice leads over SyN to 0.02 at a lower SDlogJ, and
+    # Around the brains' head masks 5-25 mm raised the Dice leads over SyN to about 0.02 at a lower SDlogJ, and
     # around a CBCT's field of view it kept the Dice with a field still smoother than ANTs' (a wider window
     # lost the brains' gain).  Figures: docs/decisions.md ("Regularity").
     velocity_window_mm: tuple[float, float] | None = (5.0, 25.0)
