@@ -62,7 +62,6 @@ from nipype_inrlddmm.engine.affine import AffineConfig, checked_affine_register
 
 METHODS = ("inr-lddmm", "ants-syn", "no-distill", "no-coarse", "paper-plain")
 PAPER_PLAIN = {"encoding": "none", "activation": "relu", "similarity": "mse"}
-HEAD_THRESHOLD = 0.05  # in a head case, sample where the normalised fixed image exceeds it: inside the head
 
 
 class PeakMemory:
@@ -112,7 +111,7 @@ def run_inr(case: Case, variant: str, options: dict) -> dict:
     config = engine.config_from_options(**(PAPER_PLAIN if variant == "paper-plain" else {}), **options)
     moving_t, fixed_t = engine.normalise_intensity(_t(moving)), engine.normalise_intensity(_t(fixed))
     fixed_affine_t = _t(fixed_affine)
-    mask = fixed_t > HEAD_THRESHOLD if case.head else None
+    mask = fixed_t > engine.FOREGROUND if case.head else None  # the head, by the window's anatomy rule
     pre, start = np.eye(4), time.perf_counter()
     if case.affine:
         # The command's checked pre-alignment: a degenerate estimate is replaced, and said so.
@@ -195,7 +194,7 @@ def run_syn(case: Case) -> dict:
     moving, fixed = read(case.moving), read(case.fixed)
     mask = None
     if case.head:  # where ours samples its patches, the head, is SyN's fixed mask too (antsRegistration -x)
-        head = engine.normalise_intensity(_t(fixed.numpy())).numpy() > HEAD_THRESHOLD
+        head = engine.normalise_intensity(_t(fixed.numpy())).numpy() > engine.FOREGROUND
         mask = fixed.new_image_like(head.astype(np.float32))
     return {"ants": ants, "fixed": fixed, "registration": ants.registration(fixed, moving, "SyN", mask=mask)}
 

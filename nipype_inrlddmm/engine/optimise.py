@@ -413,8 +413,9 @@ def regularity_centres(velocity, fixed_mask: torch.Tensor, fixed_affine: torch.T
     outside = ~fixed_mask
     if velocity.window is not None:
         moves = velocity.window_at(world_grid(fixed_mask.shape, fixed_affine).reshape(-1, 3)) > 0
-        if bool((outside & moves.reshape(fixed_mask.shape)).any()):
-            outside = outside & moves.reshape(fixed_mask.shape)
+        within = outside & moves.reshape(fixed_mask.shape)
+        if bool(within.any()):
+            outside = within
     return torch.nonzero(outside).cpu()
 
 

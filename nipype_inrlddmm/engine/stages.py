@@ -23,7 +23,7 @@ from .memory import check_memory
 from .sampling import checked_stride
 from .optimise import StageConfig, fit_field, fit_images
 from .velocity import ModelConfig, VelocityField
-from .window import mask_window
+from .window import checked_radii, mask_window
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,8 @@ class RegistrationConfig:
     def __post_init__(self):
         object.__setattr__(self, "field_stride", checked_stride(self.field_stride, "field_stride"))
         if self.velocity_window_mm is not None:
-            inner, outer = (float(mm) for mm in self.velocity_window_mm)
-            if not 0 <= inner < outer:
-                raise ValueError(f"velocity_window_mm must be None or (inner, outer) with 0 <= inner < outer mm, "
-                                 f"got {self.velocity_window_mm!r}")
-            object.__setattr__(self, "velocity_window_mm", (inner, outer))
+            inner, outer = self.velocity_window_mm
+            object.__setattr__(self, "velocity_window_mm", checked_radii(inner, outer, "velocity_window_mm"))
         if self.warm_iterations < 0 or not self.warm_learning_rate > 0 or self.warm_regularity_patches < 0:
             raise ValueError(f"warm_iterations and warm_regularity_patches must be 0 or more and "
                              f"warm_learning_rate positive, got {self.warm_iterations}, "

@@ -31,6 +31,14 @@ def taper(distance: torch.Tensor, inner_mm: float, outer_mm: float) -> torch.Ten
     return 0.5 * (1 + torch.cos(math.pi * ramp))
 
 
+def checked_radii(inner_mm, outer_mm, name: str = "the window") -> tuple[float, float]:
+    """``(inner_mm, outer_mm)`` as floats; a ValueError naming ``name`` unless ``0 <= inner_mm < outer_mm``."""
+    inner_mm, outer_mm = float(inner_mm), float(outer_mm)
+    if not 0 <= inner_mm < outer_mm:
+        raise ValueError(f"{name} needs radii 0 <= inner < outer mm, got {inner_mm} and {outer_mm}")
+    return inner_mm, outer_mm
+
+
 def mask_window(mask: torch.Tensor, affine: torch.Tensor, inner_mm: float,
                 outer_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The window of a mask on its own grid: ``((X, Y, Z) float32, (4, 4) float64 voxel -> world affine)``.
@@ -38,8 +46,7 @@ def mask_window(mask: torch.Tensor, affine: torch.Tensor, inner_mm: float,
     ``mask`` is ``(X, Y, Z)`` bool with voxel -> world ``affine``; the
     distance to it is Euclidean in mm, anisotropic voxels included.
     """
-    if not 0 <= inner_mm < outer_mm:
-        raise ValueError(f"the window needs 0 <= inner_mm < outer_mm, got {inner_mm} and {outer_mm}")
+    inner_mm, outer_mm = checked_radii(inner_mm, outer_mm)
     outside = ~mask.cpu().numpy().astype(bool)
     distance = ndimage.distance_transform_edt(outside, sampling=spacing(affine).tolist())
     window = taper(torch.from_numpy(np.asarray(distance, np.float32)), inner_mm, outer_mm)
