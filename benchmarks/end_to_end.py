@@ -49,10 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cases import SETS, Case, cases
 
-from nipype_inrlddmm import __version__, io
+from nipype_inrlddmm import __version__, engine, io
 from nipype_inrlddmm.evaluation import metrics
 
 PHASES = ("read", "pre-align", "stages", "dense field and warp", "write", "labels", "evaluation", "QC")
@@ -78,10 +79,11 @@ def _clipped(source: Path, target: Path, low: float) -> Path:
 
 
 def _head_mask(image: Path, target: Path) -> Path:
-    """Where the fixed MR exceeds 5 % of its robust range: the head, as a user's brain or head mask."""
+    """The head, as a user's brain or head mask: the fixed MR's foreground by the rule the velocity window and
+    ``accuracy.py`` use (normalised intensity above ``engine.FOREGROUND``)."""
     data, affine = io.load_volume(image)
-    low, high = np.percentile(data, [0.5, 99.5])
-    return io.save_image(target, ((data - low) / (high - low) > 0.05).astype(np.uint8), affine)
+    head = engine.normalise_intensity(torch.from_numpy(np.ascontiguousarray(data, np.float32))) > engine.FOREGROUND
+    return io.save_image(target, head.numpy().astype(np.uint8), affine)
 
 
 def user_inputs(case: Case, scratch: Path) -> Inputs:
