@@ -74,14 +74,15 @@ class RegistrationConfig:
     # seed under 0.1 % folding before the Jacobian penalty.  Its patches cover a tenth of its grid per
     # iteration, at most 48 (sampling_fraction), as ANTs samples a fraction of the image: the cost follows
     # the image up to the brains' 48, never past it.  Its correlation windows span 11 of a patch's 12
-    # voxels (5 in the coarse stage, at 3 mm): the same Dice with a smoother field.  Figures:
-    # docs/decisions.md.
-    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=1e-3, reg_weight=2e-4,
+    # voxels (5 in the coarse stage, at 3 mm): the same Dice with a smoother field.  It starts from 7e-4:
+    # under the velocity window, the brains' Dice rose by about 0.002 over 1e-3, their fields still smoother
+    # than SyN's.  Figures: docs/decisions.md.
+    fine: StageConfig = field(default_factory=lambda: StageConfig(iterations=225, learning_rate=7e-4, reg_weight=2e-4,
                                                                   lncc_window=11, sampling_fraction=0.1))
     field_stride: int | tuple[int, int, int] | None = None
     # A warm start (register_volumes with an initial field) runs the fine stage alone, this many iterations
-    # from a third of its learning rate: the network holds a whole field already, which the full rate
-    # scatters before it refines it.  200 iterations with the fine stage's regularity patches are the
+    # from a lower learning rate than a cold fine stage's: the network holds a whole field already, which the
+    # full rate scatters before it refines it.  200 iterations with the fine stage's regularity patches are the
     # fewest measured that kept every fraction of a phantom course at or above the Dice of a registration
     # from scratch, on two registration seeds.  Without the regularity patches an iteration integrates two
     # thirds of the points, and 125 iterations matched the cold Dice on one seed in 0.53 x its time, but
