@@ -194,7 +194,7 @@ def run_syn(case: Case) -> dict:
     moving, fixed = read(case.moving), read(case.fixed)
     mask = None
     if case.head:  # where ours samples its patches, the head, is SyN's fixed mask too (antsRegistration -x)
-        head = engine.normalise_intensity(_t(fixed.numpy())).numpy() > engine.FOREGROUND
+        head = engine.foreground(_t(fixed.numpy())).numpy()
         mask = fixed.new_image_like(head.astype(np.float32))
     return {"ants": ants, "fixed": fixed, "registration": ants.registration(fixed, moving, "SyN", mask=mask)}
 

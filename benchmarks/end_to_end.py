@@ -80,9 +80,9 @@ def _clipped(source: Path, target: Path, low: float) -> Path:
 
 def _head_mask(image: Path, target: Path) -> Path:
     """The head, as a user's brain or head mask: the fixed MR's foreground by the rule the velocity window and
-    ``accuracy.py`` use (normalised intensity above ``engine.FOREGROUND``)."""
+    ``accuracy.py`` use (``engine.foreground``)."""
     data, affine = io.load_volume(image)
-    head = engine.normalise_intensity(torch.from_numpy(np.ascontiguousarray(data, np.float32))) > engine.FOREGROUND
+    head = engine.foreground(torch.from_numpy(np.ascontiguousarray(data, np.float32)))
     return io.save_image(target, head.numpy().astype(np.uint8), affine)
 
 

@@ -40,11 +40,11 @@ def data_dir() -> Path:
 
 def write_head_mask(template, path) -> Path:
     """The template's head as a mask file, once: where it shows anatomy by the rule the velocity's window
-    applies to the moving image (normalised intensity above ``engine.FOREGROUND``)."""
+    applies to the moving image (``engine.foreground``)."""
     path = Path(path)
     if not path.is_file():
         data, affine = io.load_volume(template)
-        head = engine.normalise_intensity(torch.from_numpy(data)) > engine.FOREGROUND
+        head = engine.foreground(torch.from_numpy(data))
         io.save_image(path, head.numpy().astype("uint8"), affine)
     return path
 

@@ -13,6 +13,7 @@ from .stages import (
     config_from_options,
     distill_stage,
     fine_stage,
+    foreground,
     new_velocity_field,
     normalise_intensity,
     option_values,
@@ -32,9 +33,9 @@ from .velocity import ModelConfig, VelocityField
 __all__ = [
     "apply_affine", "block_grid", "check_memory", "coarse_stage", "config_from_options", "dense_displacement",
     "dense_path", "distill_stage", "DivergenceError", "downsample", "estimate_memory", "fine_stage", "fit_field",
-    "fit_images", "FOREGROUND", "InsufficientMemoryError", "integrate", "integrate_backward", "ModelConfig",
-    "new_velocity_field", "normalise_intensity", "option_values", "path_at_times", "register_volumes",
-    "RegistrationConfig", "RegistrationResult", "relative_decrease", "resample", "resample_field", "resolve_device",
-    "sample", "sized_config", "stage_factors", "StageConfig", "StageResult", "velocity_window", "VelocityField",
-    "warm_config", "warm_start_mismatch", "warp", "world_grid",
+    "fit_images", "FOREGROUND", "foreground", "InsufficientMemoryError", "integrate", "integrate_backward",
+    "ModelConfig", "new_velocity_field", "normalise_intensity", "option_values", "path_at_times",
+    "register_volumes", "RegistrationConfig", "RegistrationResult", "relative_decrease", "resample",
+    "resample_field", "resolve_device", "sample", "sized_config", "stage_factors", "StageConfig", "StageResult",
+    "velocity_window", "VelocityField", "warm_config", "warm_start_mismatch", "warp", "world_grid",
 ]

@@ -180,6 +180,12 @@ def velocity_window(config: RegistrationConfig, fixed_mask, fixed_affine: torch.
 FOREGROUND = 0.05
 
 
+def foreground(volume: torch.Tensor) -> torch.Tensor:
+    """Where ``volume`` shows anatomy: bool, its shape; its normalised intensity above :data:`FOREGROUND`, the
+    rule the velocity's window applies to the moving image (a head mask of an MR)."""
+    return normalise_intensity(volume) > FOREGROUND
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
