@@ -1,7 +1,7 @@
 """What the user waits for: ``inrlddmm register`` end to end against the ANTs command line, in one run.
 
     python benchmarks/end_to_end.py [--sets brain brain-pair lung-ct phantom small-ct] [--threads 2]
-                                    [--study 10] [--out end_to_end.md]
+                                    [--seeds 0 1 2] [--study 10] [--out end_to_end.md]
 
 Each method runs as its own process, timed from start to exit, the way a
 user runs it:
@@ -27,7 +27,12 @@ Sets (read from $INRLDDMM_DATA, default ../shared/data; never copied):
 ``lung-ct`` (follow-up -> baseline, ``--affine affine``, HU clipped at
 -1024 for both methods), ``phantom`` (the cohort generator's 128 x 112 x 48
 CT -> CBCT, ``--fixed-mask`` its field of view) and ``small-ct`` (the same
-generator at 3 mm isotropic, 128 x 112 x 96).  Then ``--study N`` times
+generator at 3 mm isotropic, 128 x 112 x 96).  Each seed of ``--seeds``
+runs both once: ours with ``--seed``, ANTs with antsRegistration's
+``--random-seed`` (its SyN samples the metric at random, and its Dice moves
+from run to run by as much as the two methods differ on the small sets);
+the tables give the means over the seeds, with the range of each method's
+Dice.  Then ``--study N`` times
 ``inrlddmm study`` (MultiProc, one worker per thread) on a fresh cohort of
 N small phantom patients and splits its wall time: start-up, the nodes'
 own run time, Nipype's own overhead around them, the report and exit.
@@ -115,26 +120,32 @@ def register_arguments(case: Case, inputs: Inputs, out: Path) -> list[str]:
     return arguments + (["--fixed-mask", str(inputs.fixed_mask)] if inputs.fixed_mask else [])
 
 
-def run_ours(case: Case, inputs: Inputs, out: Path, threads: int, env: dict) -> dict:
+def run_ours(case: Case, inputs: Inputs, out: Path, threads: int, env: dict, seed: int) -> dict:
     command = [shutil.which("inrlddmm") or str(Path(sys.executable).parent / "inrlddmm"),
-               *register_arguments(case, inputs, out), "--num-threads", str(threads)]
+               *register_arguments(case, inputs, out), "--num-threads", str(threads), "--seed", str(seed)]
     seconds = _timed(command, env)
     field, affine = io.load_displacement(out / "displacement.nii.gz")
     return {"wall": seconds, "timings": json.loads((out / "timings.json").read_text()),
             "labels": out / "warped_labels.nii.gz", "jacobian": metrics.jacobian_determinant(field, affine)}
 
 
-def run_ants(case: Case, inputs: Inputs, out: Path, threads: int, env: dict) -> dict:
+def run_ants(case: Case, inputs: Inputs, out: Path, threads: int, env: dict, seed: int) -> dict:
     command = [sys.executable, __file__, "--ants-worker", str(inputs.moving), str(inputs.fixed),
-               str(case.moving_labels), str(inputs.fixed_mask or ""), str(out)]
+               str(case.moving_labels), str(inputs.fixed_mask or ""), str(out), str(seed)]
     seconds = _timed(command, dict(env, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads)))
     jacobian, _ = io.load_volume(out / "jacobian.nii.gz")
     return {"wall": seconds, "labels": out / "warped_labels.nii.gz", "jacobian": jacobian}
 
 
-def ants_worker(moving: str, fixed: str, moving_labels: str, fixed_mask: str, out: str) -> None:
-    """The ANTs command line's work in one process: SyN, the image and the labels carried over, det J."""
+def ants_worker(moving: str, fixed: str, moving_labels: str, fixed_mask: str, out: str, seed: str) -> None:
+    """The ANTs command line's work in one process: SyN (``--random-seed seed``), the image and the labels
+    carried over, det J."""
     import ants
+    import ants.config
+
+    # antspyx passes --random-seed to antsRegistration from here; its public setter, set_ants_deterministic,
+    # would also pin ITK to one thread and so time another command than the user's.
+    ants.config._random_seed = int(seed)
 
     fixed_image, moving_image = ants.image_read(fixed), ants.image_read(moving)
     mask = ants.image_read(fixed_mask) if fixed_mask else None
@@ -202,6 +213,22 @@ def write_results(out: Path, text: str, results: dict) -> None:
         Path(temporary).write_text(json.dumps(results, indent=1))
 
 
+def mean_over_seeds(runs: list[dict], method: str) -> dict:
+    """``method``'s figures (``"ours"`` or ``"ants"``) averaged over the runs of one set, one per seed, our phases'
+    seconds too; ``dice_range`` is the lowest and the highest of its runs' mean Dice."""
+    scored = [run[method] for run in runs]
+    mean = {key: float(np.mean([r[key] for r in scored])) for key in scored[0] if key != "timings"}
+    if "timings" in scored[0]:
+        phases = {phase for r in scored for phase in r["timings"]}
+        mean["timings"] = {phase: float(np.mean([r["timings"].get(phase, 0.0) for r in scored])) for phase in phases}
+    return dict(mean, dice_range=(min(r["mean_dice"] for r in scored), max(r["mean_dice"] for r in scored)))
+
+
+def _dice(scored: dict) -> str:
+    low, high = scored["dice_range"]
+    return f"{scored['mean_dice']:.4f}" + (f" ({low:.4f}-{high:.4f})" if high > low else "")
+
+
 def tables(results: dict) -> str:
     # The registration with its pre-alignment too (what antsRegistration's time holds, and the time of
     # benchmarks/accuracy.py), beside register() alone.
@@ -217,7 +244,7 @@ def tables(results: dict) -> str:
             name, f"{ours['wall']:.1f}", f"{registration:.1f}", f"{ours['wall'] / registration:.2f}",
             f"{pre_align:.1f}", f"{ours['wall'] / (pre_align + registration):.2f}",
             f"{ants['wall']:.1f}", f"{ours['wall'] / ants['wall']:.2f}",
-            f"{ours['mean_dice']:.3f} / {ants['mean_dice']:.3f}", f"{ours['sdlogj']:.3f} / {ants['sdlogj']:.3f}",
+            f"{_dice(ours)} / {_dice(ants)}", f"{ours['sdlogj']:.3f} / {ants['sdlogj']:.3f}",
             f"{ours['jacobian_nonpositive_percent']:.4f} / {ants['jacobian_nonpositive_percent']:.4f}"]) + " |")
     head = ["set", *PHASES, "start-up and other"]
     lines += ["", "Share of our wall time per phase (%):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -232,11 +259,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="run both methods once per seed (ours --seed, ANTs --random-seed) and report the means")
     parser.add_argument("--out", type=Path, help="write the Markdown tables here (and a .json beside it)")
     parser.add_argument("--study", type=int, default=10, metavar="N",
                         help="then time a fresh MultiProc study of N 64 x 56 x 24 phantom patients and report "
                         "Nipype's share of its wall time (0: skip)")
-    parser.add_argument("--ants-worker", nargs=5, metavar=("MOVING", "FIXED", "MOVING_LABELS", "FIXED_MASK", "OUT"),
+    parser.add_argument("--ants-worker", nargs=6,
+                        metavar=("MOVING", "FIXED", "MOVING_LABELS", "FIXED_MASK", "OUT", "SEED"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ants_worker:
@@ -244,21 +274,24 @@ def main():
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     header = (f"# inrlddmm register {__version__} vs the ANTs command line, end to end: {args.threads} threads, "
-              f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+              f"seeds {' '.join(map(str, args.seeds))}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(header, flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for case in cases(args.sets, scratch):
-            inputs, row = user_inputs(case, scratch), {}
-            for method, run in (("ours", run_ours), ("ants", run_ants)):
-                out = scratch / case.name / method
-                out.mkdir(parents=True)
-                measured = run(case, inputs, out, args.threads, env)
-                row[method] = dict(score(case, measured), **({"timings": measured["timings"]} if method == "ours"
-                                                             else {}))
-            results[case.name] = row
-            print(f"<!-- {case.name}: {json.dumps(row)} -->", flush=True)
+            inputs, runs = user_inputs(case, scratch), []
+            for seed in args.seeds:  # the two methods alternate, so that the machine's load falls on both alike
+                run = {"seed": seed}
+                for method, register in (("ours", run_ours), ("ants", run_ants)):
+                    out = scratch / case.name / f"seed{seed}" / method
+                    out.mkdir(parents=True)
+                    measured = register(case, inputs, out, args.threads, env, seed)
+                    run[method] = dict(score(case, measured), **({"timings": measured["timings"]}
+                                                                 if method == "ours" else {}))
+                runs.append(run)
+                print(f"<!-- {case.name}: {json.dumps(run)} -->", flush=True)
+            results[case.name] = {method: mean_over_seeds(runs, method) for method in ("ours", "ants")} | {"runs": runs}
         study = run_study(args.study, scratch, args.threads, env) if args.study else None
     table = tables(results) if results else ""
     if study:
