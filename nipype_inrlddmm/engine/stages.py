@@ -84,12 +84,14 @@ class RegistrationConfig:
     # from a lower learning rate than a cold fine stage's: the network holds a whole field already, which the
     # full rate scatters before it refines it.  200 iterations with the fine stage's regularity patches are the
     # fewest measured that kept every fraction of a phantom course at or above the Dice of a registration
-    # from scratch, on two registration seeds.  Without the regularity patches an iteration integrates two
+    # from scratch, on two registration seeds (before the cold fine stage moved to 7e-4; since, the warm
+    # start trails it by a few ten-thousandths).  Without the regularity patches an iteration integrates two
     # thirds of the points, and 125 iterations matched the cold Dice on one seed in 0.53 x its time, but
-    # fell below it on some fractions of another seed and of another patient.  Figures:
+    # fell below it on some fractions of another seed and of another patient.  From 5e-4 rather than 3e-4
+    # the warm start came closer to the cold Dice on three courses, and nowhere further.  Figures:
     # docs/decisions.md ("Warm start over a course").
     warm_iterations: int = 200
-    warm_learning_rate: float = 3e-4
+    warm_learning_rate: float = 5e-4
     warm_regularity_patches: int = 24
     # Around the brains' head masks 5-25 mm raised the Dice leads over SyN to about 0.02 at a lower SDlogJ, and
     # around a CBCT's field of view it kept the Dice with a field still smoother than ANTs' (a wider window
